@@ -1,0 +1,410 @@
+"""Tests for lidr.py: CPU only, no downloads. Run: python -m pytest -q test_lidr.py"""
+
+import copy
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import lidr
+
+ROOT = Path(__file__).resolve().parent
+SYSTEM = "You are a helpful assistant."
+LN2 = math.log(2)
+
+
+def tiny_model(seed=0, **config):
+    torch.manual_seed(seed)
+    model, tokenizer = lidr.build_tiny_model()
+    for name, value in config.items():
+        setattr(model.config, name, value)
+    return model.eval(), tokenizer
+
+
+def pair(prompt, chosen, rejected, lang="en"):
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "lang": lang}
+
+
+# ------------------------------------------------------------------------ loss
+def test_loss_matches_hand_computation():
+    pc, pr, rc, rr = [-3.0, -10.0], [-4.0, -2.0], [-3.5, -9.0], [-3.0, -2.5]
+    lengths, beta, alpha = [3, 5], 0.5, 0.7
+    loss, metrics = lidr.dpo_nll_loss(*map(torch.tensor, (pc, pr, rc, rr, lengths)), beta, alpha)
+    by_hand = []
+    for i in range(2):
+        z = beta * ((pc[i] - rc[i]) - (pr[i] - rr[i]))
+        by_hand.append(-math.log(1 / (1 + math.exp(-z))) + alpha * (-pc[i] / lengths[i]))
+    assert loss.item() == pytest.approx(sum(by_hand) / 2, rel=1e-6)
+    assert metrics["rewards/chosen"].tolist() == pytest.approx([beta * 0.5, beta * -1.0])
+    assert metrics["rewards/accuracies"].tolist() == [1.0, 0.0]
+
+
+def test_loss_at_reference_is_ln2_plus_nll():
+    logps = torch.tensor([-5.0, -7.0, -1.0])
+    rejected = torch.tensor([-6.0, -2.0, -4.0])
+    lengths = torch.tensor([5, 7, 2])
+    loss, metrics = lidr.dpo_nll_loss(logps, rejected, logps.clone(), rejected.clone(), lengths, 0.1, 2.0)
+    assert metrics["loss/dpo"].tolist() == pytest.approx([LN2] * 3), "DPO term must be ln 2 when policy == reference"
+    assert metrics["rewards/chosen"].abs().max() == 0 and metrics["rewards/rejected"].abs().max() == 0
+    assert loss.item() == pytest.approx(LN2 + 2.0 * (1.0 + 1.0 + 0.5) / 3, rel=1e-6)
+
+
+def test_swapping_chosen_and_rejected_flips_the_margin():
+    a, b, ra, rb = torch.tensor([-2.0]), torch.tensor([-5.0]), torch.tensor([-3.0]), torch.tensor([-4.0])
+    n = torch.tensor([4])
+    _, forward = lidr.dpo_nll_loss(a, b, ra, rb, n, 0.1, 1.0)
+    _, swapped = lidr.dpo_nll_loss(b, a, rb, ra, n, 0.1, 1.0)
+    assert forward["rewards/margins"].item() == pytest.approx(-swapped["rewards/margins"].item())
+    assert forward["rewards/margins"].item() > 0
+
+
+# ------------------------------------------------------------------------ tokenise and log-probs
+def test_tokenized_pair_is_prompt_then_answer_then_end_of_turn():
+    _, tokenizer = tiny_model()
+    eot = lidr.end_of_turn_id(tokenizer)
+    tokenized = lidr.tokenize_pair(tokenizer, pair("Hi there", " spaced answer", "no"), SYSTEM, eot, 512)
+    prompt_ids = lidr.chat_prompt_ids(tokenizer, "Hi there", SYSTEM)
+    answer_ids = tokenizer(" spaced answer", add_special_tokens=False).input_ids
+    assert tokenized.chosen == prompt_ids + answer_ids + [eot], "prompt and answer ids must be concatenated, not re-tokenised"
+    assert tokenized.chosen.count(tokenizer.bos_token_id) == 1, "doubled BOS"
+    assert eot == tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    assert tokenized.chosen_prompt_length == len(prompt_ids)
+
+
+def test_prompt_tokens_never_reach_the_loss():
+    model, tokenizer = tiny_model()
+    eot = lidr.end_of_turn_id(tokenizer)
+    tokenized = lidr.tokenize_pair(tokenizer, pair("A long prompt " * 5, "ok", "no"), SYSTEM, eot, 512)
+    input_ids, attention_mask, labels = lidr.collate(
+        [(tokenized.chosen, tokenized.chosen_prompt_length), (tokenized.rejected[:-3], 5)], pad_id=0)
+    assert (labels[0, :tokenized.chosen_prompt_length] == -100).all()
+    assert labels[0, tokenized.chosen_prompt_length:].tolist() == tokenized.chosen[tokenized.chosen_prompt_length:]
+    assert (labels[1, len(tokenized.rejected) - 3:] == -100).all(), "padding must be masked"
+    # Changing the prompt's own tokens as targets cannot change the score: only 'ok' + EOT count.
+    _, lengths = lidr.sequence_logps(model, input_ids[:1], attention_mask[:1], labels[:1])
+    assert lengths.item() == 3
+
+
+def test_sequence_logps_equal_one_at_a_time_and_ignore_padding():
+    model, tokenizer = tiny_model()
+    sequences = [(list(range(60, 60 + n)), p) for n, p in ((12, 4), (30, 10), (7, 2))]
+    batched, _ = lidr.sequence_logps(model, *lidr.collate(sequences, pad_id=0))
+    for row, (ids, prompt_length) in enumerate(sequences):
+        log_probs = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+        by_hand = sum(log_probs[k - 1, ids[k]] for k in range(prompt_length, len(ids)))
+        assert batched[row].item() == pytest.approx(by_hand.item(), abs=1e-4)
+    # the same sequence next to a much longer one (more padding) and in another position
+    recombined, _ = lidr.sequence_logps(model, *lidr.collate([sequences[2], (list(range(70, 150)), 5)], pad_id=9))
+    assert recombined[0].item() == pytest.approx(batched[2].item(), abs=1e-4)
+
+
+def test_truncation_keeps_the_answer():
+    ids, prompt_length = lidr.join_prompt_and_answer(list(range(100)), [1, 2, 3], max_len=20)
+    assert ids[-3:] == [1, 2, 3] and prompt_length == 17
+    ids, prompt_length = lidr.join_prompt_and_answer(list(range(100)), list(range(200, 240)), max_len=20)
+    assert prompt_length == 10 and ids[10:] == list(range(200, 210)), "a long answer must keep half of max_len"
+
+
+# ------------------------------------------------------------------------ sampling and translation
+def test_greedy_batched_generation_equals_one_at_a_time():
+    # a larger initialisation makes the random model's output vary token to token
+    torch.manual_seed(1)
+    model, tokenizer = lidr.build_tiny_model()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    prompts = [lidr.chat_prompt_ids(tokenizer, text, SYSTEM)
+               for text in ("Hi", "A much longer prompt that needs no padding at all.", "Wie geht's?", "x" * 19)]
+    settings = lidr.Settings(**{**lidr.TINY_DEFAULTS, "gen_batch_size": 4})
+    batched = lidr.generate(model, tokenizer, prompts, 24, settings, "test")
+    one_by_one = lidr.generate(model, tokenizer, prompts, 24, lidr.Settings(**{**lidr.TINY_DEFAULTS, "gen_batch_size": 1}), "test")
+    assert batched == one_by_one, "left padding or the repetition penalty changes batched greedy output"
+    assert len(set(batched)) == len(prompts), "the test needs a model whose answers differ"
+
+
+@pytest.mark.parametrize("generated, expected", [
+    ("Hallo Welt</translated>", "Hallo Welt"),          # well-formed
+    ("\n  Hallo Welt \n</translated>", "Hallo Welt"),   # whitespace around the span
+    ("Hallo Welt", None),                               # missing close tag: the model ran on
+    ("  </translated>", None),                          # empty span
+    ("Hallo</translated> Here is your translation!", "Hallo"),  # extra text after the span
+])
+def test_parse_translation(generated, expected):
+    assert lidr.parse_translation(generated) == expected
+
+
+# ------------------------------------------------------------------------ pairs
+PROMPTS = [{"id": "p1", "translation_task": False, "en": "Hi?", "de": "Hallo?", "fr": "Salut ?"},
+           {"id": "p2", "translation_task": False, "en": "Translate 'cat' into German.",
+            "de": "Übersetze 'cat' ins Deutsche.", "fr": "Traduis 'cat' en allemand."}]
+RESPONSES = [{"id": p, "lang": lang, "response": f"{p}-{lang}"} for p in ("p1", "p2") for lang in ("en", "de", "fr")]
+
+
+def fake_translations(requests, fail=()):
+    return [{**r, "translation": None if (r["id"], r["source_lang"], r["target_lang"]) in fail
+             else f"T[{r['source']}->{r['target_lang']}]"} for r in requests]
+
+
+def test_dominant_pairs_follow_the_paper():
+    requests = lidr.translation_requests(PROMPTS, RESPONSES, ["en", "de", "fr"], "dominant")
+    directions = {(r["id"], r["source_lang"], r["target_lang"]) for r in requests}
+    assert ("p2", "en", "de") not in directions, "a translation task's English answer is never translated"
+    assert {("p1", "en", "de"), ("p1", "de", "en"), ("p1", "en", "fr"), ("p1", "fr", "en")} <= directions
+    translations = fake_translations(requests, fail={("p1", "fr", "en")})
+    pairs, counts = lidr.build_pairs(PROMPTS, RESPONSES, translations, ["en", "de", "fr"], "dominant")
+    by_key = {(p["id"], p["lang"], p["other_lang"]): p for p in pairs}
+    assert by_key["p1", "en", "de"] == {"prompt": "Hi?", "chosen": "p1-en", "rejected": "T[p1-de->en]",
+                                        "id": "p1", "lang": "en", "kind": "own>translated", "other_lang": "de"}
+    assert by_key["p1", "de", "en"]["chosen"] == "T[p1-en->de]" and by_key["p1", "de", "en"]["rejected"] == "p1-de"
+    assert by_key["p2", "de", "en"]["chosen"] == "p2-en", "translation task keeps the untranslated answer"
+    assert by_key["p2", "de", "en"]["kind"] == "untranslated>own"
+    assert ("p1", "en", "fr") not in by_key, "a failed translation must drop its pair"
+    # English keeps its pairs against every language (the released scripts kept only the last)
+    assert counts["en"] == {"pairs": 3, "translation_failed": 1, "empty": 0, "identical": 0}
+    assert counts["de"]["pairs"] == 2 and counts["fr"]["pairs"] == 2
+
+
+def test_ranked_pairs_cover_every_two_languages():
+    langs = ["en", "de", "fr"]
+    requests = lidr.translation_requests(PROMPTS[:1], RESPONSES, langs, "ranked")
+    pairs, counts = lidr.build_pairs(PROMPTS[:1], RESPONSES, fake_translations(requests), langs, "ranked")
+    kinds = {(p["lang"], p["other_lang"], p["kind"]) for p in pairs}
+    assert kinds == {("en", "de", "own>translated"), ("de", "en", "translated>own"),
+                     ("en", "fr", "own>translated"), ("fr", "en", "translated>own"),
+                     ("de", "fr", "own>translated"), ("fr", "de", "translated>own")}
+    de_over_fr = next(p for p in pairs if p["lang"] == "fr" and p["other_lang"] == "de")
+    assert de_over_fr["chosen"] == "T[p1-de->fr]" and de_over_fr["rejected"] == "p1-fr"
+    assert [counts[lang]["pairs"] for lang in langs] == [2, 2, 2]
+
+
+def test_empty_and_identical_pairs_are_skipped_and_counted():
+    responses = [{"id": "p1", "lang": "en", "response": "same"}, {"id": "p1", "lang": "de", "response": "  "},
+                 {"id": "p1", "lang": "fr", "response": "same"}]
+    translations = [{"id": "p1", "source_lang": "en", "target_lang": "fr", "translation": "same"},
+                    {"id": "p1", "source_lang": "fr", "target_lang": "en", "translation": "same "},
+                    {"id": "p1", "source_lang": "en", "target_lang": "de", "translation": "gleich"},
+                    {"id": "p1", "source_lang": "de", "target_lang": "en", "translation": "x"}]
+    pairs, counts = lidr.build_pairs(PROMPTS[:1], responses, translations, ["en", "de", "fr"], "dominant")
+    assert counts["fr"]["identical"] == 1 and counts["en"]["identical"] == 1
+    assert counts["de"]["empty"] == 1
+    assert [(p["lang"], p["other_lang"]) for p in pairs] == [("en", "de")]
+
+
+def test_iterations_take_fresh_slices_then_wrap():
+    prompts = [{"id": str(i)} for i in range(5)]
+    assert [p["id"] for p in lidr.prompts_for_iteration(prompts, 1, 2)] == ["0", "1"]
+    assert [p["id"] for p in lidr.prompts_for_iteration(prompts, 2, 2)] == ["2", "3"]
+    assert [p["id"] for p in lidr.prompts_for_iteration(prompts, 3, 2)] == ["4", "0"]
+    assert len(lidr.prompts_for_iteration(prompts, 1, 1000)) == 5
+
+
+def test_prompt_sources(tmp_path):
+    folder = tmp_path / "dataset"  # a local dataset folder takes the datasets.load_dataset path
+    folder.mkdir()
+    (folder / "train.jsonl").write_text('{"instruction": "Add them.", "input": "1 2"}\n{"instruction": "Hi."}\n')
+    records = lidr.load_prompts(str(folder), "instruction", ["en", "de"])
+    assert [r["en"] for r in records] == ["Add them.\n\n1 2", "Hi."] and records[0]["id"] == "0"
+    listed = tmp_path / "prompts.json"
+    listed.write_text(json.dumps([{"id": "a", "en": "Hi", "de": "Hallo", "translation_task": True}]))
+    assert lidr.load_prompts(str(listed), "instruction", ["en", "de"]) == [
+        {"id": "a", "translation_task": True, "en": "Hi", "de": "Hallo"}]
+
+
+# ------------------------------------------------------------------------ training
+def tokenized_pairs(tokenizer, n):
+    eot = lidr.end_of_turn_id(tokenizer)
+    texts = [("Name a colour.", "Blue is nice.", "xq zz"), ("Count to three.", "1, 2, 3.", "one one one one"),
+             ("Say hi.", "Hi!", "bye"), ("Capital of France?", "Paris.", "Lyon, maybe"), ("2+2?", "4", "22")]
+    return [lidr.tokenize_pair(tokenizer, pair(*texts[i % 5]), SYSTEM, eot, 256) for i in range(n)]
+
+
+def test_gradient_step_raises_the_margin():
+    model, tokenizer = tiny_model()
+    pairs = tokenized_pairs(tokenizer, 4)
+    ref = lidr.reference_logps(model, pairs, 2, 0)
+    settings = lidr.Settings(beta=0.1, alpha=0.0, micro_batch_size=2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    before = lidr.accumulate_gradients(model, pairs, ref, settings, 0)
+    optimizer.step()
+    optimizer.zero_grad()
+    after = lidr.accumulate_gradients(model, pairs, ref, settings, 0)
+    assert before["rewards/margins"].abs().max() < 1e-5, "policy == reference before the first step"
+    assert after["rewards/margins"].mean() > 1e-3, "one step of DPO must raise chosen over rejected"
+
+
+def test_gradient_accumulation_matches_one_big_batch():
+    model, tokenizer = tiny_model()
+    pairs = tokenized_pairs(tokenizer, 5)
+    ref = lidr.reference_logps(model, pairs, 5, 0) - 0.3  # policy != reference, so DPO grads are not trivial
+    gradients = []
+    for micro_batch_size in (5, 2):  # 2 gives micro-batches of 2, 2, 1: uneven on purpose
+        copy_ = copy.deepcopy(model)
+        lidr.accumulate_gradients(copy_, pairs, ref, lidr.Settings(micro_batch_size=micro_batch_size), 0)
+        gradients.append(torch.cat([p.grad.flatten() for p in copy_.parameters()]))
+    assert torch.allclose(gradients[0], gradients[1], atol=1e-6, rtol=1e-4), \
+        "accumulation must average over the step's pairs, not per micro-batch"
+
+
+# ------------------------------------------------------------------------ bad input
+def write(path, text):
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+BAD_INPUTS = [
+    (["--prompts", "missing.jsonl"], "missing.jsonl"),
+    (["--prompts", "{bad}"], "bad.jsonl:2: not valid JSON"),
+    (["--prompts", "{noen}"], "noen.jsonl:1: prompt 'q1' has no 'en' text"),
+    (["--langs", "en,xx"], "unknown language code 'xx'"),
+    (["--langs", "en"], "at least two languages"),
+    (["--iters", "0"], "--iters must be >= 1"),
+    (["--lr", "-0.001"], "--lr must be > 0"),
+    (["--beta", "0"], "--beta must be > 0"),
+    (["--epochs", "two"], "invalid int value"),
+    (["--micro-batch-size", "9", "--batch-size", "4"], "--micro-batch-size"),
+    (["--model", "{nomodel}"], "try --model tiny"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, argv, message):
+    files = {"bad": write(tmp_path / "bad.jsonl", '{"id": "q0", "en": "ok"}\n{"id": "q1", "en": \n'),
+             "noen": write(tmp_path / "noen.jsonl", '{"id": "q1", "de": "Hallo"}\n'),
+             "nomodel": str(tmp_path / "no_such_model")}
+    out = tmp_path / "run"
+    argv = [a.format(**files) for a in argv]
+    code = lidr.main(["--model", "tiny", "--out", str(out), *argv] if "--model" not in argv else ["--out", str(out), *argv])
+    error = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(error.splitlines()) == 1 and error.startswith("lidr: error:") and message in error, error
+    assert not out.exists(), "bad input must not create the run folder"
+
+
+def test_bad_input_from_the_command_line_has_no_traceback(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "lidr.py"), "--langs", "en,de:German,de"],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == "lidr: error: --langs: 'de' is listed twice"
+
+
+# ------------------------------------------------------------------------ end to end
+def run_lidr(*args, cwd):
+    result = subprocess.run([sys.executable, str(ROOT / "lidr.py"), *args], capture_output=True, text=True, cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """The README's quickstart, `python lidr.py --iters 2 --model tiny`, into a temp folder."""
+    folder = tmp_path_factory.mktemp("tiny")
+    output = run_lidr("--iters", "2", "--model", "tiny", "--out", "run", cwd=folder)
+    return folder / "run", output
+
+
+def test_tiny_run_leaves_a_complete_run_folder(tiny_run):
+    run, output = tiny_run
+    settings = json.loads((run / "settings.json").read_text())
+    assert settings["settings"]["model"] == "tiny" and settings["settings"]["lr"] == lidr.TINY_DEFAULTS["lr"]
+    assert {"torch", "transformers"} <= set(settings["versions"]) and "lidr.py" in " ".join(settings["command"])
+    assert (run / "lidr.py").read_text() == (ROOT / "lidr.py").read_text()
+    for t in (1, 2):
+        responses = [json.loads(line) for line in (run / f"iter_{t}/responses.jsonl").read_text().splitlines()]
+        assert len(responses) == len(lidr.BUILTIN_PROMPTS) * 5
+        translations = (run / f"iter_{t}/translations.jsonl").read_text().splitlines()
+        assert all({"raw", "translation", "source"} <= set(json.loads(line)) for line in translations)
+        assert (run / f"iter_{t}/pairs.jsonl").exists() and (run / f"iter_{t}/metrics.json").exists()
+        model = AutoModelForCausalLM.from_pretrained(run / f"iter_{t}/model")
+        assert model.config.num_hidden_layers == 2
+    assert "iter lang  pairs" in output and (run / "summary.txt").exists()
+
+
+def test_resumed_run_reuses_finished_stages(tiny_run):
+    run, _ = tiny_run
+    # commands.log gains a line per invocation; summary.txt is the table, redrawn from metrics.json
+    def artifacts():
+        return {p: p.stat().st_mtime_ns for p in run.rglob("*")
+                if p.is_file() and p.name not in ("commands.log", "summary.txt")}
+    before = artifacts()
+    output = run_lidr("--iters", "2", "--model", "tiny", "--out", str(run), cwd=run.parent)
+    assert f"reusing {run / 'iter_1'}" in output and f"reusing {run / 'iter_2'}" in output
+    after = artifacts()
+    assert {p: after[p] for p in before} == before, "a resumed run must not rewrite finished artifacts"
+    assert len((run / "commands.log").read_text().splitlines()) == 2
+    # an iteration that died before saving its model redoes only the unfinished stages
+    shutil.rmtree(run / "iter_2" / "model")
+    output = run_lidr("--iters", "2", "--model", "tiny", "--out", str(run), cwd=run.parent)
+    for name in ("prompts", "responses", "translations", "pairs"):
+        assert f"reusing {run / 'iter_2' / name}.jsonl" in output
+        assert (run / "iter_2" / f"{name}.jsonl").stat().st_mtime_ns == before[run / "iter_2" / f"{name}.jsonl"]
+    assert (run / "iter_2" / "model" / "config.json").exists()
+
+
+def test_resume_with_other_settings_is_refused(tiny_run, capsys):
+    run, _ = tiny_run
+    assert lidr.main(["--model", "tiny", "--out", str(run), "--beta", "0.5"]) == 2
+    assert "--beta 0.1 -> 0.5" in capsys.readouterr().err
+
+
+def steered_tiny_model(folder: Path) -> Path:
+    """A tiny model fitted for a few seconds to answer 'Sure.' and to translate anything as
+    'Ja.' in the tagged format, so the loop's translations parse and real pairs get built.
+    It is fitted with lidr's own chat format and sequence_logps (plain NLL)."""
+    model, tokenizer = tiny_model()
+    eot = lidr.end_of_turn_id(tokenizer)
+    texts = [record[lang] for record in lidr.BUILTIN_PROMPTS for lang in ("en", "de", "fr")]
+    examples = []
+    for i, text in enumerate(texts):
+        examples.append(lidr.join_prompt_and_answer(lidr.chat_prompt_ids(tokenizer, text, SYSTEM),
+                                                    tokenizer("Sure.").input_ids + [eot], 512))
+        request = lidr.TRANSLATION_REQUEST.format(source="English", target="German", text="Sure." if i % 2 else text)
+        examples.append(lidr.join_prompt_and_answer(
+            lidr.chat_prompt_ids(tokenizer, request, SYSTEM, lidr.TRANSLATION_PREFIX),
+            tokenizer("Ja.</translated>").input_ids + [eot], 512))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(60):
+        batch = [examples[i] for i in torch.randint(len(examples), (16,), generator=generator)]
+        logps, lengths = lidr.sequence_logps(model, *lidr.collate(batch, tokenizer.pad_token_id))
+        (-(logps / lengths).mean()).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(folder / "steered")
+    tokenizer.save_pretrained(folder / "steered")
+    return folder / "steered"
+
+
+def test_pipeline_builds_pairs_and_trains_on_them(tmp_path):
+    model_path = steered_tiny_model(tmp_path)
+    prompts = [{"id": "a", "en": "Give three tips for staying healthy.", "de": "Nenne drei Tipps.", "fr": "Donne trois conseils."},
+               {"id": "b", "en": "What is the capital of Australia?", "de": "Was ist die Hauptstadt von Australien?"},
+               {"id": "c", "translation_task": True, "en": "Say 'cat' in French.", "de": "Sag 'cat' auf Französisch.",
+                "fr": "Dis 'cat' en français."}]
+    write(tmp_path / "prompts.jsonl", "".join(json.dumps(p) + "\n" for p in prompts))
+    run_lidr("--iters", "2", "--model", str(model_path), "--prompts", "prompts.jsonl", "--langs", "en,de,fr",
+             "--out", "run", "--max-new-tokens", "12", "--translation-max-new-tokens", "16", "--lr", "1e-3",
+             "--batch-size", "4", "--micro-batch-size", "2", "--max-len", "512", cwd=tmp_path)
+    run = tmp_path / "run" / "iter_1"
+    completed = {r["id"]: r for r in map(json.loads, (run / "prompts.jsonl").read_text().splitlines())}
+    assert completed["b"]["fr"] == "Ja.", "a missing language is filled by the model's own translation"
+    pairs = [json.loads(line) for line in (run / "pairs.jsonl").read_text().splitlines()]
+    assert {"prompt", "chosen", "rejected", "id", "lang", "kind"} <= set(pairs[0])
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["counts"]["en"]["pairs"] == 6 and metrics["counts"]["de"]["pairs"] == 2
+    assert metrics["counts"]["fr"]["identical"] == 1, "translation task: own answer equals the untranslated one"
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == 3, "10 pairs at 4 per optimizer step"
+    assert {"loss/dpo", "loss/nll", "rewards/margins", "rewards/accuracies", "logps/chosen",
+            "optim/lr", "optim/grad_norm"} <= set(log[0])
+    assert log[0]["loss/dpo"] == pytest.approx(LN2, abs=1e-4), "first step: policy == reference"
+    start = AutoModelForCausalLM.from_pretrained(model_path)
+    trained = AutoModelForCausalLM.from_pretrained(run / "model")
+    assert not torch.equal(start.model.embed_tokens.weight, trained.model.embed_tokens.weight)
+    assert (tmp_path / "run" / "iter_2" / "model" / "config.json").exists()
