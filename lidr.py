@@ -1,29 +1,33 @@
 """LIDR: Language Imbalance Driven Rewarding, the whole method in one file.
 
-An instruction-tuned LLM answers better in its dominant language (English) than in others, and
-that gap is a free preference signal (Yang et al., ICLR 2025, arXiv 2410.08964). Each iteration
-M_{t-1} -> M_t: (1) take the same prompts in every language, (2) the model answers each in its
-own language, (3) the model translates its English answers into every other language and every
-other answer into English, (4) build pairs: English own answer > back-translated weaker answer,
-and translated English answer > own weaker answer, (5) train on the pairs with DPO + NLL, the
-reference being M_{t-1}. Both sides improve, so the gap renews and the loop repeats.
+An instruction-tuned LLM answers better in its dominant language (English) than in the others,
+and that gap is a free preference signal (Yang et al., ICLR 2025, arXiv 2410.08964). Iteration t
+turns M_{t-1} into M_t (steps as in the paper's description, PAPER.md):
+  1. prompts: the same instructions in every language (missing ones translated by the model);
+  2. sampling: M_{t-1} answers every prompt in its own language;
+  3. self-translation: M_{t-1} translates English answers into each language, and back;
+  4. pairs: English own answer > back-translated weaker answer; translated English answer >
+     the weaker language's own answer;
+  5. training: DPO + NLL on the pairs, from M_{t-1};
+  6. with M_{t-1} as the reference model, its log-probs computed once before the first update.
+Both sides improve, so the gap renews and the loop repeats.
 
 Where this file departs from the paper and the authors' released scripts:
-  - The English pairs of every language are kept (the released scripts overwrote them inside the
-    per-language loop, so only the last language's English pairs survived: a bug).
-  - Translation-task prompts are found by a record flag or, failing that, by the word
-    "translat" in the dominant prompt (the authors listed about 9 per 1,000 by hand).
-  - DPO + NLL is written here in torch (the authors used LLaMA-Factory); the NLL term is
+  - English pairs are kept for every language (the scripts overwrote them per language: a bug).
+  - Translation-task prompts are flagged in the prompt record or found by a pattern
+    ("translate ... into French"); the authors listed about 9 per 1,000 by hand.
+  - Answers that hit --max-new-tokens are not paired (they have no real ending), and pairs with
+    an empty side or chosen == rejected are skipped; every skip is counted per language.
+  - Answers longer than --max-len allows are cut at the end; the prompt is kept whole.
+  - DPO + NLL is written here in torch (the authors used LLaMA-Factory); NLL is
     -log pi(y_chosen|x) / |y_chosen| per pair, averaged over pairs (LLaMA-Factory's form).
     The paper's beta, alpha, lr, epochs and batch size are unknown: defaults are common DPO values.
-  - Reference log-probs are computed once with M_{t-1} before the first update (same model,
-    so no second copy is held in memory).
+  - bf16 models are trained with float32 master weights, so small updates are not rounded away.
   - --pairing ranked (not in the paper) treats --langs as a ranking and pairs every two languages.
 
 Commands:
-  python lidr.py --iters 2 --model tiny          # offline smoke run on CPU, seconds
-  python lidr.py --iters 2                       # the paper: Meta-Llama-3-8B-Instruct, en es ru de fr
-  python lidr.py --help                          # every setting
+  python lidr.py --iters 2 --model tiny          # offline run of the whole loop on CPU, seconds
+  python lidr.py --iters 2 --prompts tatsu-lab/alpaca   # the paper: Llama-3-8B-Instruct, en es ru de fr
 """
 
 import argparse
@@ -63,35 +67,37 @@ class Settings:
     # model
     model: str = setting("meta-llama/Meta-Llama-3-8B-Instruct",
                          "hub id or local path of a chat model, or 'tiny': a random tiny model "
-                         "built in code (no download, CPU seconds; sets the tiny defaults below)")
+                         "built in code (no download, CPU seconds; sets the tiny defaults)")
     device: str = setting("auto", "cpu, cuda, cuda:1, ...; auto = cuda if present")
     dtype: str = setting("auto", "bfloat16 or float32; auto = bfloat16 on GPU, float32 on CPU")
-    # prompts (step 1)
+    # step 1: prompts
     prompts: str = setting("", "a .jsonl/.json file, or a dataset id or folder for "
                                "datasets.load_dataset (train split); empty = the built-in prompts")
-    prompt_field: str = setting("instruction", "hub dataset column holding the dominant-language "
-                                               "prompt (an 'input' column is appended, Alpaca-style)")
+    prompt_field: str = setting("instruction", "for datasets: the column holding the dominant-language "
+                                               "prompt (a non-empty 'input' column is appended, Alpaca-style)")
     langs: str = setting("en,es,ru,de,fr", "comma-separated language codes, dominant first "
                                            "(paper: en,es,ru,de,fr); 'code:Name' for other codes")
     num_prompts: int = setting(1000, "prompts per iteration; iteration t takes the t-th slice "
                                      "(paper: a fresh 1,000 each), wrapping when the source runs out")
-    pairing: str = setting("dominant", "dominant: pairs between the first language and each other "
-                                       "(paper); ranked: between every two languages, in --langs order")
-    # sampling (steps 2-3)
+    # steps 2-3: sampling and self-translation
     system_prompt: str = setting("You are a helpful assistant.", "system turn; empty for none")
     max_new_tokens: int = setting(2400, "answer length cap (paper: 2400)")
     translation_max_new_tokens: int = setting(4096, "translation length cap (paper: 4096)")
     repetition_penalty: float = setting(1.1, "HF repetition penalty (paper: 1.1)")
     temperature: float = setting(0.0, "0 = greedy decoding (paper); > 0 samples")
     gen_batch_size: int = setting(16, "prompts per generation batch")
-    # training (steps 5-6)
+    # step 4: pairs
+    pairing: str = setting("dominant", "dominant: pairs between the first language and each other "
+                                       "(paper); ranked: between every two languages, in --langs order")
+    # steps 5-6: training
     beta: float = setting(0.1, "DPO inverse temperature")
     alpha: float = setting(1.0, "weight of the length-normalised NLL of the chosen answer")
     lr: float = setting(5e-7, "peak learning rate of AdamW")
     epochs: int = setting(1, "passes over each iteration's pairs")
     batch_size: int = setting(32, "pairs per optimizer step")
-    micro_batch_size: int = setting(1, "pairs per forward pass; gradients accumulate to --batch-size")
-    max_len: int = setting(2048, "tokens of prompt + answer kept per sequence")
+    micro_batch_size: int = setting(1, "pairs per forward pass (at most --batch-size); "
+                                       "gradients accumulate over the step")
+    max_len: int = setting(2048, "tokens of prompt + answer kept per sequence; longer answers are cut")
     warmup_ratio: float = setting(0.1, "fraction of steps with linear warmup; cosine decay after")
     weight_decay: float = setting(0.0, "AdamW weight decay")
     max_grad_norm: float = setting(1.0, "gradient clipping threshold")
@@ -123,22 +129,24 @@ class OneLineArgumentParser(argparse.ArgumentParser):
         raise LidrError(message)
 
 
-def parse_settings(argv=None) -> Settings:
-    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter,
+def parse_settings(argv: list[str]) -> Settings:
+    parser = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                    argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(Settings):
-        tiny = f" (tiny: {TINY_DEFAULTS[f.name]})" if f.name in TINY_DEFAULTS else ""
-        parser.add_argument("--" + f.name.replace("_", "-"), type=f.type, metavar=f.type.__name__.upper(),
-                            help=f"{f.metadata['help']} [default: {f.default!r}]{tiny}")
+        tiny = f"; tiny: {TINY_DEFAULTS[f.name]}" if f.name in TINY_DEFAULTS else ""
+        parser.add_argument("--" + f.name.replace("_", "-"), type=f.type,
+                            help=f"{f.metadata['help']} [default: {f.default!r}{tiny}]")
     given = vars(parser.parse_args(argv))  # only the flags on the command line (SUPPRESS)
     preset = TINY_DEFAULTS if given.get("model") == "tiny" else {}
     settings = Settings(**{**preset, **given})
+    if "micro_batch_size" not in given:  # a default must never clash with the user's --batch-size
+        settings.micro_batch_size = min(settings.micro_batch_size, settings.batch_size)
     check_settings(settings)
     return settings
 
 
-def check_settings(s: Settings):
+def check_settings(settings: Settings):
+    s = settings
     rules = [("iters", s.iters >= 1, ">= 1"), ("num-prompts", s.num_prompts >= 1, ">= 1"),
              ("max-new-tokens", s.max_new_tokens >= 1, ">= 1"),
              ("translation-max-new-tokens", s.translation_max_new_tokens >= 1, ">= 1"),
@@ -177,45 +185,41 @@ def parse_languages(spec: str) -> dict[str, str]:
     return languages
 
 
-def resolve(s: Settings) -> Settings:
+def resolve(settings: Settings) -> Settings:
     """Fill in the 'auto' settings, so the run folder records what actually ran."""
-    device = s.device if s.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = s.dtype if s.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
-    out = s.out or f"runs/{Path(s.model).name}-{'-'.join(parse_languages(s.langs))}-seed{s.seed}"
-    return dataclasses.replace(s, device=device, dtype=dtype, out=out)
+    device = settings.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = settings.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    codes = "-".join(parse_languages(settings.langs))
+    out = settings.out or f"runs/{Path(settings.model).name}-{codes}-seed{settings.seed}"
+    return dataclasses.replace(settings, device=device, dtype=dtype, out=out)
 
 
-# ------------------------------------------------------------------------ load: prompts and model
+# ------------------------------------------------------------------------ load: prompts (step 1) and model
+# "Translate ... into French": translating such a prompt's answer would corrupt it (PAPER.md step 4).
+TRANSLATION_TASK = re.compile(r"\btranslat\w*\b.*\b(?:into|to)\s+(?:%s)\b" % "|".join(LANGUAGE_NAMES.values()),
+                              re.IGNORECASE | re.DOTALL)
+
+
 def load_prompts(source: str, prompt_field: str, langs: list[str]) -> list[dict]:
-    """Step 1's prompts as records {"id": "p1", "translation_task": false, "en": "...", "de": "..."}
-    (a record that sets translation_task true is a translation task, PAPER.md step 4). Languages
-    a record lacks are left out here and translated by the model later (complete_prompts)."""
+    """Step 1's prompts, as records {"id": "p1", "translation_task": false, "en": "...", "de": "..."}.
+    translation_task is the record's own flag, or else TRANSLATION_TASK matching the dominant
+    prompt. Languages a record lacks are left out here: the model translates them (fill_prompts)."""
     dominant = langs[0]
     if not source:
         records, where = BUILTIN_PROMPTS, "built-in prompts"
     elif source.endswith((".json", ".jsonl")) or os.path.isfile(source):
         records, where = read_prompt_file(Path(source)), source
     else:
-        try:
-            table = datasets.load_dataset(source, split="train")
-        except Exception as error:
-            raise LidrError(f"--prompts: could not load file or dataset '{source}': "
-                            f"{first_line(error)}") from None
-        if prompt_field not in table.column_names:
-            raise LidrError(f"--prompt-field: dataset '{source}' has no column '{prompt_field}' "
-                            f"(columns: {', '.join(table.column_names)})")
-        records, where = [], source
-        for i, row in enumerate(table):
-            text = row[prompt_field]
-            if row.get("input"):  # Alpaca/Alpagasus keep the task's input in its own column
-                text += "\n\n" + row["input"]
-            records.append({"id": str(row.get("id", i)), dominant: text,
-                            **{lang: row[lang] for lang in langs[1:] if row.get(lang)}})
+        records, where = read_prompt_dataset(source, prompt_field, langs), source
     prompts, seen = [], set()
     for number, record in enumerate(records, 1):
-        line = record.pop("_line", number) if isinstance(record, dict) else number
         if not isinstance(record, dict):
-            raise LidrError(f"{where}:{line}: expected a JSON object per prompt")
+            raise LidrError(f"{where}:{number}: expected a JSON object per prompt")
+        line = record.get("_line", number)  # a .jsonl file's own line number, for error messages
         prompt_id = str(record.get("id", f"p{number}"))
         if prompt_id in seen:
             raise LidrError(f"{where}:{line}: id '{prompt_id}' appears twice")
@@ -224,7 +228,8 @@ def load_prompts(source: str, prompt_field: str, langs: list[str]) -> list[dict]
         if dominant not in text:
             raise LidrError(f"{where}:{line}: prompt '{prompt_id}' has no '{dominant}' text "
                             f"(the dominant language, first in --langs)")
-        prompts.append({"id": prompt_id, "translation_task": bool(record.get("translation_task")), **text})
+        translation_task = bool(record.get("translation_task", TRANSLATION_TASK.search(text[dominant])))
+        prompts.append({"id": prompt_id, "translation_task": translation_task, **text})
     if not prompts:
         raise LidrError(f"{where}: no prompts")
     return prompts
@@ -250,9 +255,27 @@ def read_prompt_file(path: Path) -> list[dict]:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
                 raise LidrError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-            if isinstance(record, dict):
-                record["_line"] = number  # so later errors name the file's line, not the record's index
-            records.append(record)
+            records.append({**record, "_line": number} if isinstance(record, dict) else record)
+    return records
+
+
+def read_prompt_dataset(name: str, prompt_field: str, langs: list[str]) -> list[dict]:
+    """A hub dataset (or a local dataset folder): prompt_field holds the dominant prompt, and
+    columns named after language codes hold those languages."""
+    try:
+        table = datasets.load_dataset(name, split="train")
+    except Exception as error:
+        raise LidrError(f"--prompts: could not load file or dataset '{name}': {first_line(error)}") from None
+    if prompt_field not in table.column_names:
+        raise LidrError(f"--prompt-field: dataset '{name}' has no column '{prompt_field}' "
+                        f"(columns: {', '.join(table.column_names)})")
+    records = []
+    for index, row in enumerate(table):
+        text = row[prompt_field]
+        if row.get("input"):  # Alpaca and Alpagasus keep a task's input in its own column
+            text += "\n\n" + row["input"]
+        records.append({"id": str(row.get("id", index)), **{lang: row[lang] for lang in langs[1:] if row.get(lang)},
+                        langs[0]: text})
     return records
 
 
@@ -276,10 +299,12 @@ def load_model(name: str, device: str, dtype: str):
                             f"offline or without hub access, try --model tiny") from None
     if not tokenizer.chat_template:
         raise LidrError(f"model '{name}' has no chat template: LIDR needs an instruction-tuned chat model")
+    # eval mode throughout, training included: without dropout the policy equals the reference at
+    # the first step, so the DPO loss starts at exactly ln 2
     return model.to(device=device, dtype=torch_dtype).eval(), tokenizer
 
 
-# ------------------------------------------------------------------------ chat format and sampling
+# ------------------------------------------------------------------------ sampling (step 2)
 def chat_prompt_ids(tokenizer, user_text: str, system_prompt: str, assistant_prefix: str = "") -> list[int]:
     """Token ids of a chat prompt ending where the assistant starts writing (after the prefix)."""
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
@@ -290,14 +315,15 @@ def chat_prompt_ids(tokenizer, user_text: str, system_prompt: str, assistant_pre
 
 
 def end_of_turn_id(tokenizer) -> int:
-    """The token the chat template closes an assistant turn with (<|eot_id|> for Llama-3,
-    <|im_end|> for Qwen): training answers end with it, and generation stops at it."""
+    """The token the chat template closes an assistant turn with: render a conversation whose
+    answer is a marker and take the first token after it (Llama-3: <|eot_id|>, Qwen: <|im_end|>,
+    Gemma: <end_of_turn>). Training answers end with it, and generation stops at it."""
     marker = "LIDR-MARKER"
     text = tokenizer.apply_chat_template(
         [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], tokenize=False)
     after_answer = tokenizer(text.split(marker, 1)[1], add_special_tokens=False).input_ids
-    special = [i for i in after_answer if i in tokenizer.all_special_ids]
-    return special[0] if special else tokenizer.eos_token_id
+    closing = [i for i in after_answer if tokenizer.decode([i]).strip()]
+    return closing[0] if closing else tokenizer.eos_token_id
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:
@@ -308,17 +334,19 @@ def stop_token_ids(model, tokenizer) -> list[int]:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, s: Settings, desc: str) -> list[str]:
-    """Answers to token-id prompts, in input order. Prompts are sorted by length so batches
-    need little padding; batches stop when every sequence has hit a stop token."""
+def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
+             repetition_penalty: float, temperature: float, desc: str) -> list[tuple[str, bool]]:
+    """(answer, finished) for each token-id prompt, in input order; finished is False when the
+    answer hit max_new_tokens before a stop token. Prompts are sorted by length so batches need
+    little padding; a batch stops when every sequence has hit a stop token."""
     stops = stop_token_ids(model, tokenizer)
-    config = GenerationConfig(max_new_tokens=max_new_tokens, repetition_penalty=s.repetition_penalty,
-                              do_sample=s.temperature > 0, temperature=s.temperature or None,
+    config = GenerationConfig(max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty,
+                              do_sample=temperature > 0, temperature=temperature or None,
                               eos_token_id=stops, pad_token_id=stops[0])
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    answers = [""] * len(prompts)
-    for start in tqdm(range(0, len(order), s.gen_batch_size), desc=desc, unit="batch", leave=False):
-        batch = order[start:start + s.gen_batch_size]
+    answers = [("", False)] * len(prompts)
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
+        batch = order[start:start + batch_size]
         width = max(len(prompts[i]) for i in batch)
         # Left-pad each row with its own first token: the repetition penalty counts every input
         # id, so a shared pad id (often EOS) would be penalised in padded rows only and batched
@@ -329,17 +357,19 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, s:
                                 attention_mask=attention_mask.to(model.device), generation_config=config)
         for i, new_tokens in zip(batch, output[:, width:].tolist()):
             ends = [k for k, token in enumerate(new_tokens) if token in stops]
-            answers[i] = tokenizer.decode(new_tokens[:ends[0] if ends else None], skip_special_tokens=True)
+            text = tokenizer.decode(new_tokens[:ends[0] if ends else None], skip_special_tokens=True)
+            answers[i] = (text, bool(ends))
     return answers
 
 
-def sample_responses(model, tokenizer, prompts: list[dict], langs: list[str], s: Settings) -> list[dict]:
+def sample_responses(model, tokenizer, prompts: list[dict], langs: list[str], settings: Settings) -> list[dict]:
     """Step 2: M_{t-1} answers every prompt in its own language."""
-    jobs = [(p["id"], lang, p[lang]) for p in prompts for lang in langs if p.get(lang)]
-    ids = [chat_prompt_ids(tokenizer, text, s.system_prompt) for _, _, text in jobs]
-    answers = generate(model, tokenizer, ids, s.max_new_tokens, s, desc="sampling answers")
-    return [{"id": pid, "lang": lang, "prompt": text, "response": answer}
-            for (pid, lang, text), answer in zip(jobs, answers)]
+    jobs = [(prompt["id"], lang, prompt[lang]) for prompt in prompts for lang in langs if prompt.get(lang)]
+    ids = [chat_prompt_ids(tokenizer, text, settings.system_prompt) for _, _, text in jobs]
+    answers = generate(model, tokenizer, ids, settings.max_new_tokens, settings.gen_batch_size,
+                       settings.repetition_penalty, settings.temperature, desc="sampling answers")
+    return [{"id": prompt_id, "lang": lang, "prompt": text, "response": answer.strip(), "finished": finished}
+            for (prompt_id, lang, text), (answer, finished) in zip(jobs, answers)]
 
 
 # ------------------------------------------------------------------------ self-translation (step 3)
@@ -357,26 +387,28 @@ def parse_translation(generated: str) -> str | None:
     return generated.split("</translated>", 1)[0].strip() or None
 
 
-def translate(model, tokenizer, requests: list[dict], languages: dict[str, str], s: Settings, desc: str) -> list[dict]:
-    """requests: {"id", "source_lang", "target_lang", "source"}; returns them with the raw output
-    and the parsed "translation" (None when it failed: kept for inspection, never used)."""
+def translate(model, tokenizer, requests: list[dict], languages: dict[str, str], settings: Settings,
+              desc: str) -> list[dict]:
+    """requests: {"id", "source_lang", "target_lang", "source"}; returns them with the model's
+    raw output and the parsed "translation" (None when it failed: kept for inspection, never used)."""
     ids = [chat_prompt_ids(tokenizer, TRANSLATION_REQUEST.format(
         source=languages[r["source_lang"]], target=languages[r["target_lang"]], text=r["source"]),
-        s.system_prompt, TRANSLATION_PREFIX) for r in requests]
-    raw = generate(model, tokenizer, ids, s.translation_max_new_tokens, s, desc=desc)
-    return [{**r, "raw": out, "translation": parse_translation(out)} for r, out in zip(requests, raw)]
+        settings.system_prompt, TRANSLATION_PREFIX) for r in requests]
+    outputs = generate(model, tokenizer, ids, settings.translation_max_new_tokens, settings.gen_batch_size,
+                       settings.repetition_penalty, settings.temperature, desc=desc)
+    return [{**r, "raw": raw, "translation": parse_translation(raw)} for r, (raw, _) in zip(requests, outputs)]
 
 
-def complete_prompts(model, tokenizer, prompts: list[dict], languages: dict[str, str], s: Settings):
-    """Step 1, for records that lack a language: the model translates the dominant prompt.
-    Returns the records with every language filled (None where translating failed) and the
-    translation records."""
-    dominant = next(iter(languages))
-    requests = [{"id": p["id"], "source_lang": dominant, "target_lang": lang, "source": p[dominant]}
-                for p in prompts for lang in languages if lang not in p]
-    done = translate(model, tokenizer, requests, languages, s, desc="translating prompts") if requests else []
-    filled = {(r["id"], r["target_lang"]): r["translation"] for r in done}
-    return [{**p, **{lang: p.get(lang, filled.get((p["id"], lang))) for lang in languages}} for p in prompts], done
+def prompt_translation_requests(prompts: list[dict], langs: list[str]) -> list[dict]:
+    """Step 1 for the languages a prompt record lacks: translate its dominant prompt."""
+    return [{"id": p["id"], "source_lang": langs[0], "target_lang": lang, "source": p[langs[0]]}
+            for p in prompts for lang in langs if lang not in p]
+
+
+def fill_prompts(prompts: list[dict], prompt_translations: list[dict], langs: list[str]) -> list[dict]:
+    """Every language of every record filled: given, translated by the model, or None (failed)."""
+    translated = {(t["id"], t["target_lang"]): t["translation"] for t in prompt_translations}
+    return [{**p, **{lang: p.get(lang, translated.get((p["id"], lang))) for lang in langs}} for p in prompts]
 
 
 def language_pairs(langs: list[str], pairing: str) -> list[tuple[str, str]]:
@@ -387,24 +419,31 @@ def language_pairs(langs: list[str], pairing: str) -> list[tuple[str, str]]:
     return [(langs[i], langs[j]) for i in range(len(langs)) for j in range(i + 1, len(langs))]
 
 
-def is_translation_task(record: dict, dominant: str) -> bool:
-    return record["translation_task"] or bool(re.search(r"translat", record[dominant], re.IGNORECASE))
+def answer_pairs(prompts: list[dict], responses: list[dict], langs: list[str], pairing: str):
+    """(prompt record, stronger answer, weaker answer) for every prompt and language pair whose
+    two answers exist (a prompt whose translation failed has no answer in that language)."""
+    answers = {(r["id"], r["lang"]): r for r in responses}
+    for prompt in prompts:
+        for stronger, weaker in language_pairs(langs, pairing):
+            if (prompt["id"], stronger) in answers and (prompt["id"], weaker) in answers:
+                yield prompt, answers[prompt["id"], stronger], answers[prompt["id"], weaker]
+
+
+def usable(answer: dict) -> bool:
+    return answer["finished"] and bool(answer["response"])
 
 
 def translation_requests(prompts: list[dict], responses: list[dict], langs: list[str], pairing: str) -> list[dict]:
-    """Step 3's work: for each (stronger, weaker) pair, the stronger answer into the weaker language
-    (skipped for translation tasks, whose pair keeps it untranslated) and the weaker one back."""
-    answer = {(r["id"], r["lang"]): r["response"] for r in responses}
+    """Step 3's work: for each usable pair of answers, the stronger one into the weaker language
+    (not for translation tasks, whose pairs keep it untranslated) and the weaker one back."""
     requests = []
-    for p in prompts:
-        for strong, weak in language_pairs(langs, pairing):
-            if (p["id"], strong) not in answer or (p["id"], weak) not in answer:
-                continue
-            if not is_translation_task(p, langs[0]):
-                requests.append({"id": p["id"], "source_lang": strong, "target_lang": weak,
-                                 "source": answer[p["id"], strong]})
-            requests.append({"id": p["id"], "source_lang": weak, "target_lang": strong,
-                             "source": answer[p["id"], weak]})
+    for prompt, stronger, weaker in answer_pairs(prompts, responses, langs, pairing):
+        if usable(stronger) and usable(weaker):
+            if not prompt["translation_task"]:
+                requests.append({"id": prompt["id"], "source_lang": stronger["lang"], "target_lang": weaker["lang"],
+                                 "source": stronger["response"]})
+            requests.append({"id": prompt["id"], "source_lang": weaker["lang"], "target_lang": stronger["lang"],
+                             "source": weaker["response"]})
     return requests
 
 
@@ -412,66 +451,64 @@ def translation_requests(prompts: list[dict], responses: list[dict], langs: list
 def build_pairs(prompts: list[dict], responses: list[dict], translations: list[dict], langs: list[str],
                 pairing: str) -> tuple[list[dict], dict[str, dict[str, int]]]:
     """For each prompt and (stronger, weaker) language pair:
-      stronger: prompt x_strong, chosen y_strong,                rejected translate(y_weak -> strong)
-      weaker:   prompt x_weak,   chosen translate(y_strong -> weak), rejected y_weak
-    (translation tasks: chosen y_strong untranslated). Pairs with a failed translation, an empty
-    side, or chosen == rejected are skipped. Returns the pairs and, per language, the counts
-    {"pairs", "translation_failed", "empty", "identical"}."""
-    answer = {(r["id"], r["lang"]): r["response"] for r in responses}
+      stronger: prompt x_stronger, chosen y_stronger,                   rejected translate(y_weaker -> stronger)
+      weaker:   prompt x_weaker,   chosen translate(y_stronger -> weaker), rejected y_weaker
+    (translation tasks: chosen is y_stronger untranslated). A pair is skipped when an answer hit
+    the token cap, a translation failed, a side is empty, or chosen == rejected. Returns the
+    pairs and, per language, counts of "pairs" built and of each reason to skip."""
     translated = {(t["id"], t["source_lang"], t["target_lang"]): t["translation"] for t in translations}
-    counts = {lang: {"pairs": 0, "translation_failed": 0, "empty": 0, "identical": 0} for lang in langs}
+    reasons = ("pairs", "unfinished", "translation_failed", "empty", "identical")
+    counts = {lang: dict.fromkeys(reasons, 0) for lang in langs}
     pairs = []
 
-    def add(p, lang, kind, other_lang, chosen, rejected):
-        if chosen is None or rejected is None:
-            counts[lang]["translation_failed"] += 1
-        elif not chosen.strip() or not rejected.strip():
-            counts[lang]["empty"] += 1
-        elif chosen.strip() == rejected.strip():
-            counts[lang]["identical"] += 1
-        else:
-            counts[lang]["pairs"] += 1
-            pairs.append({"prompt": p[lang], "chosen": chosen, "rejected": rejected,
-                          "id": p["id"], "lang": lang, "kind": kind, "other_lang": other_lang})
+    def add(prompt, lang, kind, other_lang, chosen, rejected):
+        reason = ("translation_failed" if chosen is None or rejected is None
+                  else "empty" if not chosen or not rejected
+                  else "identical" if chosen == rejected else "pairs")
+        counts[lang][reason] += 1
+        if reason == "pairs":
+            pairs.append({"prompt": prompt[lang], "chosen": chosen, "rejected": rejected,
+                          "id": prompt["id"], "lang": lang, "kind": kind, "other_lang": other_lang})
 
-    for p in prompts:
-        for strong, weak in language_pairs(langs, pairing):
-            if (p["id"], strong) not in answer or (p["id"], weak) not in answer:
-                continue  # its prompt could not be translated into one of the two languages
-            y_strong, y_weak = answer[p["id"], strong], answer[p["id"], weak]
-            add(p, strong, "own>translated", weak, y_strong, translated.get((p["id"], weak, strong)))
-            if is_translation_task(p, langs[0]):
-                add(p, weak, "untranslated>own", strong, y_strong, y_weak)
-            else:
-                add(p, weak, "translated>own", strong, translated.get((p["id"], strong, weak)), y_weak)
+    for prompt, stronger, weaker in answer_pairs(prompts, responses, langs, pairing):
+        if not (stronger["finished"] and weaker["finished"]):
+            counts[stronger["lang"]]["unfinished"] += 1
+            counts[weaker["lang"]]["unfinished"] += 1
+            continue
+        key = prompt["id"], stronger["lang"], weaker["lang"]
+        back_translated = translated.get((prompt["id"], weaker["lang"], stronger["lang"]))
+        add(prompt, stronger["lang"], "own>translated", weaker["lang"], stronger["response"], back_translated)
+        if prompt["translation_task"]:
+            add(prompt, weaker["lang"], "untranslated>own", stronger["lang"], stronger["response"], weaker["response"])
+        else:
+            add(prompt, weaker["lang"], "translated>own", stronger["lang"], translated.get(key), weaker["response"])
     return pairs, counts
 
 
 # ------------------------------------------------------------------------ tokenise
 @dataclass
 class TokenizedPair:
-    chosen: list[int]  # prompt + chosen answer + end-of-turn
-    rejected: list[int]
-    chosen_prompt_length: int  # tokens of prompt at the start of `chosen`, masked out of the loss
-    rejected_prompt_length: int
+    prompt_length: int  # chat-formatted prompt tokens that start both sequences; masked out of the loss
+    chosen_input_ids: list[int]  # prompt + chosen answer + end-of-turn
+    rejected_input_ids: list[int]  # prompt + rejected answer + end-of-turn
     lang: str
+    truncated: bool  # an answer was cut to fit max_len (and lost its end-of-turn)
 
 
-def join_prompt_and_answer(prompt_ids: list[int], answer_ids: list[int], max_len: int) -> tuple[list[int], int]:
-    """Concatenate ids (never re-tokenise the joined text: tokens would merge at the boundary).
-    Over max_len, trim the prompt's start down to half of max_len, then the answer's end, so an
-    answer is never truncated away entirely (loss stuck at ln 2, PAPER.md traps)."""
-    prompt_ids = prompt_ids[-max(max_len - len(answer_ids), max_len // 2):]
-    return (prompt_ids + answer_ids)[:max_len], len(prompt_ids)
-
-
-def tokenize_pair(tokenizer, pair: dict, system_prompt: str, end_of_turn: int, max_len: int) -> TokenizedPair:
+def tokenize_pair(tokenizer, pair: dict, system_prompt: str, end_of_turn: int, max_len: int) -> TokenizedPair | None:
+    """Prompt ids + answer ids + end-of-turn, each part tokenised on its own and the ids
+    concatenated: tokenising the joined text could merge tokens across the boundary (PAPER.md
+    traps). An answer too long for max_len is cut at its end; the prompt is kept whole, since
+    cutting it would drop BOS, the system turn and the chat header. None if the prompt alone
+    fills max_len."""
     prompt_ids = chat_prompt_ids(tokenizer, pair["prompt"], system_prompt)
-    chosen, chosen_prompt_length = join_prompt_and_answer(
-        prompt_ids, tokenizer(pair["chosen"], add_special_tokens=False).input_ids + [end_of_turn], max_len)
-    rejected, rejected_prompt_length = join_prompt_and_answer(
-        prompt_ids, tokenizer(pair["rejected"], add_special_tokens=False).input_ids + [end_of_turn], max_len)
-    return TokenizedPair(chosen, rejected, chosen_prompt_length, rejected_prompt_length, pair["lang"])
+    room = max_len - len(prompt_ids)
+    if room < 1:
+        return None
+    chosen, rejected = (tokenizer(pair[side], add_special_tokens=False).input_ids + [end_of_turn]
+                        for side in ("chosen", "rejected"))
+    return TokenizedPair(len(prompt_ids), prompt_ids + chosen[:room], prompt_ids + rejected[:room], pair["lang"],
+                         truncated=max(len(chosen), len(rejected)) > room)
 
 
 def collate(sequences: list[tuple[list[int], int]], pad_id: int):
@@ -491,7 +528,7 @@ def collate(sequences: list[tuple[list[int], int]], pad_id: int):
 # ------------------------------------------------------------------------ log-probs
 def sequence_logps(model, input_ids, attention_mask, labels):
     """Sum of log pi(token) over the labelled (answer) tokens of each sequence, in float32
-    (fp16/bf16 log-softmax loses precision and can give NaN). Returns (logps (B,), lengths (B,))."""
+    (bf16 log-softmax loses precision, fp16 can give NaN). Returns (logps (B,), lengths (B,))."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]  # (B, T-1, V)
     targets = labels[:, 1:]  # the token each position predicts
     mask = targets != -100
@@ -500,24 +537,24 @@ def sequence_logps(model, input_ids, attention_mask, labels):
 
 
 def pair_logps(model, pairs: list[TokenizedPair], pad_id: int):
-    """One forward over [chosen_1..B, rejected_1..B]: (chosen logps, rejected logps, chosen lengths)."""
-    sequences = ([(p.chosen, p.chosen_prompt_length) for p in pairs]
-                 + [(p.rejected, p.rejected_prompt_length) for p in pairs])
+    """One forward over [chosen_1..B, rejected_1..B] -> chosen logps, rejected logps, chosen lengths (B,)."""
+    sequences = ([(p.chosen_input_ids, p.prompt_length) for p in pairs]
+                 + [(p.rejected_input_ids, p.prompt_length) for p in pairs])
     input_ids, attention_mask, labels = (t.to(model.device) for t in collate(sequences, pad_id))
     logps, lengths = sequence_logps(model, input_ids, attention_mask, labels)
     return logps[:len(pairs)], logps[len(pairs):], lengths[:len(pairs)]
 
 
 @torch.no_grad()
-def reference_logps(model, pairs: list[TokenizedPair], micro_batch_size: int, pad_id: int) -> torch.Tensor:
-    """Step 6: log ref(y|x) for every pair, computed once with M_{t-1} before any update, so the
-    reference needs no second model in memory. Returns (N, 2): chosen, rejected."""
-    model.eval()
-    rows = []
+def reference_logps(model, pairs: list[TokenizedPair], micro_batch_size: int, pad_id: int):
+    """Step 6: log ref(y|x) of every pair's chosen and rejected answer, (N,) each, computed once
+    with M_{t-1} before any update, so the reference needs no second model in memory."""
+    chosen, rejected = [], []
     for start in tqdm(range(0, len(pairs), micro_batch_size), desc="reference log-probs", leave=False):
-        chosen, rejected, _ = pair_logps(model, pairs[start:start + micro_batch_size], pad_id)
-        rows.append(torch.stack([chosen, rejected], dim=1).cpu())
-    return torch.cat(rows)
+        chosen_logps, rejected_logps, _ = pair_logps(model, pairs[start:start + micro_batch_size], pad_id)
+        chosen.append(chosen_logps.cpu())
+        rejected.append(rejected_logps.cpu())
+    return torch.cat(chosen), torch.cat(rejected)
 
 
 # ------------------------------------------------------------------------ loss (step 5)
@@ -541,19 +578,20 @@ def dpo_nll_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, r
     return losses.mean(), {name: value.detach() for name, value in metrics.items()}
 
 
-# ------------------------------------------------------------------------ train
-def accumulate_gradients(model, pairs: list[TokenizedPair], ref: torch.Tensor, s: Settings, pad_id: int) -> dict:
+# ------------------------------------------------------------------------ train (step 5)
+def accumulate_gradients(model, pairs: list[TokenizedPair], ref_chosen_logps, ref_rejected_logps,
+                         beta: float, alpha: float, micro_batch_size: int, pad_id: int) -> dict:
     """Backward over one optimizer step's pairs in micro-batches. Each micro-batch's mean loss is
     weighted by its share of the step's pairs, so the gradient is the mean over the step's pairs
     whatever the micro-batching (averaging per micro-batch would weight a short last one more).
-    Returns the per-pair metrics of the step, concatenated (N,)."""
-    ref = ref.to(model.device)
+    Returns the step's per-pair metrics (N,)."""
     metrics = []
-    for start in range(0, len(pairs), s.micro_batch_size):
-        micro = pairs[start:start + s.micro_batch_size]
+    for start in range(0, len(pairs), micro_batch_size):
+        micro = pairs[start:start + micro_batch_size]
         chosen, rejected, chosen_lengths = pair_logps(model, micro, pad_id)
-        loss, micro_metrics = dpo_nll_loss(chosen, rejected, ref[start:start + len(micro), 0],
-                                           ref[start:start + len(micro), 1], chosen_lengths, s.beta, s.alpha)
+        end = start + len(micro)
+        loss, micro_metrics = dpo_nll_loss(chosen, rejected, ref_chosen_logps[start:end].to(model.device),
+                                           ref_rejected_logps[start:end].to(model.device), chosen_lengths, beta, alpha)
         (loss * len(micro) / len(pairs)).backward()
         metrics.append(micro_metrics)
     return {name: torch.cat([m[name] for m in metrics]).cpu() for name in metrics[0]}
@@ -569,29 +607,45 @@ def warmup_cosine(total_steps: int, warmup_ratio: float):
     return factor
 
 
-def train(model, pairs: list[TokenizedPair], ref: torch.Tensor, s: Settings, pad_id: int, log_path: Path) -> dict:
-    """Steps 5-6: DPO + NLL with AdamW, warmup then cosine decay, and gradient clipping.
-    Writes one line of step metrics per optimizer step to log_path; returns the last epoch's
-    metrics, averaged over all pairs and per language."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+def train(model, pairs: list[TokenizedPair], ref_chosen_logps, ref_rejected_logps, settings: Settings,
+          pad_id: int, log_path: Path) -> dict:
+    """DPO + NLL with AdamW, warmup then cosine decay, and gradient clipping. Writes one line of
+    metrics per optimizer step to log_path; returns the last epoch's metrics, averaged over its
+    pairs and per language."""
+    s = settings
+    params = [p for p in model.parameters() if p.requires_grad]
+    # bf16 weights cannot hold an update smaller than ~1/256 of their value, so at DPO learning
+    # rates most AdamW updates would vanish (PAPER.md traps). AdamW updates float32 "master"
+    # copies instead, rounded into the model after each step; a float32 model is its own master.
+    masters = params if all(p.dtype == torch.float32 for p in params) else [p.detach().float() for p in params]
+    optimizer = torch.optim.AdamW(masters, lr=s.lr, weight_decay=s.weight_decay)
     steps_per_epoch = math.ceil(len(pairs) / s.batch_size)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(s.epochs * steps_per_epoch, s.warmup_ratio))
+    tqdm.write(f"training on {len(pairs)} pairs: {s.epochs} epoch(s) of {steps_per_epoch} steps, "
+               f"{s.batch_size} pairs per step in micro-batches of {s.micro_batch_size}")
     generator = torch.Generator().manual_seed(s.seed)
-    model.train()
     partial_log = log_path.with_name(log_path.name + ".partial")
     with open(partial_log, "w") as log, tqdm(total=s.epochs * steps_per_epoch, desc="training", unit="step") as bar:
         for epoch in range(s.epochs):
-            order = torch.randperm(len(pairs), generator=generator).tolist()
+            order = torch.randperm(len(pairs), generator=generator)
             epoch_metrics, epoch_langs = [], []
-            for start in range(0, len(pairs), s.batch_size):
-                step_ids = order[start:start + s.batch_size]
-                metrics = accumulate_gradients(model, [pairs[i] for i in step_ids], ref[step_ids], s, pad_id)
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), s.max_grad_norm)
+            for step_ids in order.split(s.batch_size):
+                metrics = accumulate_gradients(model, [pairs[i] for i in step_ids], ref_chosen_logps[step_ids],
+                                               ref_rejected_logps[step_ids], s.beta, s.alpha, s.micro_batch_size, pad_id)
+                if masters is not params:
+                    for master, param in zip(masters, params):
+                        master.grad = None if param.grad is None else param.grad.float()
+                grad_norm = torch.nn.utils.clip_grad_norm_(masters, s.max_grad_norm)
                 line = {"step": bar.n + 1, "epoch": epoch + 1, **{k: v.mean().item() for k, v in metrics.items()},
                         "optim/lr": schedule.get_last_lr()[0], "optim/grad_norm": grad_norm.item()}
                 optimizer.step()
                 schedule.step()
                 optimizer.zero_grad(set_to_none=True)
+                model.zero_grad(set_to_none=True)
+                if masters is not params:
+                    with torch.no_grad():
+                        for master, param in zip(masters, params):
+                            param.copy_(master)
                 log.write(json.dumps(line) + "\n")
                 log.flush()
                 bar.set_postfix_str(f"loss {line['loss/total']:.4f} acc {line['rewards/accuracies']:.2f} "
@@ -600,12 +654,31 @@ def train(model, pairs: list[TokenizedPair], ref: torch.Tensor, s: Settings, pad
                 epoch_metrics.append(metrics)
                 epoch_langs += [pairs[i].lang for i in step_ids]
     os.replace(partial_log, log_path)
-    model.eval()
-    merged = {k: torch.cat([m[k] for m in epoch_metrics]) for k in epoch_metrics[0]}
-    langs = sorted(set(epoch_langs))
-    per_lang = {lang: {k: v[torch.tensor([x == lang for x in epoch_langs])].mean().item() for k, v in merged.items()}
-                for lang in langs}
+    merged = {name: torch.cat([m[name] for m in epoch_metrics]) for name in epoch_metrics[0]}
+    per_lang = {}
+    for lang in sorted(set(epoch_langs)):
+        mask = torch.tensor([pair_lang == lang for pair_lang in epoch_langs])
+        per_lang[lang] = {name: values[mask].mean().item() for name, values in merged.items()}
     return {"steps": bar.n, "last_epoch": {k: v.mean().item() for k, v in merged.items()}, "per_lang": per_lang}
+
+
+def train_on_pairs(model, tokenizer, pairs: list[dict], settings: Settings, log_path: Path) -> dict | None:
+    """Steps 5-6 for one iteration: tokenise the pairs, take the reference log-probs with the
+    model as it is (M_{t-1}), then train it into M_t. None when no pair is left to train on."""
+    end_of_turn = end_of_turn_id(tokenizer)
+    tokenized = [tokenize_pair(tokenizer, pair, settings.system_prompt, end_of_turn, settings.max_len)
+                 for pair in pairs]
+    kept = [pair for pair in tokenized if pair is not None]
+    truncated = sum(pair.truncated for pair in kept)
+    if truncated or len(kept) < len(pairs):
+        tqdm.write(f"warning: --max-len {settings.max_len}: {truncated} pairs have an answer cut short, "
+                   f"{len(pairs) - len(kept)} pairs dropped (prompt alone too long)")
+    if not kept:
+        return None
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_of_turn
+    ref_chosen_logps, ref_rejected_logps = reference_logps(model, kept, settings.micro_batch_size, pad_id)
+    result = train(model, kept, ref_chosen_logps, ref_rejected_logps, settings, pad_id, log_path)
+    return {**result, "pairs_truncated": truncated, "pairs_prompt_too_long": len(pairs) - len(kept)}
 
 
 # ------------------------------------------------------------------------ run folder
@@ -642,49 +715,57 @@ def save_model(model, tokenizer, path: Path):
     os.replace(temp, path)
 
 
-def open_run_folder(s: Settings) -> Path:
-    """Create the run folder with how it was made, or check that a resumed run matches it."""
-    out = Path(s.out)
+def check_resumable(out: Path, settings: Settings):
+    """Before anything is loaded: --out must be new, or a run folder made with these settings."""
     settings_path = out / "settings.json"
     if settings_path.exists():
         recorded = json.loads(settings_path.read_text())["settings"]
-        changed = [f"--{k.replace('_', '-')} {recorded.get(k)!r} -> {v!r}" for k, v in dataclasses.asdict(s).items()
-                   if k not in RESUMABLE_CHANGES and recorded.get(k) != v]
+        changed = [f"--{name.replace('_', '-')} {recorded.get(name)!r} -> {value!r}"
+                   for name, value in dataclasses.asdict(settings).items()
+                   if name not in RESUMABLE_CHANGES and recorded.get(name) != value]
         if changed:
             raise LidrError(f"{out} was made with other settings ({'; '.join(changed)}); "
                             f"pass another --out, or the same settings to resume it")
     elif out.exists() and any(out.iterdir()):
         raise LidrError(f"--out {out} exists and is not a lidr run folder; pass another --out")
-    else:
+
+
+def record_run(out: Path, settings: Settings, command: list[str]):
+    """A run folder says how it was made: settings, command, versions, hardware and the code."""
+    if not (out / "settings.json").exists():
         out.mkdir(parents=True, exist_ok=True)
         source = Path(__file__).read_bytes()
-        write_atomic(settings_path, json.dumps({
-            "settings": dataclasses.asdict(s),
-            "command": [sys.executable, *sys.argv],
+        device = settings.device
+        write_atomic(out / "settings.json", json.dumps({
+            "settings": dataclasses.asdict(settings),
+            "command": [sys.executable, *command],
             "lidr_sha256": hashlib.sha256(source).hexdigest(),
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "transformers": transformers.__version__, "datasets": datasets.__version__},
-            "hardware": torch.cuda.get_device_name() if s.device.startswith("cuda") else platform.processor() or "cpu",
+            "hardware": torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.machine(),
         }, indent=2))
-        (out / "lidr.py").write_bytes(source)  # the exact code of this run
+        (out / "lidr.py").write_bytes(source)
     with open(out / "commands.log", "a") as log:
-        log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(sys.argv)}\n")
-    return out
+        log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)}\n")
 
 
-def summary_table(iteration_metrics: list[dict], langs: list[str]) -> str:
-    header = (f"{'iter':>4} {'lang':>4} {'pairs':>6} {'skipped':>7} {'tr.fail':>7} {'loss':>8} "
-              f"{'acc':>5} {'margin':>8} {'logp_ch':>9} {'nll':>7}")
+def summary_table(history: list[dict], langs: list[str]) -> str:
+    """Per iteration and language: pairs built and skipped, failed translations into the
+    language, and the last epoch's training metrics over that language's pairs."""
+    header = (f"{'iter':>4} {'lang':>4} {'pairs':>6} {'skipped':>7} {'failed_tr':>9} {'loss':>7} "
+              f"{'reward_acc':>10} {'margin':>7} {'logp_chosen':>11} {'nll':>6}")
     rows = [header, "-" * len(header)]
-    for t, m in enumerate(iteration_metrics, 1):
+    for iteration, metrics in enumerate(history, 1):
         for lang in langs:
-            c = m["counts"][lang]
-            trained = (m["train"] or {"per_lang": {}})["per_lang"].get(lang)
-            numbers = (f"{trained['loss/total']:8.4f} {trained['rewards/accuracies']:5.2f} "
-                       f"{trained['rewards/margins']:8.4f} {trained['logps/chosen']:9.2f} {trained['loss/nll']:7.3f}"
-                       if trained else f"{'-':>8} {'-':>5} {'-':>8} {'-':>9} {'-':>7}")
-            rows.append(f"{t:>4} {lang:>4} {c['pairs']:>6} {c['empty'] + c['identical']:>7} "
-                        f"{m['translation_failures'][lang]:>7} {numbers}")
+            counts = metrics["counts"][lang]
+            trained = (metrics["train"] or {"per_lang": {}})["per_lang"].get(lang)
+            numbers = (f"{trained['loss/total']:7.4f} {trained['rewards/accuracies']:10.2f} "
+                       f"{trained['rewards/margins']:7.3f} {trained['logps/chosen']:11.2f} {trained['loss/nll']:6.3f}"
+                       if trained else f"{'-':>7} {'-':>10} {'-':>7} {'-':>11} {'-':>6}")
+            rows.append(f"{iteration:>4} {lang:>4} {counts['pairs']:>6} {sum(counts.values()) - counts['pairs']:>7} "
+                        f"{metrics['translation_failures'][lang]:>9} {numbers}")
+    rows.append("skipped: pairs not built (an answer hit the token cap, a translation failed, a side "
+                "empty, or chosen == rejected); failed_tr: translations into the language with no parseable span")
     return "\n".join(rows)
 
 
@@ -693,69 +774,71 @@ def first_line(error: Exception) -> str:
 
 
 # ------------------------------------------------------------------------ main: the loop
-def run(s: Settings):
-    languages = parse_languages(s.langs)
+def lidr_iteration(model, tokenizer, prompts: list[dict], languages: dict[str, str], settings: Settings,
+                   folder: Path) -> dict:
+    """One LIDR iteration, M_{t-1} -> M_t, in place on `model`; each stage's artifact is reused
+    if a previous run finished it. Returns the iteration's metrics."""
     langs = list(languages)
-    all_prompts = load_prompts(s.prompts, s.prompt_field, langs)
-    s = resolve(s)
-    out = Path(s.out)
-    finished = [t for t in range(1, s.iters + 1) if (out / f"iter_{t}" / "model").exists()]
-    start_model = str(out / f"iter_{finished[-1]}" / "model") if finished else s.model
-    transformers.set_seed(s.seed)
-    model, tokenizer = load_model(start_model, s.device, s.dtype)
-    out = open_run_folder(s)  # only now: bad input above has written nothing
-    print(f"run folder {out} | {s.model} on {s.device} ({s.dtype}) | {len(all_prompts)} prompts, "
-          f"{min(s.num_prompts, len(all_prompts))} per iteration | langs {','.join(langs)} | pairing {s.pairing}")
-    end_of_turn = end_of_turn_id(tokenizer)
-    iteration_metrics = []
-    for t in range(1, s.iters + 1):
+    prompt_translations = stage(folder / "prompt_translations.jsonl", lambda: translate(
+        model, tokenizer, prompt_translation_requests(prompts, langs), languages, settings, "translating prompts"))
+    prompts = stage(folder / "prompts.jsonl", lambda: fill_prompts(prompts, prompt_translations, langs))
+    responses = stage(folder / "responses.jsonl", lambda: sample_responses(model, tokenizer, prompts, langs, settings))
+    translations = stage(folder / "translations.jsonl", lambda: translate(
+        model, tokenizer, translation_requests(prompts, responses, langs, settings.pairing), languages, settings,
+        "self-translating"))
+    pairs, counts = build_pairs(prompts, responses, translations, langs, settings.pairing)
+    stage(folder / "pairs.jsonl", lambda: pairs)
+    failures = dict.fromkeys(langs, 0)
+    for translation in prompt_translations + translations:
+        failures[translation["target_lang"]] += translation["translation"] is None
+    trained = train_on_pairs(model, tokenizer, pairs, settings, folder / "train_log.jsonl")
+    return {"counts": counts, "translation_failures": failures, "train": trained}
+
+
+def run(settings: Settings, command: list[str]):
+    languages = parse_languages(settings.langs)
+    langs = list(languages)
+    all_prompts = load_prompts(settings.prompts, settings.prompt_field, langs)
+    settings = resolve(settings)
+    out = Path(settings.out)
+    check_resumable(out, settings)
+    finished = [t for t in range(1, settings.iters + 1) if (out / f"iter_{t}" / "model").exists()]
+    transformers.set_seed(settings.seed)
+    model, tokenizer = load_model(str(out / f"iter_{finished[-1]}" / "model") if finished else settings.model,
+                                  settings.device, settings.dtype)
+    record_run(out, settings, command)  # only now: bad input above has written nothing
+    print(f"run folder {out} | {settings.model}: {sum(p.numel() for p in model.parameters()):,} parameters "
+          f"on {settings.device} ({settings.dtype}) | {len(all_prompts)} prompts, "
+          f"{min(settings.num_prompts, len(all_prompts))} per iteration, "
+          f"{sum(p['translation_task'] for p in all_prompts)} translation tasks | "
+          f"langs {','.join(langs)} | pairing {settings.pairing}")
+    history = []
+    for t in range(1, settings.iters + 1):
         folder = out / f"iter_{t}"
         if t in finished:
             tqdm.write(f"reusing {folder}")
-            iteration_metrics.append(json.loads((folder / "metrics.json").read_text()))
+            history.append(json.loads((folder / "metrics.json").read_text()))
             continue
-        folder.mkdir(exist_ok=True)
         print(f"== iteration {t}: M{t - 1} -> M{t}")
-        def complete_and_record():
-            records, done = complete_prompts(model, tokenizer, prompts_for_iteration(all_prompts, t, s.num_prompts),
-                                             languages, s)
-            write_jsonl(folder / "prompt_translations.jsonl", done)
-            return records
-        prompts = stage(folder / "prompts.jsonl", complete_and_record)
-        responses = stage(folder / "responses.jsonl", lambda: sample_responses(model, tokenizer, prompts, langs, s))
-        translations = stage(folder / "translations.jsonl", lambda: translate(
-            model, tokenizer, translation_requests(prompts, responses, langs, s.pairing), languages, s,
-            desc="self-translating"))
-        pairs, counts = build_pairs(prompts, responses, translations, langs, s.pairing)
-        stage(folder / "pairs.jsonl", lambda: pairs)
-        failures = {lang: 0 for lang in langs}
-        for record in translations + read_jsonl(folder / "prompt_translations.jsonl"):
-            failures[record["target_lang"]] += record["translation"] is None
-
-        if pairs:
-            tokenized = [tokenize_pair(tokenizer, p, s.system_prompt, end_of_turn, s.max_len) for p in pairs]
-            truncated = sum(len(p.chosen) == s.max_len or len(p.rejected) == s.max_len for p in tokenized)
-            if truncated:
-                tqdm.write(f"warning: {truncated} of {len(pairs)} pairs reach --max-len {s.max_len} and are truncated")
-            pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_of_turn
-            ref = reference_logps(model, tokenized, s.micro_batch_size, pad_id)
-            trained = train(model, tokenized, ref, s, pad_id, folder / "train_log.jsonl")
-        else:
-            tqdm.write(f"no pairs survived in iteration {t}: M{t} = M{t - 1}")
-            trained = None
-        metrics = {"counts": counts, "translation_failures": failures, "translations": len(translations), "train": trained}
+        folder.mkdir(exist_ok=True)
+        metrics = lidr_iteration(model, tokenizer, prompts_for_iteration(all_prompts, t, settings.num_prompts),
+                                 languages, settings, folder)
+        if metrics["train"] is None:
+            tqdm.write(f"no pairs to train on in iteration {t}: M{t} = M{t - 1}")
         write_atomic(folder / "metrics.json", json.dumps(metrics, indent=2))
-        save_model(model, tokenizer, folder / "model")  # M_t, the model of iteration t + 1
-        iteration_metrics.append(metrics)
-    table = summary_table(iteration_metrics, langs)
-    write_atomic(out / "summary.txt", table + "\n")
-    print(table)
-    print(f"final model: {out / f'iter_{s.iters}' / 'model'}")
+        save_model(model, tokenizer, folder / "model")  # M_t: the model of iteration t + 1
+        history.append(metrics)
+        print(summary_table(history, langs))
+    write_atomic(out / "summary.txt", summary_table(history, langs) + "\n")
+    if finished == list(range(1, settings.iters + 1)):
+        print(summary_table(history, langs))
+    print(f"final model: {out / f'iter_{settings.iters}' / 'model'}")
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
+    command = sys.argv if argv is None else ["lidr.py", *argv]
     try:
-        run(parse_settings(argv))
+        run(parse_settings(command[1:]), command)
     except LidrError as error:
         print(f"lidr: error: {error}", file=sys.stderr)
         return 2

@@ -71,22 +71,22 @@ def test_tokenized_pair_is_prompt_then_answer_then_end_of_turn():
     tokenized = lidr.tokenize_pair(tokenizer, pair("Hi there", " spaced answer", "no"), SYSTEM, eot, 512)
     prompt_ids = lidr.chat_prompt_ids(tokenizer, "Hi there", SYSTEM)
     answer_ids = tokenizer(" spaced answer", add_special_tokens=False).input_ids
-    assert tokenized.chosen == prompt_ids + answer_ids + [eot], "prompt and answer ids must be concatenated, not re-tokenised"
-    assert tokenized.chosen.count(tokenizer.bos_token_id) == 1, "doubled BOS"
+    assert tokenized.chosen_input_ids == prompt_ids + answer_ids + [eot], "ids must be concatenated, not re-tokenised"
+    assert tokenized.chosen_input_ids.count(tokenizer.bos_token_id) == 1, "doubled BOS"
     assert eot == tokenizer.convert_tokens_to_ids("<|eot_id|>")
-    assert tokenized.chosen_prompt_length == len(prompt_ids)
+    assert tokenized.prompt_length == len(prompt_ids) and not tokenized.truncated
 
 
 def test_prompt_tokens_never_reach_the_loss():
     model, tokenizer = tiny_model()
     eot = lidr.end_of_turn_id(tokenizer)
     tokenized = lidr.tokenize_pair(tokenizer, pair("A long prompt " * 5, "ok", "no"), SYSTEM, eot, 512)
-    input_ids, attention_mask, labels = lidr.collate(
-        [(tokenized.chosen, tokenized.chosen_prompt_length), (tokenized.rejected[:-3], 5)], pad_id=0)
-    assert (labels[0, :tokenized.chosen_prompt_length] == -100).all()
-    assert labels[0, tokenized.chosen_prompt_length:].tolist() == tokenized.chosen[tokenized.chosen_prompt_length:]
-    assert (labels[1, len(tokenized.rejected) - 3:] == -100).all(), "padding must be masked"
-    # Changing the prompt's own tokens as targets cannot change the score: only 'ok' + EOT count.
+    prompt_length, chosen = tokenized.prompt_length, tokenized.chosen_input_ids
+    input_ids, attention_mask, labels = lidr.collate([(chosen, prompt_length), (chosen[:-3], prompt_length)], pad_id=0)
+    assert (labels[0, :prompt_length] == -100).all()
+    assert labels[0, prompt_length:].tolist() == chosen[prompt_length:]
+    assert (labels[1, len(chosen) - 3:] == -100).all(), "padding must be masked"
+    # only 'ok' and the end-of-turn token are scored
     _, lengths = lidr.sequence_logps(model, input_ids[:1], attention_mask[:1], labels[:1])
     assert lengths.item() == 3
 
@@ -104,11 +104,17 @@ def test_sequence_logps_equal_one_at_a_time_and_ignore_padding():
     assert recombined[0].item() == pytest.approx(batched[2].item(), abs=1e-4)
 
 
-def test_truncation_keeps_the_answer():
-    ids, prompt_length = lidr.join_prompt_and_answer(list(range(100)), [1, 2, 3], max_len=20)
-    assert ids[-3:] == [1, 2, 3] and prompt_length == 17
-    ids, prompt_length = lidr.join_prompt_and_answer(list(range(100)), list(range(200, 240)), max_len=20)
-    assert prompt_length == 10 and ids[10:] == list(range(200, 210)), "a long answer must keep half of max_len"
+def test_truncation_cuts_answers_and_keeps_the_prompt_whole():
+    _, tokenizer = tiny_model()
+    eot = lidr.end_of_turn_id(tokenizer)
+    prompt_ids = lidr.chat_prompt_ids(tokenizer, "Hi", SYSTEM)
+    max_len = len(prompt_ids) + 10
+    tokenized = lidr.tokenize_pair(tokenizer, pair("Hi", "a" * 50, "short"), SYSTEM, eot, max_len)
+    assert tokenized.chosen_input_ids == prompt_ids + [ord("a")] * 10, "the long answer is cut at its end"
+    assert tokenized.rejected_input_ids == prompt_ids + list(b"short") + [eot] and tokenized.truncated
+    exact = lidr.tokenize_pair(tokenizer, pair("Hi", "a" * 9, "b"), SYSTEM, eot, max_len)
+    assert len(exact.chosen_input_ids) == max_len and not exact.truncated, "an exact fit is not truncated"
+    assert lidr.tokenize_pair(tokenizer, pair("Hi", "a", "b"), SYSTEM, eot, len(prompt_ids)) is None
 
 
 # ------------------------------------------------------------------------ sampling and translation
@@ -121,9 +127,8 @@ def test_greedy_batched_generation_equals_one_at_a_time():
             p.normal_(0, 0.3)
     prompts = [lidr.chat_prompt_ids(tokenizer, text, SYSTEM)
                for text in ("Hi", "A much longer prompt that needs no padding at all.", "Wie geht's?", "x" * 19)]
-    settings = lidr.Settings(**{**lidr.TINY_DEFAULTS, "gen_batch_size": 4})
-    batched = lidr.generate(model, tokenizer, prompts, 24, settings, "test")
-    one_by_one = lidr.generate(model, tokenizer, prompts, 24, lidr.Settings(**{**lidr.TINY_DEFAULTS, "gen_batch_size": 1}), "test")
+    batched = lidr.generate(model, tokenizer, prompts, 24, 4, 1.1, 0.0, "test")
+    one_by_one = lidr.generate(model, tokenizer, prompts, 24, 1, 1.1, 0.0, "test")
     assert batched == one_by_one, "left padding or the repetition penalty changes batched greedy output"
     assert len(set(batched)) == len(prompts), "the test needs a model whose answers differ"
 
@@ -141,9 +146,10 @@ def test_parse_translation(generated, expected):
 
 # ------------------------------------------------------------------------ pairs
 PROMPTS = [{"id": "p1", "translation_task": False, "en": "Hi?", "de": "Hallo?", "fr": "Salut ?"},
-           {"id": "p2", "translation_task": False, "en": "Translate 'cat' into German.",
+           {"id": "p2", "translation_task": True, "en": "Translate 'cat' into German.",
             "de": "Übersetze 'cat' ins Deutsche.", "fr": "Traduis 'cat' en allemand."}]
-RESPONSES = [{"id": p, "lang": lang, "response": f"{p}-{lang}"} for p in ("p1", "p2") for lang in ("en", "de", "fr")]
+RESPONSES = [{"id": p, "lang": lang, "response": f"{p}-{lang}", "finished": True}
+             for p in ("p1", "p2") for lang in ("en", "de", "fr")]
 
 
 def fake_translations(requests, fail=()):
@@ -166,7 +172,7 @@ def test_dominant_pairs_follow_the_paper():
     assert by_key["p2", "de", "en"]["kind"] == "untranslated>own"
     assert ("p1", "en", "fr") not in by_key, "a failed translation must drop its pair"
     # English keeps its pairs against every language (the released scripts kept only the last)
-    assert counts["en"] == {"pairs": 3, "translation_failed": 1, "empty": 0, "identical": 0}
+    assert counts["en"] == {"pairs": 3, "unfinished": 0, "translation_failed": 1, "empty": 0, "identical": 0}
     assert counts["de"]["pairs"] == 2 and counts["fr"]["pairs"] == 2
 
 
@@ -184,16 +190,38 @@ def test_ranked_pairs_cover_every_two_languages():
 
 
 def test_empty_and_identical_pairs_are_skipped_and_counted():
-    responses = [{"id": "p1", "lang": "en", "response": "same"}, {"id": "p1", "lang": "de", "response": "  "},
-                 {"id": "p1", "lang": "fr", "response": "same"}]
+    responses = [{"id": "p1", "lang": "en", "response": "same", "finished": True},
+                 {"id": "p1", "lang": "de", "response": "", "finished": True},
+                 {"id": "p1", "lang": "fr", "response": "same", "finished": True}]
     translations = [{"id": "p1", "source_lang": "en", "target_lang": "fr", "translation": "same"},
-                    {"id": "p1", "source_lang": "fr", "target_lang": "en", "translation": "same "},
+                    {"id": "p1", "source_lang": "fr", "target_lang": "en", "translation": "same"},
                     {"id": "p1", "source_lang": "en", "target_lang": "de", "translation": "gleich"},
                     {"id": "p1", "source_lang": "de", "target_lang": "en", "translation": "x"}]
     pairs, counts = lidr.build_pairs(PROMPTS[:1], responses, translations, ["en", "de", "fr"], "dominant")
     assert counts["fr"]["identical"] == 1 and counts["en"]["identical"] == 1
     assert counts["de"]["empty"] == 1
     assert [(p["lang"], p["other_lang"]) for p in pairs] == [("en", "de")]
+
+
+def test_unfinished_answers_are_neither_translated_nor_paired():
+    responses = [dict(r, finished=r["lang"] != "fr") for r in RESPONSES]
+    requests = lidr.translation_requests(PROMPTS[:1], responses, ["en", "de", "fr"], "dominant")
+    assert {(r["source_lang"], r["target_lang"]) for r in requests} == {("en", "de"), ("de", "en")}
+    pairs, counts = lidr.build_pairs(PROMPTS[:1], responses, fake_translations(requests), ["en", "de", "fr"], "dominant")
+    assert counts["fr"]["unfinished"] == 1 and counts["en"]["unfinished"] == 1, "an answer that hit the cap"
+    assert {(p["lang"], p["other_lang"]) for p in pairs} == {("en", "de"), ("de", "en")}
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("Translate 'good night' into French.", True),
+    ("Please translate the following sentence to German: I like tea.", True),
+    ("Explain how mRNA translation works.", False),
+    ("Describe the challenges of machine translation.", False),
+    ("Write a story about a translator who moves to Spain.", False),
+])
+def test_translation_tasks_are_recognised(tmp_path, text, expected):
+    prompts = write(tmp_path / "p.jsonl", json.dumps({"id": "a", "en": text}) + "\n")
+    assert lidr.load_prompts(prompts, "instruction", ["en", "de"])[0]["translation_task"] is expected
 
 
 def test_iterations_take_fresh_slices_then_wrap():
@@ -227,13 +255,14 @@ def tokenized_pairs(tokenizer, n):
 def test_gradient_step_raises_the_margin():
     model, tokenizer = tiny_model()
     pairs = tokenized_pairs(tokenizer, 4)
-    ref = lidr.reference_logps(model, pairs, 2, 0)
-    settings = lidr.Settings(beta=0.1, alpha=0.0, micro_batch_size=2)
+    ref_chosen, ref_rejected = lidr.reference_logps(model, pairs, 2, 0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    before = lidr.accumulate_gradients(model, pairs, ref, settings, 0)
+    before = lidr.accumulate_gradients(model, pairs, ref_chosen, ref_rejected, beta=0.1, alpha=0.0,
+                                       micro_batch_size=2, pad_id=0)
     optimizer.step()
     optimizer.zero_grad()
-    after = lidr.accumulate_gradients(model, pairs, ref, settings, 0)
+    after = lidr.accumulate_gradients(model, pairs, ref_chosen, ref_rejected, beta=0.1, alpha=0.0,
+                                      micro_batch_size=2, pad_id=0)
     assert before["rewards/margins"].abs().max() < 1e-5, "policy == reference before the first step"
     assert after["rewards/margins"].mean() > 1e-3, "one step of DPO must raise chosen over rejected"
 
@@ -241,14 +270,53 @@ def test_gradient_step_raises_the_margin():
 def test_gradient_accumulation_matches_one_big_batch():
     model, tokenizer = tiny_model()
     pairs = tokenized_pairs(tokenizer, 5)
-    ref = lidr.reference_logps(model, pairs, 5, 0) - 0.3  # policy != reference, so DPO grads are not trivial
+    ref_chosen, ref_rejected = lidr.reference_logps(model, pairs, 5, 0)
+    ref_chosen, ref_rejected = ref_chosen - 0.3, ref_rejected + 0.2  # policy != reference: DPO grads not trivial
     gradients = []
     for micro_batch_size in (5, 2):  # 2 gives micro-batches of 2, 2, 1: uneven on purpose
         copy_ = copy.deepcopy(model)
-        lidr.accumulate_gradients(copy_, pairs, ref, lidr.Settings(micro_batch_size=micro_batch_size), 0)
+        lidr.accumulate_gradients(copy_, pairs, ref_chosen, ref_rejected, 0.1, 1.0, micro_batch_size, pad_id=0)
         gradients.append(torch.cat([p.grad.flatten() for p in copy_.parameters()]))
     assert torch.allclose(gradients[0], gradients[1], atol=1e-6, rtol=1e-4), \
         "accumulation must average over the step's pairs, not per micro-batch"
+
+
+def fraction_changed(before, model):
+    changed = sum((old != new.detach()).sum().item() for old, new in zip(before, model.parameters()))
+    return changed / sum(old.numel() for old in before)
+
+
+def test_bf16_training_keeps_updates_smaller_than_bf16_precision(tmp_path):
+    # lr 1e-5 moves a weight of 0.02 by less than half a bf16 step (6e-5) per step: plain bf16
+    # AdamW rounds most updates away; float32 master weights add them up until they show.
+    model, tokenizer = tiny_model()
+    model = model.to(torch.bfloat16)
+    pairs = tokenized_pairs(tokenizer, 8)
+    ref_chosen, ref_rejected = lidr.reference_logps(model, pairs, 8, 0)
+    before = [p.detach().clone() for p in model.parameters()]
+    plain = copy.deepcopy(model)
+    settings = lidr.Settings(lr=1e-5, batch_size=2, micro_batch_size=2, warmup_ratio=0.0, epochs=5)
+    lidr.train(model, pairs, ref_chosen, ref_rejected, settings, 0, tmp_path / "log.jsonl")
+    optimizer = torch.optim.AdamW(plain.parameters(), lr=1e-5, weight_decay=0.0)
+    for _ in range(20):
+        lidr.accumulate_gradients(plain, pairs[:2], ref_chosen[:2], ref_rejected[:2], 0.1, 1.0, 2, 0)
+        optimizer.step()
+        optimizer.zero_grad()
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert fraction_changed(before, model) > 0.5, "bf16 training lost its small updates"
+    assert fraction_changed(before, plain) < 0.25, "the trap this test guards against no longer shows"
+
+
+def test_tiny_defaults_never_clash_with_a_given_batch_size():
+    assert lidr.parse_settings(["--model", "tiny", "--batch-size", "4"]).micro_batch_size == 4
+    assert lidr.parse_settings(["--model", "tiny"]).micro_batch_size == lidr.TINY_DEFAULTS["micro_batch_size"]
+
+
+def test_run_records_the_command_it_was_given(tmp_path):
+    argv = ["--model", "tiny", "--iters", "1", "--num-prompts", "2", "--max-new-tokens", "4",
+            "--translation-max-new-tokens", "4", "--out", str(tmp_path / "run")]
+    assert lidr.main(argv) == 0
+    assert json.loads((tmp_path / "run" / "settings.json").read_text())["command"][1:] == ["lidr.py", *argv]
 
 
 # ------------------------------------------------------------------------ bad input
@@ -361,12 +429,11 @@ def steered_tiny_model(folder: Path) -> Path:
     texts = [record[lang] for record in lidr.BUILTIN_PROMPTS for lang in ("en", "de", "fr")]
     examples = []
     for i, text in enumerate(texts):
-        examples.append(lidr.join_prompt_and_answer(lidr.chat_prompt_ids(tokenizer, text, SYSTEM),
-                                                    tokenizer("Sure.").input_ids + [eot], 512))
         request = lidr.TRANSLATION_REQUEST.format(source="English", target="German", text="Sure." if i % 2 else text)
-        examples.append(lidr.join_prompt_and_answer(
-            lidr.chat_prompt_ids(tokenizer, request, SYSTEM, lidr.TRANSLATION_PREFIX),
-            tokenizer("Ja.</translated>").input_ids + [eot], 512))
+        for prompt_ids, answer in ((lidr.chat_prompt_ids(tokenizer, text, SYSTEM), "Sure."),
+                                   (lidr.chat_prompt_ids(tokenizer, request, SYSTEM, lidr.TRANSLATION_PREFIX),
+                                    "Ja.</translated>")):
+            examples.append((prompt_ids + tokenizer(answer).input_ids + [eot], len(prompt_ids)))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     generator = torch.Generator().manual_seed(0)
     model.train()
