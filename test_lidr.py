@@ -354,6 +354,13 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, argv,
     assert not out.exists(), "bad input must not create the run folder"
 
 
+def test_a_folder_that_is_not_a_run_is_never_written_into(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    assert lidr.main(["--model", "tiny", "--out", str(tmp_path)]) == 2
+    assert "is not a lidr run folder" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"] and (tmp_path / "notes.txt").read_text() == "mine"
+
+
 def test_bad_input_from_the_command_line_has_no_traceback(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "lidr.py"), "--langs", "en,de:German,de"],
                             capture_output=True, text=True, cwd=tmp_path)
@@ -416,8 +423,10 @@ def test_resumed_run_reuses_finished_stages(tiny_run):
 
 def test_resume_with_other_settings_is_refused(tiny_run, capsys):
     run, _ = tiny_run
+    log = (run / "commands.log").read_text()
     assert lidr.main(["--model", "tiny", "--out", str(run), "--beta", "0.5"]) == 2
     assert "--beta 0.1 -> 0.5" in capsys.readouterr().err
+    assert (run / "commands.log").read_text() == log, "a refused run writes nothing into the folder"
 
 
 def steered_tiny_model(folder: Path) -> Path:
