@@ -146,27 +146,33 @@ def parse_settings(argv: list[str]) -> Settings:
 
 
 def check_settings(settings: Settings):
-    s = settings
-    rules = [("iters", s.iters >= 1, ">= 1"), ("num-prompts", s.num_prompts >= 1, ">= 1"),
-             ("max-new-tokens", s.max_new_tokens >= 1, ">= 1"),
-             ("translation-max-new-tokens", s.translation_max_new_tokens >= 1, ">= 1"),
-             ("repetition-penalty", s.repetition_penalty > 0, "> 0"),
-             ("temperature", s.temperature >= 0, ">= 0"), ("gen-batch-size", s.gen_batch_size >= 1, ">= 1"),
-             ("beta", s.beta > 0, "> 0"), ("alpha", s.alpha >= 0, ">= 0"), ("lr", s.lr > 0, "> 0"),
-             ("epochs", s.epochs >= 1, ">= 1"), ("batch-size", s.batch_size >= 1, ">= 1"),
-             ("micro-batch-size", 1 <= s.micro_batch_size <= s.batch_size, "between 1 and --batch-size"),
-             ("max-len", s.max_len >= 8, ">= 8"), ("warmup-ratio", 0 <= s.warmup_ratio < 1, "in [0, 1)"),
-             ("weight-decay", s.weight_decay >= 0, ">= 0"), ("max-grad-norm", s.max_grad_norm > 0, "> 0")]
-    for flag, ok, expected in rules:
-        if not ok:
-            raise LidrError(f"--{flag} must be {expected} (got {getattr(s, flag.replace('-', '_'))})")
-    if s.pairing not in ("dominant", "ranked"):
-        raise LidrError(f"--pairing must be dominant or ranked (got {s.pairing})")
-    if s.dtype not in ("auto", "bfloat16", "float32"):
-        raise LidrError(f"--dtype must be auto, bfloat16 or float32 (got {s.dtype})")
-    if s.device.startswith("cuda") and not torch.cuda.is_available():
-        raise LidrError(f"--device {s.device}: no CUDA GPU is visible; use --device cpu")
-    parse_languages(s.langs)
+    rules = {  # setting: (holds?, what it must be)
+        "iters": (settings.iters >= 1, ">= 1"),
+        "num_prompts": (settings.num_prompts >= 1, ">= 1"),
+        "max_new_tokens": (settings.max_new_tokens >= 1, ">= 1"),
+        "translation_max_new_tokens": (settings.translation_max_new_tokens >= 1, ">= 1"),
+        "repetition_penalty": (settings.repetition_penalty > 0, "> 0"),
+        "temperature": (settings.temperature >= 0, ">= 0"),
+        "gen_batch_size": (settings.gen_batch_size >= 1, ">= 1"),
+        "pairing": (settings.pairing in ("dominant", "ranked"), "dominant or ranked"),
+        "beta": (settings.beta > 0, "> 0"),
+        "alpha": (settings.alpha >= 0, ">= 0"),
+        "lr": (settings.lr > 0, "> 0"),
+        "epochs": (settings.epochs >= 1, ">= 1"),
+        "batch_size": (settings.batch_size >= 1, ">= 1"),
+        "micro_batch_size": (1 <= settings.micro_batch_size <= settings.batch_size, "between 1 and --batch-size"),
+        "max_len": (settings.max_len >= 8, ">= 8"),
+        "warmup_ratio": (0 <= settings.warmup_ratio < 1, "in [0, 1)"),
+        "weight_decay": (settings.weight_decay >= 0, ">= 0"),
+        "max_grad_norm": (settings.max_grad_norm > 0, "> 0"),
+        "dtype": (settings.dtype in ("auto", "bfloat16", "float32"), "auto, bfloat16 or float32"),
+    }
+    for name, (holds, expected) in rules.items():
+        if not holds:
+            raise LidrError(f"--{name.replace('_', '-')} must be {expected} (got {getattr(settings, name)})")
+    if settings.device.startswith("cuda") and not torch.cuda.is_available():
+        raise LidrError(f"--device {settings.device}: no CUDA GPU is visible; use --device cpu")
+    parse_languages(settings.langs)
 
 
 def parse_languages(spec: str) -> dict[str, str]:
@@ -199,18 +205,23 @@ def resolve(settings: Settings) -> Settings:
 
 
 # ------------------------------------------------------------------------ load: prompts (step 1) and model
-# "Translate ... into French": translating such a prompt's answer would corrupt it (PAPER.md step 4).
-TRANSLATION_TASK = re.compile(r"\btranslat\w*\b.*\b(?:into|to)\s+(?:%s)\b" % "|".join(LANGUAGE_NAMES.values()),
-                              re.IGNORECASE | re.DOTALL)
+def looks_like_translation_task(text: str, language_names: list[str]) -> bool:
+    """'Translate ... into/to/in French' within one sentence: translating such a prompt's answer
+    would corrupt it (PAPER.md step 4). A heuristic for prompts that don't say; the verb only,
+    so 'explain mRNA translation' or 'the translation of the Bible into English' don't match."""
+    names = "|".join(map(re.escape, language_names))
+    return re.search(rf"\btranslat(?:e|ing)\b[^.?!\n]*\b(?:into|to|in)\s+(?:{names})\b", text, re.IGNORECASE) is not None
 
 
-def load_prompts(source: str, prompt_field: str, langs: list[str]) -> list[dict]:
+def load_prompts(source: str, prompt_field: str, languages: dict[str, str]) -> list[dict]:
     """Step 1's prompts, as records {"id": "p1", "translation_task": false, "en": "...", "de": "..."}.
-    translation_task is the record's own flag, or else TRANSLATION_TASK matching the dominant
+    translation_task is the record's own flag, or else looks_like_translation_task of the dominant
     prompt. Languages a record lacks are left out here: the model translates them (fill_prompts)."""
+    langs = list(languages)
     dominant = langs[0]
+    language_names = sorted(set(LANGUAGE_NAMES.values()) | set(languages.values()))
     if not source:
-        records, where = BUILTIN_PROMPTS, "built-in prompts"
+        records, where = BUILTIN_PROMPTS, "built-in prompts"  # written for this kit, at the end of the file
     elif source.endswith((".json", ".jsonl")) or os.path.isfile(source):
         records, where = read_prompt_file(Path(source)), source
     else:
@@ -218,8 +229,10 @@ def load_prompts(source: str, prompt_field: str, langs: list[str]) -> list[dict]
     prompts, seen = [], set()
     for number, record in enumerate(records, 1):
         if not isinstance(record, dict):
-            raise LidrError(f"{where}:{number}: expected a JSON object per prompt")
+            raise LidrError(f"{where}: record {number}: expected a JSON object per prompt")
         line = record.get("_line", number)  # a .jsonl file's own line number, for error messages
+        if not isinstance(record.get("translation_task", False), bool):
+            raise LidrError(f"{where}:{line}: translation_task must be true or false")
         prompt_id = str(record.get("id", f"p{number}"))
         if prompt_id in seen:
             raise LidrError(f"{where}:{line}: id '{prompt_id}' appears twice")
@@ -228,7 +241,7 @@ def load_prompts(source: str, prompt_field: str, langs: list[str]) -> list[dict]
         if dominant not in text:
             raise LidrError(f"{where}:{line}: prompt '{prompt_id}' has no '{dominant}' text "
                             f"(the dominant language, first in --langs)")
-        translation_task = bool(record.get("translation_task", TRANSLATION_TASK.search(text[dominant])))
+        translation_task = record.get("translation_task", looks_like_translation_task(text[dominant], language_names))
         prompts.append({"id": prompt_id, "translation_task": translation_task, **text})
     if not prompts:
         raise LidrError(f"{where}: no prompts")
@@ -255,7 +268,9 @@ def read_prompt_file(path: Path) -> list[dict]:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
                 raise LidrError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-            records.append({**record, "_line": number} if isinstance(record, dict) else record)
+            if not isinstance(record, dict):
+                raise LidrError(f"{path}:{number}: expected a JSON object per prompt")
+            records.append({**record, "_line": number})
     return records
 
 
@@ -286,7 +301,7 @@ def prompts_for_iteration(prompts: list[dict], iteration: int, num_prompts: int)
     return [prompts[((iteration - 1) * n + i) % len(prompts)] for i in range(n)]
 
 
-def load_model(name: str, device: str, dtype: str):
+def load_model(name: str, device: str, dtype: str, system_prompt: str):
     torch_dtype = getattr(torch, dtype)
     if name == "tiny":
         model, tokenizer = build_tiny_model()
@@ -299,9 +314,41 @@ def load_model(name: str, device: str, dtype: str):
                             f"offline or without hub access, try --model tiny") from None
     if not tokenizer.chat_template:
         raise LidrError(f"model '{name}' has no chat template: LIDR needs an instruction-tuned chat model")
+    if system_prompt:
+        try:
+            chat_prompt_ids(tokenizer, "hi", system_prompt)
+        except Exception as error:  # Gemma's template, for one, raises on a system turn
+            raise LidrError(f"the chat template of '{name}' rejects a system turn ({first_line(error)}); "
+                            f"pass --system-prompt ''") from None
     # eval mode throughout, training included: without dropout the policy equals the reference at
     # the first step, so the DPO loss starts at exactly ln 2
     return model.to(device=device, dtype=torch_dtype).eval(), tokenizer
+
+
+def build_tiny_model():
+    """A randomly initialised 2-layer Llama (~90k parameters) with a byte-level tokenizer and a
+    Llama-3-style chat template, built in code. Untrained, it never ends an answer (it repeats
+    one byte up to the token cap), so the loop runs every stage but builds no pairs."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    byte_to_char = bytes_to_unicode()  # GPT-2's printable stand-in for each of the 256 bytes
+    backend = Tokenizer(models.BPE(vocab={byte_to_char[b]: b for b in range(256)}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token="<|pad|>",
+        additional_special_tokens=["<|start_header_id|>", "<|end_header_id|>"])
+    tokenizer.chat_template = (
+        "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+        "{{ m['content'] }}<|eot_id|>{% endfor %}"
+        "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return LlamaForCausalLM(config), tokenizer
 
 
 # ------------------------------------------------------------------------ sampling (step 2)
@@ -411,34 +458,35 @@ def fill_prompts(prompts: list[dict], prompt_translations: list[dict], langs: li
     return [{**p, **{lang: p.get(lang, translated.get((p["id"], lang))) for lang in langs}} for p in prompts]
 
 
-def language_pairs(langs: list[str], pairing: str) -> list[tuple[str, str]]:
-    """(stronger, weaker) language pairs: the dominant one against each other (paper), or,
-    ranked, every language against every lower-ranked one."""
+def stronger_weaker_languages(langs: list[str], pairing: str) -> list[tuple[str, str]]:
+    """Which languages' answers are compared: the stronger (dominant) language against each
+    weaker one (paper), or, ranked, every language against every lower-ranked one."""
     if pairing == "dominant":
         return [(langs[0], weaker) for weaker in langs[1:]]
     return [(langs[i], langs[j]) for i in range(len(langs)) for j in range(i + 1, len(langs))]
 
 
-def answer_pairs(prompts: list[dict], responses: list[dict], langs: list[str], pairing: str):
-    """(prompt record, stronger answer, weaker answer) for every prompt and language pair whose
-    two answers exist (a prompt whose translation failed has no answer in that language)."""
+def compared_answers(prompts: list[dict], responses: list[dict], langs: list[str], pairing: str):
+    """(prompt record, stronger answer, weaker answer, why not) for every prompt and compared
+    pair of languages. why not is None when both answers can be compared, else the reason to skip:
+    no_prompt (the prompt could not be translated into a language), unfinished (an answer hit
+    the token cap) or empty."""
     answers = {(r["id"], r["lang"]): r for r in responses}
     for prompt in prompts:
-        for stronger, weaker in language_pairs(langs, pairing):
-            if (prompt["id"], stronger) in answers and (prompt["id"], weaker) in answers:
-                yield prompt, answers[prompt["id"], stronger], answers[prompt["id"], weaker]
-
-
-def usable(answer: dict) -> bool:
-    return answer["finished"] and bool(answer["response"])
+        for stronger_lang, weaker_lang in stronger_weaker_languages(langs, pairing):
+            stronger, weaker = answers.get((prompt["id"], stronger_lang)), answers.get((prompt["id"], weaker_lang))
+            why_not = ("no_prompt" if stronger is None or weaker is None
+                       else "unfinished" if not (stronger["finished"] and weaker["finished"])
+                       else "empty" if not (stronger["response"] and weaker["response"]) else None)
+            yield prompt, stronger or {"lang": stronger_lang}, weaker or {"lang": weaker_lang}, why_not
 
 
 def translation_requests(prompts: list[dict], responses: list[dict], langs: list[str], pairing: str) -> list[dict]:
-    """Step 3's work: for each usable pair of answers, the stronger one into the weaker language
-    (not for translation tasks, whose pairs keep it untranslated) and the weaker one back."""
+    """Step 3's work: for each pair of comparable answers, the stronger one into the weaker
+    language (not for translation tasks, whose pairs keep it untranslated) and the weaker one back."""
     requests = []
-    for prompt, stronger, weaker in answer_pairs(prompts, responses, langs, pairing):
-        if usable(stronger) and usable(weaker):
+    for prompt, stronger, weaker, why_not in compared_answers(prompts, responses, langs, pairing):
+        if why_not is None:
             if not prompt["translation_task"]:
                 requests.append({"id": prompt["id"], "source_lang": stronger["lang"], "target_lang": weaker["lang"],
                                  "source": stronger["response"]})
@@ -447,33 +495,40 @@ def translation_requests(prompts: list[dict], responses: list[dict], langs: list
     return requests
 
 
+def failed_translations_into(translations: list[dict], langs: list[str]) -> dict[str, int]:
+    failures = dict.fromkeys(langs, 0)
+    for translation in translations:
+        failures[translation["target_lang"]] += translation["translation"] is None
+    return failures
+
+
 # ------------------------------------------------------------------------ build pairs (step 4)
 def build_pairs(prompts: list[dict], responses: list[dict], translations: list[dict], langs: list[str],
                 pairing: str) -> tuple[list[dict], dict[str, dict[str, int]]]:
     """For each prompt and (stronger, weaker) language pair:
       stronger: prompt x_stronger, chosen y_stronger,                   rejected translate(y_weaker -> stronger)
       weaker:   prompt x_weaker,   chosen translate(y_stronger -> weaker), rejected y_weaker
-    (translation tasks: chosen is y_stronger untranslated). A pair is skipped when an answer hit
-    the token cap, a translation failed, a side is empty, or chosen == rejected. Returns the
-    pairs and, per language, counts of "pairs" built and of each reason to skip."""
+    (translation tasks: chosen is y_stronger untranslated). The stronger language is the dominant
+    one (paper), or the higher-ranked one with --pairing ranked. A pair is skipped when its
+    answers can't be compared (compared_answers), a translation failed, or chosen == rejected.
+    Returns the pairs and, per language, counts of "pairs" built and of each reason to skip."""
     translated = {(t["id"], t["source_lang"], t["target_lang"]): t["translation"] for t in translations}
-    reasons = ("pairs", "unfinished", "translation_failed", "empty", "identical")
+    reasons = ("pairs", "no_prompt", "unfinished", "empty", "translation_failed", "identical")
     counts = {lang: dict.fromkeys(reasons, 0) for lang in langs}
     pairs = []
 
     def add(prompt, lang, kind, other_lang, chosen, rejected):
         reason = ("translation_failed" if chosen is None or rejected is None
-                  else "empty" if not chosen or not rejected
                   else "identical" if chosen == rejected else "pairs")
         counts[lang][reason] += 1
         if reason == "pairs":
             pairs.append({"prompt": prompt[lang], "chosen": chosen, "rejected": rejected,
                           "id": prompt["id"], "lang": lang, "kind": kind, "other_lang": other_lang})
 
-    for prompt, stronger, weaker in answer_pairs(prompts, responses, langs, pairing):
-        if not (stronger["finished"] and weaker["finished"]):
-            counts[stronger["lang"]]["unfinished"] += 1
-            counts[weaker["lang"]]["unfinished"] += 1
+    for prompt, stronger, weaker, why_not in compared_answers(prompts, responses, langs, pairing):
+        if why_not:
+            counts[stronger["lang"]][why_not] += 1
+            counts[weaker["lang"]][why_not] += 1
             continue
         key = prompt["id"], stronger["lang"], weaker["lang"]
         back_translated = translated.get((prompt["id"], weaker["lang"], stronger["lang"]))
@@ -536,7 +591,7 @@ def sequence_logps(model, input_ids, attention_mask, labels):
     return (token_logps * mask).sum(-1), mask.sum(-1)
 
 
-def pair_logps(model, pairs: list[TokenizedPair], pad_id: int):
+def chosen_rejected_logps(model, pairs: list[TokenizedPair], pad_id: int):
     """One forward over [chosen_1..B, rejected_1..B] -> chosen logps, rejected logps, chosen lengths (B,)."""
     sequences = ([(p.chosen_input_ids, p.prompt_length) for p in pairs]
                  + [(p.rejected_input_ids, p.prompt_length) for p in pairs])
@@ -551,7 +606,7 @@ def reference_logps(model, pairs: list[TokenizedPair], micro_batch_size: int, pa
     with M_{t-1} before any update, so the reference needs no second model in memory."""
     chosen, rejected = [], []
     for start in tqdm(range(0, len(pairs), micro_batch_size), desc="reference log-probs", leave=False):
-        chosen_logps, rejected_logps, _ = pair_logps(model, pairs[start:start + micro_batch_size], pad_id)
+        chosen_logps, rejected_logps, _ = chosen_rejected_logps(model, pairs[start:start + micro_batch_size], pad_id)
         chosen.append(chosen_logps.cpu())
         rejected.append(rejected_logps.cpu())
     return torch.cat(chosen), torch.cat(rejected)
@@ -588,7 +643,7 @@ def accumulate_gradients(model, pairs: list[TokenizedPair], ref_chosen_logps, re
     metrics = []
     for start in range(0, len(pairs), micro_batch_size):
         micro = pairs[start:start + micro_batch_size]
-        chosen, rejected, chosen_lengths = pair_logps(model, micro, pad_id)
+        chosen, rejected, chosen_lengths = chosen_rejected_logps(model, micro, pad_id)
         end = start + len(micro)
         loss, micro_metrics = dpo_nll_loss(chosen, rejected, ref_chosen_logps[start:end].to(model.device),
                                            ref_rejected_logps[start:end].to(model.device), chosen_lengths, beta, alpha)
@@ -612,30 +667,29 @@ def train(model, pairs: list[TokenizedPair], ref_chosen_logps, ref_rejected_logp
     """DPO + NLL with AdamW, warmup then cosine decay, and gradient clipping. Writes one line of
     metrics per optimizer step to log_path; returns the last epoch's metrics, averaged over its
     pairs and per language."""
-    s = settings
     params = [p for p in model.parameters() if p.requires_grad]
     # bf16 weights cannot hold an update smaller than ~1/256 of their value, so at DPO learning
     # rates most AdamW updates would vanish (PAPER.md traps). AdamW updates float32 "master"
     # copies instead, rounded into the model after each step; a float32 model is its own master.
     masters = params if all(p.dtype == torch.float32 for p in params) else [p.detach().float() for p in params]
-    optimizer = torch.optim.AdamW(masters, lr=s.lr, weight_decay=s.weight_decay)
-    steps_per_epoch = math.ceil(len(pairs) / s.batch_size)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(s.epochs * steps_per_epoch, s.warmup_ratio))
-    tqdm.write(f"training on {len(pairs)} pairs: {s.epochs} epoch(s) of {steps_per_epoch} steps, "
-               f"{s.batch_size} pairs per step in micro-batches of {s.micro_batch_size}")
-    generator = torch.Generator().manual_seed(s.seed)
+    optimizer = torch.optim.AdamW(masters, lr=settings.lr, weight_decay=settings.weight_decay)
+    steps_per_epoch = math.ceil(len(pairs) / settings.batch_size)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(settings.epochs * steps_per_epoch, settings.warmup_ratio))
+    tqdm.write(f"training on {len(pairs)} pairs: {settings.epochs} epoch(s) of {steps_per_epoch} steps, "
+               f"{settings.batch_size} pairs per step in micro-batches of {settings.micro_batch_size}")
+    generator = torch.Generator().manual_seed(settings.seed)
     partial_log = log_path.with_name(log_path.name + ".partial")
-    with open(partial_log, "w") as log, tqdm(total=s.epochs * steps_per_epoch, desc="training", unit="step") as bar:
-        for epoch in range(s.epochs):
+    with open(partial_log, "w") as log, tqdm(total=settings.epochs * steps_per_epoch, desc="training", unit="step") as bar:
+        for epoch in range(settings.epochs):
             order = torch.randperm(len(pairs), generator=generator)
             epoch_metrics, epoch_langs = [], []
-            for step_ids in order.split(s.batch_size):
+            for step_ids in order.split(settings.batch_size):
                 metrics = accumulate_gradients(model, [pairs[i] for i in step_ids], ref_chosen_logps[step_ids],
-                                               ref_rejected_logps[step_ids], s.beta, s.alpha, s.micro_batch_size, pad_id)
+                                               ref_rejected_logps[step_ids], settings.beta, settings.alpha, settings.micro_batch_size, pad_id)
                 if masters is not params:
                     for master, param in zip(masters, params):
                         master.grad = None if param.grad is None else param.grad.float()
-                grad_norm = torch.nn.utils.clip_grad_norm_(masters, s.max_grad_norm)
+                grad_norm = torch.nn.utils.clip_grad_norm_(masters, settings.max_grad_norm)
                 line = {"step": bar.n + 1, "epoch": epoch + 1, **{k: v.mean().item() for k, v in metrics.items()},
                         "optim/lr": schedule.get_last_lr()[0], "optim/grad_norm": grad_norm.item()}
                 optimizer.step()
@@ -726,7 +780,7 @@ def check_resumable(out: Path, settings: Settings):
         if changed:
             raise LidrError(f"{out} was made with other settings ({'; '.join(changed)}); "
                             f"pass another --out, or the same settings to resume it")
-    elif out.exists() and any(out.iterdir()):
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise LidrError(f"--out {out} exists and is not a lidr run folder; pass another --out")
 
 
@@ -744,7 +798,7 @@ def record_run(out: Path, settings: Settings, command: list[str]):
                          "transformers": transformers.__version__, "datasets": datasets.__version__},
             "hardware": torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.machine(),
         }, indent=2))
-        (out / "lidr.py").write_bytes(source)
+        write_atomic(out / "lidr.py", source.decode("utf-8"))
     with open(out / "commands.log", "a") as log:
         log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)}\n")
 
@@ -764,8 +818,9 @@ def summary_table(history: list[dict], langs: list[str]) -> str:
                        if trained else f"{'-':>7} {'-':>10} {'-':>7} {'-':>11} {'-':>6}")
             rows.append(f"{iteration:>4} {lang:>4} {counts['pairs']:>6} {sum(counts.values()) - counts['pairs']:>7} "
                         f"{metrics['translation_failures'][lang]:>9} {numbers}")
-    rows.append("skipped: pairs not built (an answer hit the token cap, a translation failed, a side "
-                "empty, or chosen == rejected); failed_tr: translations into the language with no parseable span")
+    rows.append("skipped: pairs not built (a prompt or translation failed, an answer was empty or hit the "
+                "token cap, or chosen == rejected; by reason in metrics.json); failed_tr: translations into the "
+                "language with no parseable span. The dominant language has a pair per other language.")
     return "\n".join(rows)
 
 
@@ -787,10 +842,9 @@ def lidr_iteration(model, tokenizer, prompts: list[dict], languages: dict[str, s
         model, tokenizer, translation_requests(prompts, responses, langs, settings.pairing), languages, settings,
         "self-translating"))
     pairs, counts = build_pairs(prompts, responses, translations, langs, settings.pairing)
-    stage(folder / "pairs.jsonl", lambda: pairs)
-    failures = dict.fromkeys(langs, 0)
-    for translation in prompt_translations + translations:
-        failures[translation["target_lang"]] += translation["translation"] is None
+    if not (folder / "pairs.jsonl").exists():  # pairs are rebuilt on every run (cheap and deterministic)
+        write_jsonl(folder / "pairs.jsonl", pairs)
+    failures = failed_translations_into(prompt_translations + translations, langs)
     trained = train_on_pairs(model, tokenizer, pairs, settings, folder / "train_log.jsonl")
     return {"counts": counts, "translation_failures": failures, "train": trained}
 
@@ -798,14 +852,14 @@ def lidr_iteration(model, tokenizer, prompts: list[dict], languages: dict[str, s
 def run(settings: Settings, command: list[str]):
     languages = parse_languages(settings.langs)
     langs = list(languages)
-    all_prompts = load_prompts(settings.prompts, settings.prompt_field, langs)
+    all_prompts = load_prompts(settings.prompts, settings.prompt_field, languages)
     settings = resolve(settings)
     out = Path(settings.out)
     check_resumable(out, settings)
     finished = [t for t in range(1, settings.iters + 1) if (out / f"iter_{t}" / "model").exists()]
     transformers.set_seed(settings.seed)
     model, tokenizer = load_model(str(out / f"iter_{finished[-1]}" / "model") if finished else settings.model,
-                                  settings.device, settings.dtype)
+                                  settings.device, settings.dtype, settings.system_prompt)
     record_run(out, settings, command)  # only now: bad input above has written nothing
     print(f"run folder {out} | {settings.model}: {sum(p.numel() for p in model.parameters()):,} parameters "
           f"on {settings.device} ({settings.dtype}) | {len(all_prompts)} prompts, "
@@ -845,34 +899,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-# ------------------------------------------------------------------------ offline defaults
-# Used by --model tiny and when --prompts is omitted: they let the whole loop run with no download.
-
-def build_tiny_model():
-    """A randomly initialised 2-layer Llama (~90k parameters) with a byte-level tokenizer and a
-    Llama-3-style chat template, built in code. It writes noise: most of its translations fail."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    byte_to_char = bytes_to_unicode()  # GPT-2's printable stand-in for each of the 256 bytes
-    backend = Tokenizer(models.BPE(vocab={byte_to_char[b]: b for b in range(256)}, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    backend.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token="<|pad|>",
-        additional_special_tokens=["<|start_header_id|>", "<|end_header_id|>"])
-    tokenizer.chat_template = (
-        "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
-        "{{ m['content'] }}<|eot_id|>{% endfor %}"
-        "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    return LlamaForCausalLM(config), tokenizer
-
-
+# ------------------------------------------------------------------------ built-in prompts
+# Used when --prompts is omitted, so the whole loop runs with no download.
 BUILTIN_PROMPTS = [  # written for this kit; the same instruction in the five languages of the paper
     {"id": "b01",
      "en": "Give three tips for staying healthy.",

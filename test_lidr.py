@@ -172,7 +172,8 @@ def test_dominant_pairs_follow_the_paper():
     assert by_key["p2", "de", "en"]["kind"] == "untranslated>own"
     assert ("p1", "en", "fr") not in by_key, "a failed translation must drop its pair"
     # English keeps its pairs against every language (the released scripts kept only the last)
-    assert counts["en"] == {"pairs": 3, "unfinished": 0, "translation_failed": 1, "empty": 0, "identical": 0}
+    assert counts["en"] == {"pairs": 3, "no_prompt": 0, "unfinished": 0, "empty": 0, "translation_failed": 1,
+                            "identical": 0}
     assert counts["de"]["pairs"] == 2 and counts["fr"]["pairs"] == 2
 
 
@@ -189,18 +190,27 @@ def test_ranked_pairs_cover_every_two_languages():
     assert [counts[lang]["pairs"] for lang in langs] == [2, 2, 2]
 
 
-def test_empty_and_identical_pairs_are_skipped_and_counted():
+def test_skipped_pairs_are_counted_by_reason():
+    langs = ["en", "de", "fr", "es"]
+    prompts = [{"id": "p1", "translation_task": False, "en": "Hi?", "de": "Hallo?", "fr": "Salut ?", "es": None}]
     responses = [{"id": "p1", "lang": "en", "response": "same", "finished": True},
-                 {"id": "p1", "lang": "de", "response": "", "finished": True},
-                 {"id": "p1", "lang": "fr", "response": "same", "finished": True}]
-    translations = [{"id": "p1", "source_lang": "en", "target_lang": "fr", "translation": "same"},
-                    {"id": "p1", "source_lang": "fr", "target_lang": "en", "translation": "same"},
-                    {"id": "p1", "source_lang": "en", "target_lang": "de", "translation": "gleich"},
-                    {"id": "p1", "source_lang": "de", "target_lang": "en", "translation": "x"}]
-    pairs, counts = lidr.build_pairs(PROMPTS[:1], responses, translations, ["en", "de", "fr"], "dominant")
-    assert counts["fr"]["identical"] == 1 and counts["en"]["identical"] == 1
-    assert counts["de"]["empty"] == 1
-    assert [(p["lang"], p["other_lang"]) for p in pairs] == [("en", "de")]
+                 {"id": "p1", "lang": "de", "response": "", "finished": True},   # empty answer
+                 {"id": "p1", "lang": "fr", "response": "same", "finished": True}]  # no es: prompt untranslated
+    requests = lidr.translation_requests(prompts, responses, langs, "dominant")
+    assert {(r["source_lang"], r["target_lang"]) for r in requests} == {("en", "fr"), ("fr", "en")}, \
+        "empty answers and missing prompts are not sent for translation"
+    translations = [{**r, "translation": "same"} for r in requests]
+    pairs, counts = lidr.build_pairs(prompts, responses, translations, langs, "dominant")
+    assert pairs == []
+    assert counts["en"] == {"pairs": 0, "no_prompt": 1, "unfinished": 0, "empty": 1, "translation_failed": 0,
+                            "identical": 1}
+    assert counts["de"]["empty"] == 1 and counts["fr"]["identical"] == 1 and counts["es"]["no_prompt"] == 1
+
+
+def test_failed_translations_are_counted_per_target_language():
+    translations = [{"target_lang": "de", "translation": None}, {"target_lang": "de", "translation": "ok"},
+                    {"target_lang": "en", "translation": None}, {"target_lang": "en", "translation": None}]
+    assert lidr.failed_translations_into(translations, ["en", "de", "fr"]) == {"en": 2, "de": 1, "fr": 0}
 
 
 def test_unfinished_answers_are_neither_translated_nor_paired():
@@ -218,10 +228,18 @@ def test_unfinished_answers_are_neither_translated_nor_paired():
     ("Explain how mRNA translation works.", False),
     ("Describe the challenges of machine translation.", False),
     ("Write a story about a translator who moves to Spain.", False),
+    ("How did the translation of the Bible into English change literature?", False),
+    ("Translate 'cat' in Spanish.", True),
 ])
 def test_translation_tasks_are_recognised(tmp_path, text, expected):
     prompts = write(tmp_path / "p.jsonl", json.dumps({"id": "a", "en": text}) + "\n")
-    assert lidr.load_prompts(prompts, "instruction", ["en", "de"])[0]["translation_task"] is expected
+    assert lidr.load_prompts(prompts, "instruction", lidr.parse_languages("en,de"))[0]["translation_task"] is expected
+
+
+def test_custom_languages_are_accepted_and_named():
+    languages = lidr.parse_languages("en, de,tlh:Klingon")
+    assert languages == {"en": "English", "de": "German", "tlh": "Klingon"}
+    assert lidr.looks_like_translation_task("Translate 'hello' into Klingon.", list(languages.values()))
 
 
 def test_iterations_take_fresh_slices_then_wrap():
@@ -236,11 +254,11 @@ def test_prompt_sources(tmp_path):
     folder = tmp_path / "dataset"  # a local dataset folder takes the datasets.load_dataset path
     folder.mkdir()
     (folder / "train.jsonl").write_text('{"instruction": "Add them.", "input": "1 2"}\n{"instruction": "Hi."}\n')
-    records = lidr.load_prompts(str(folder), "instruction", ["en", "de"])
+    records = lidr.load_prompts(str(folder), "instruction", lidr.parse_languages("en,de"))
     assert [r["en"] for r in records] == ["Add them.\n\n1 2", "Hi."] and records[0]["id"] == "0"
     listed = tmp_path / "prompts.json"
     listed.write_text(json.dumps([{"id": "a", "en": "Hi", "de": "Hallo", "translation_task": True}]))
-    assert lidr.load_prompts(str(listed), "instruction", ["en", "de"]) == [
+    assert lidr.load_prompts(str(listed), "instruction", lidr.parse_languages("en,de")) == [
         {"id": "a", "translation_task": True, "en": "Hi", "de": "Hallo"}]
 
 
@@ -329,6 +347,11 @@ BAD_INPUTS = [
     (["--prompts", "missing.jsonl"], "missing.jsonl"),
     (["--prompts", "{bad}"], "bad.jsonl:2: not valid JSON"),
     (["--prompts", "{noen}"], "noen.jsonl:1: prompt 'q1' has no 'en' text"),
+    (["--prompts", "{notobject}"], "notobject.jsonl:3: expected a JSON object"),
+    (["--prompts", "{flag}"], "flag.jsonl:1: translation_task must be true or false"),
+    (["--prompts", "{binary}"], "cannot read"),
+    (["--prompts", "{folder}"], "cannot read"),
+    (["--out", "{file}"], "is not a lidr run folder"),
     (["--langs", "en,xx"], "unknown language code 'xx'"),
     (["--langs", "en"], "at least two languages"),
     (["--iters", "0"], "--iters must be >= 1"),
@@ -344,14 +367,32 @@ BAD_INPUTS = [
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, argv, message):
     files = {"bad": write(tmp_path / "bad.jsonl", '{"id": "q0", "en": "ok"}\n{"id": "q1", "en": \n'),
              "noen": write(tmp_path / "noen.jsonl", '{"id": "q1", "de": "Hallo"}\n'),
-             "nomodel": str(tmp_path / "no_such_model")}
+             "notobject": write(tmp_path / "notobject.jsonl", '\n\n[1]\n'),
+             "flag": write(tmp_path / "flag.jsonl", '{"id": "q1", "en": "Hi", "translation_task": "false"}\n'),
+             "nomodel": str(tmp_path / "no_such_model"), "file": write(tmp_path / "file.txt", "mine")}
+    (tmp_path / "binary.jsonl").write_bytes(b"\xff\xfe{}\n")
+    files["binary"] = str(tmp_path / "binary.jsonl")
+    (tmp_path / "folder.jsonl").mkdir()
+    files["folder"] = str(tmp_path / "folder.jsonl")
     out = tmp_path / "run"
     argv = [a.format(**files) for a in argv]
-    code = lidr.main(["--model", "tiny", "--out", str(out), *argv] if "--model" not in argv else ["--out", str(out), *argv])
+    defaults = {"--model": "tiny", "--out": str(out)}
+    code = lidr.main([*(x for flag, value in defaults.items() if flag not in argv for x in (flag, value)), *argv])
     error = capsys.readouterr().err.strip()
     assert code == 2
     assert len(error.splitlines()) == 1 and error.startswith("lidr: error:") and message in error, error
     assert not out.exists(), "bad input must not create the run folder"
+    assert (tmp_path / "file.txt").read_text() == "mine"
+
+
+def test_a_chat_template_without_system_turns_gets_one_line(tmp_path, capsys):
+    model, tokenizer = tiny_model()
+    tokenizer.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not "
+                               "supported') }}{% endif %}" + tokenizer.chat_template)
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    assert lidr.main(["--model", str(tmp_path / "model"), "--out", str(tmp_path / "run")]) == 2
+    assert "pass --system-prompt ''" in capsys.readouterr().err and not (tmp_path / "run").exists()
 
 
 def test_a_folder_that_is_not_a_run_is_never_written_into(tmp_path, capsys):
@@ -415,8 +456,9 @@ def test_resumed_run_reuses_finished_stages(tiny_run):
     # an iteration that died before saving its model redoes only the unfinished stages
     shutil.rmtree(run / "iter_2" / "model")
     output = run_lidr("--iters", "2", "--model", "tiny", "--out", str(run), cwd=run.parent)
-    for name in ("prompts", "responses", "translations", "pairs"):
+    for name in ("prompts", "responses", "translations"):
         assert f"reusing {run / 'iter_2' / name}.jsonl" in output
+    for name in ("prompts", "responses", "translations", "pairs"):
         assert (run / "iter_2" / f"{name}.jsonl").stat().st_mtime_ns == before[run / "iter_2" / f"{name}.jsonl"]
     assert (run / "iter_2" / "model" / "config.json").exists()
 
