@@ -47,9 +47,10 @@ from pathlib import Path
 import datasets
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 import transformers
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 
 # ------------------------------------------------------------------------ settings
@@ -85,7 +86,8 @@ class Settings:
     translation_max_new_tokens: int = setting(4096, "translation length cap (paper: 4096)")
     repetition_penalty: float = setting(1.1, "HF repetition penalty (paper: 1.1)")
     temperature: float = setting(0.0, "0 = greedy decoding (paper); > 0 samples")
-    gen_batch_size: int = setting(16, "prompts per generation batch")
+    gen_batch_size: int = setting(0, "most prompts per generation batch; 0 = auto (32 on CPU, 512 on GPU); "
+                                     "batches are also capped by the KV-cache tokens free memory holds")
     # step 4: pairs
     pairing: str = setting("dominant", "dominant: pairs between the first language and each other "
                                        "(paper); ranked: between every two languages, in --langs order")
@@ -101,15 +103,20 @@ class Settings:
     warmup_ratio: float = setting(0.1, "fraction of steps with linear warmup; cosine decay after")
     weight_decay: float = setting(0.0, "AdamW weight decay")
     max_grad_norm: float = setting(1.0, "gradient clipping threshold")
+    optim: str = setting("auto", "adamw-fp32: float32 Adam moments, plus float32 master weights for a bf16 "
+                                 "model (16 bytes/param); adamw-bf16: bf16 weights and moments with "
+                                 "stochastic rounding (8 bytes/param); auto: adamw-fp32 if it fits in memory")
+    gradient_checkpointing: str = setting("auto", "on: recompute each layer's activations in the backward "
+                                                  "pass instead of storing them; off; auto = on on GPU")
 
 
 # --model tiny answers within a few dozen bytes; the paper's lengths would only burn CPU time.
-TINY_DEFAULTS = dict(max_new_tokens=48, translation_max_new_tokens=64, gen_batch_size=32,
-                     lr=1e-4, batch_size=8, micro_batch_size=8, max_len=512)
+TINY_DEFAULTS = dict(max_new_tokens=48, translation_max_new_tokens=64, lr=1e-4, batch_size=8,
+                     micro_batch_size=8, max_len=512)
 
 # What a resumed run may change: the folder's own name, the number of iterations (to extend a
 # run), and settings that change how fast a run goes but not what it computes.
-RESUMABLE_CHANGES = {"out", "iters", "device", "gen_batch_size", "micro_batch_size"}
+RESUMABLE_CHANGES = {"out", "iters", "device", "gen_batch_size", "micro_batch_size", "gradient_checkpointing"}
 
 LANGUAGE_NAMES = {
     "en": "English", "es": "Spanish", "ru": "Russian", "de": "German", "fr": "French",
@@ -153,7 +160,7 @@ def check_settings(settings: Settings):
         "translation_max_new_tokens": (settings.translation_max_new_tokens >= 1, ">= 1"),
         "repetition_penalty": (settings.repetition_penalty > 0, "> 0"),
         "temperature": (settings.temperature >= 0, ">= 0"),
-        "gen_batch_size": (settings.gen_batch_size >= 1, ">= 1"),
+        "gen_batch_size": (settings.gen_batch_size >= 0, ">= 0"),
         "pairing": (settings.pairing in ("dominant", "ranked"), "dominant or ranked"),
         "beta": (settings.beta > 0, "> 0"),
         "alpha": (settings.alpha >= 0, ">= 0"),
@@ -166,6 +173,8 @@ def check_settings(settings: Settings):
         "weight_decay": (settings.weight_decay >= 0, ">= 0"),
         "max_grad_norm": (settings.max_grad_norm > 0, "> 0"),
         "dtype": (settings.dtype in ("auto", "bfloat16", "float32"), "auto, bfloat16 or float32"),
+        "optim": (settings.optim in ("auto", "adamw-fp32", "adamw-bf16"), "auto, adamw-fp32 or adamw-bf16"),
+        "gradient_checkpointing": (settings.gradient_checkpointing in ("auto", "on", "off"), "auto, on or off"),
     }
     for name, (holds, expected) in rules.items():
         if not holds:
@@ -199,9 +208,12 @@ def resolve(settings: Settings) -> Settings:
     dtype = settings.dtype
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    checkpointing = settings.gradient_checkpointing
+    if checkpointing == "auto":
+        checkpointing = "on" if device.startswith("cuda") else "off"
     codes = "-".join(parse_languages(settings.langs))
     out = settings.out or f"runs/{Path(settings.model).name}-{codes}-seed{settings.seed}"
-    return dataclasses.replace(settings, device=device, dtype=dtype, out=out)
+    return dataclasses.replace(settings, device=device, dtype=dtype, out=out, gradient_checkpointing=checkpointing)
 
 
 # ------------------------------------------------------------------------ load: prompts (step 1) and model
@@ -301,6 +313,69 @@ def prompts_for_iteration(prompts: list[dict], iteration: int, num_prompts: int)
     return [prompts[((iteration - 1) * n + i) % len(prompts)] for i in range(n)]
 
 
+def model_shape(name: str):
+    """(config, parameter count) without loading the weights: the model is built on the meta
+    device, which allocates nothing."""
+    if name == "tiny":
+        model, _ = build_tiny_model()
+        return model.config, sum(p.numel() for p in model.parameters())
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except Exception as error:
+        raise LidrError(f"could not load model '{name}' ({first_line(error)}); "
+                        f"offline or without hub access, try --model tiny") from None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return config, sum(p.numel() for p in model.parameters())
+
+
+def training_memory(config, n_params: int, settings: Settings, optim: str, checkpointing: str) -> dict[str, float]:
+    """Bytes one training step needs, by part. Activations are a rough estimate for a Llama-style
+    layer with fused attention (no sequence^2 term): per token and layer about 6 hidden + 4 MLP
+    values are kept for the backward pass; with checkpointing only each layer's input is kept,
+    plus one layer recomputed at a time. Logits: one chunk of float32 logits and its gradient."""
+    width = 2 if settings.dtype == "bfloat16" else 4
+    tokens = 2 * settings.micro_batch_size * settings.max_len  # chosen + rejected sequences
+    hidden, layers, mlp = config.hidden_size, config.num_hidden_layers, config.intermediate_size
+    per_layer = tokens * (6 * hidden + 4 * mlp) * width
+    if optim == "adamw-bf16":
+        optimizer = 2 * n_params * width  # two moments in the model's dtype
+    else:
+        optimizer = 8 * n_params + (4 * n_params if width == 2 else 0)  # float32 moments (+ master weights)
+    return {"weights": n_params * width, "gradients": n_params * width, "optimizer": optimizer,
+            "activations": (tokens * hidden * width * layers + per_layer if checkpointing == "on"
+                            else per_layer * layers) + LOGPS_CHUNK_TOKENS * config.vocab_size * (8 + width)}
+
+
+def device_memory(device: str) -> int:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def plan_training_memory(config, n_params: int, settings: Settings, available: int) -> str:
+    """Print the training memory estimate next to the device's memory (available bytes) and return
+    the optimizer to use; refuse, naming the flag that would help, when the choice cannot fit."""
+    candidates = ["adamw-fp32", "adamw-bf16"] if settings.optim == "auto" else [settings.optim]
+    for optim in candidates:
+        parts = training_memory(config, n_params, settings, optim, settings.gradient_checkpointing)
+        if sum(parts.values()) <= available or optim == candidates[-1]:
+            break
+    gb = {name: value / 1e9 for name, value in parts.items()}
+    print(f"training memory estimate ({optim}, checkpointing {settings.gradient_checkpointing}): "
+          + " + ".join(f"{name} {value:.1f}" for name, value in gb.items())
+          + f" = {sum(gb.values()):.1f} GB of {available / 1e9:.1f} GB on {settings.device}")
+    if sum(parts.values()) > available:
+        fixes = [fix for fix, useful in [
+            ("--optim adamw-bf16", optim != "adamw-bf16"),
+            ("--gradient-checkpointing on", settings.gradient_checkpointing == "off"),
+            ("--micro-batch-size 1", settings.micro_batch_size > 1),
+            ("a smaller --max-len or model", True)] if useful]
+        raise LidrError(f"training needs about {sum(gb.values()):.0f} GB but {settings.device} has "
+                        f"{available / 1e9:.0f} GB; try {fixes[0]}")
+    return optim
+
+
 def load_model(name: str, device: str, dtype: str, system_prompt: str):
     torch_dtype = getattr(torch, dtype)
     if name == "tiny":
@@ -312,6 +387,10 @@ def load_model(name: str, device: str, dtype: str, system_prompt: str):
         except Exception as error:
             raise LidrError(f"could not load model '{name}' ({first_line(error)}); "
                             f"offline or without hub access, try --model tiny") from None
+    if any(getattr(model.config, attribute, None) for attribute in ("final_logit_softcapping", "logit_scale",
+                                                                     "logits_scaling")):
+        raise LidrError(f"model '{name}' transforms its logits after the output layer; "
+                        f"lidr's chunked log-probs (sequence_logps) assume it does not")
     if not tokenizer.chat_template:
         raise LidrError(f"model '{name}' has no chat template: LIDR needs an instruction-tuned chat model")
     if system_prompt:
@@ -320,8 +399,13 @@ def load_model(name: str, device: str, dtype: str, system_prompt: str):
         except Exception as error:  # Gemma's template, for one, raises on a system turn
             raise LidrError(f"the chat template of '{name}' rejects a system turn ({first_line(error)}); "
                             f"pass --system-prompt ''") from None
-    # eval mode throughout, training included: without dropout the policy equals the reference at
-    # the first step, so the DPO loss starts at exactly ln 2
+    # No dropout, in training too: the policy must equal the reference at the first step (the DPO
+    # loss starts at exactly ln 2), and the reference log-probs are taken without dropout.
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if hasattr(module, "attention_dropout"):  # HF attention layers apply it in train mode
+            module.attention_dropout = 0.0
     return model.to(device=device, dtype=torch_dtype).eval(), tokenizer
 
 
@@ -380,20 +464,50 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+def generation_batches(lengths: list[int], max_new_tokens: int, max_batch_size: int, token_budget: int) -> list[list[int]]:
+    """Prompt indices grouped into batches, shortest prompts first so a batch needs little padding.
+    A batch grows while its padded size, sequences x (longest prompt + max_new_tokens), fits in
+    token_budget (KV-cache tokens that fit in memory) and its count in max_batch_size."""
+    batches, batch = [], []
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):  # i is the longest in its batch so far
+        if batch and (len(batch) == max_batch_size or (len(batch) + 1) * (lengths[i] + max_new_tokens) > token_budget):
+            batches.append(batch)
+            batch = []
+        batch.append(i)
+    return batches + [batch] if batch else batches
+
+
+def kv_cache_token_budget(model) -> int:
+    """How many tokens of KV cache fit in half the memory free now (the other half is headroom
+    for the prefill's activations). Per token: keys and values, in every layer."""
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    bytes_per_token = 2 * config.num_hidden_layers * kv_heads * head_dim * model.dtype.itemsize
+    if model.device.type == "cuda":
+        free = torch.cuda.mem_get_info(model.device)[0] + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+    else:
+        free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    return free // 2 // bytes_per_token
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
              repetition_penalty: float, temperature: float, desc: str) -> list[tuple[str, bool]]:
     """(answer, finished) for each token-id prompt, in input order; finished is False when the
-    answer hit max_new_tokens before a stop token. Prompts are sorted by length so batches need
-    little padding; a batch stops when every sequence has hit a stop token."""
+    answer hit max_new_tokens before a stop token. batch_size caps the sequences per batch
+    (0: 512 on GPU, 32 on CPU, where larger batches stop paying); the KV cache's memory caps the
+    tokens. HF's generate reuses the KV cache and stops a batch when all its sequences have ended."""
     stops = stop_token_ids(model, tokenizer)
     config = GenerationConfig(max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty,
                               do_sample=temperature > 0, temperature=temperature or None,
                               eos_token_id=stops, pad_token_id=stops[0])
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    max_batch_size = batch_size or (512 if model.device.type == "cuda" else 32)
+    batches = generation_batches([len(p) for p in prompts], max_new_tokens, max_batch_size, kv_cache_token_budget(model))
     answers = [("", False)] * len(prompts)
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
-        batch = order[start:start + batch_size]
+    new_tokens_total, start_time = 0, time.perf_counter()
+    bar = tqdm(total=len(prompts), desc=desc, unit="seq", leave=False)
+    for batch in batches:
         width = max(len(prompts[i]) for i in batch)
         # Left-pad each row with its own first token: the repetition penalty counts every input
         # id, so a shared pad id (often EOS) would be penalised in padded rows only and batched
@@ -406,6 +520,10 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, ba
             ends = [k for k, token in enumerate(new_tokens) if token in stops]
             text = tokenizer.decode(new_tokens[:ends[0] if ends else None], skip_special_tokens=True)
             answers[i] = (text, bool(ends))
+            new_tokens_total += ends[0] + 1 if ends else len(new_tokens)
+        bar.update(len(batch))
+        bar.set_postfix_str(f"{new_tokens_total / (time.perf_counter() - start_time):.0f} tok/s, batch {len(batch)}")
+    bar.close()
     return answers
 
 
@@ -581,14 +699,34 @@ def collate(sequences: list[tuple[list[int], int]], pad_id: int):
 
 
 # ------------------------------------------------------------------------ log-probs
+# Answer tokens whose float32 logits exist at once. Full logits of a 2 x 2,048-token pair over
+# Llama-3's 128k vocabulary take 2.1 GB in float32, and log-softmax and its gradient as much
+# again; a chunk of 1,024 tokens takes 0.5 GB.
+LOGPS_CHUNK_TOKENS = 1024
+
+
+def answer_token_logps(output_layer, hidden, targets):
+    """log pi(target) for a chunk of answer positions: hidden (n, H), targets (n,) -> (n,)."""
+    logits = output_layer(hidden).float()  # (n, V), float32: bf16 log-softmax loses precision
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+
+
 def sequence_logps(model, input_ids, attention_mask, labels):
-    """Sum of log pi(token) over the labelled (answer) tokens of each sequence, in float32
-    (bf16 log-softmax loses precision, fp16 can give NaN). Returns (logps (B,), lengths (B,))."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]  # (B, T-1, V)
+    """Sum of log pi(token) over the labelled (answer) tokens of each sequence. Logits are made
+    only for answer positions, a chunk at a time, and recomputed in the backward pass instead of
+    stored, so the full (B, T, V) float32 logits never exist. Returns (logps (B,), lengths (B,))."""
+    # use_cache=False: a KV cache is for generating, here it would only hold memory
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     targets = labels[:, 1:]  # the token each position predicts
     mask = targets != -100
-    token_logps = logits.float().log_softmax(-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (token_logps * mask).sum(-1), mask.sum(-1)
+    answer_hidden, answer_targets = hidden[:, :-1][mask], targets[mask]  # (N, H), (N,) over all answer tokens
+    output_layer = model.get_output_embeddings()
+    token_logps = torch.cat([
+        torch.utils.checkpoint.checkpoint(answer_token_logps, output_layer, h, t, use_reentrant=False)
+        for h, t in zip(answer_hidden.split(LOGPS_CHUNK_TOKENS), answer_targets.split(LOGPS_CHUNK_TOKENS))])
+    sequence_of_token = mask.nonzero()[:, 0]  # (N,): which sequence each answer token belongs to
+    logps = torch.zeros(len(input_ids), device=token_logps.device).index_add(0, sequence_of_token, token_logps)
+    return logps, mask.sum(-1)
 
 
 def chosen_rejected_logps(model, pairs: list[TokenizedPair], pad_id: int):
@@ -652,6 +790,48 @@ def accumulate_gradients(model, pairs: list[TokenizedPair], ref_chosen_logps, re
     return {name: torch.cat([m[name] for m in metrics]).cpu() for name in metrics[0]}
 
 
+def round_stochastically(x: torch.Tensor) -> torch.Tensor:
+    """float32 -> bf16, rounding up or down at random in proportion to the distance, so the
+    expected result is x. bf16 is the top 16 bits of a float32: add 16 random low bits, then
+    drop them. Round-to-nearest would turn every update below half a bf16 step into zero."""
+    bits = x.view(torch.int32)
+    noise = torch.randint_like(bits, 0, 1 << 16)
+    return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)  # -65536 = 0xFFFF0000
+
+
+class BF16AdamW(torch.optim.Optimizer):
+    """AdamW (Loshchilov & Hutter 2019) for bf16 weights with bf16 moments: 4 bytes of state per
+    parameter instead of 12 (float32 moments and master weights), so 8B-parameter full training
+    fits in 80 GB. Each step runs in float32; the new weights are rounded stochastically, so
+    updates far below a bf16 step still add up (PAPER.md traps). The moments are rounded to
+    nearest: a relative error of 1/256 in them only scales a step slightly. On float32
+    weights it is torch.optim.AdamW."""
+
+    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                state = self.state[param]
+                if not state:
+                    state.update(step=0, exp_avg=torch.zeros_like(param), exp_avg_sq=torch.zeros_like(param))
+                state["step"] += 1
+                grad = param.grad.float()
+                exp_avg = state["exp_avg"].float().lerp_(grad, 1 - beta1)
+                exp_avg_sq = state["exp_avg_sq"].float().mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                denominator = (exp_avg_sq / (1 - beta2 ** state["step"])).sqrt_().add_(group["eps"])
+                weight = param.float().mul_(1 - group["lr"] * group["weight_decay"])
+                weight.addcdiv_(exp_avg, denominator, value=-group["lr"] / (1 - beta1 ** state["step"]))
+                param.copy_(round_stochastically(weight) if param.dtype == torch.bfloat16 else weight)
+                state["exp_avg"].copy_(exp_avg)
+                state["exp_avg_sq"].copy_(exp_avg_sq)
+
+
 def warmup_cosine(total_steps: int, warmup_ratio: float):
     warmup = round(total_steps * warmup_ratio)
 
@@ -668,11 +848,18 @@ def train(model, pairs: list[TokenizedPair], ref_chosen_logps, ref_rejected_logp
     metrics per optimizer step to log_path; returns the last epoch's metrics, averaged over its
     pairs and per language."""
     params = [p for p in model.parameters() if p.requires_grad]
-    # bf16 weights cannot hold an update smaller than ~1/256 of their value, so at DPO learning
-    # rates most AdamW updates would vanish (PAPER.md traps). AdamW updates float32 "master"
-    # copies instead, rounded into the model after each step; a float32 model is its own master.
-    masters = params if all(p.dtype == torch.float32 for p in params) else [p.detach().float() for p in params]
-    optimizer = torch.optim.AdamW(masters, lr=settings.lr, weight_decay=settings.weight_decay)
+    if settings.optim == "adamw-bf16":
+        masters = params
+        optimizer = BF16AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    else:
+        # bf16 weights cannot hold an update smaller than ~1/256 of their value, so at DPO learning
+        # rates most AdamW updates would vanish (PAPER.md traps). AdamW updates float32 "master"
+        # copies instead, rounded into the model after each step; a float32 model is its own master.
+        masters = params if all(p.dtype == torch.float32 for p in params) else [p.detach().float() for p in params]
+        optimizer = torch.optim.AdamW(masters, lr=settings.lr, weight_decay=settings.weight_decay)
+    if settings.gradient_checkpointing == "on":
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.train()  # HF checkpoints layers only in train mode; dropout was switched off in load_model
     steps_per_epoch = math.ceil(len(pairs) / settings.batch_size)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(settings.epochs * steps_per_epoch, settings.warmup_ratio))
     tqdm.write(f"training on {len(pairs)} pairs: {settings.epochs} epoch(s) of {steps_per_epoch} steps, "
@@ -708,6 +895,9 @@ def train(model, pairs: list[TokenizedPair], ref_chosen_logps, ref_rejected_logp
                 epoch_metrics.append(metrics)
                 epoch_langs += [pairs[i].lang for i in step_ids]
     os.replace(partial_log, log_path)
+    model.eval()
+    if settings.gradient_checkpointing == "on":
+        model.activation_checkpointing_disable()
     merged = {name: torch.cat([m[name] for m in epoch_metrics]) for name in epoch_metrics[0]}
     per_lang = {}
     for lang in sorted(set(epoch_langs)):
@@ -855,11 +1045,14 @@ def run(settings: Settings, command: list[str]):
     all_prompts = load_prompts(settings.prompts, settings.prompt_field, languages)
     settings = resolve(settings)
     out = Path(settings.out)
-    check_resumable(out, settings)
     finished = [t for t in range(1, settings.iters + 1) if (out / f"iter_{t}" / "model").exists()]
+    start_model = str(out / f"iter_{finished[-1]}" / "model") if finished else settings.model
+    config, n_params = model_shape(start_model)
+    optim = plan_training_memory(config, n_params, settings, device_memory(settings.device))
+    settings = dataclasses.replace(settings, optim=optim)
+    check_resumable(out, settings)
     transformers.set_seed(settings.seed)
-    model, tokenizer = load_model(str(out / f"iter_{finished[-1]}" / "model") if finished else settings.model,
-                                  settings.device, settings.dtype, settings.system_prompt)
+    model, tokenizer = load_model(start_model, settings.device, settings.dtype, settings.system_prompt)
     record_run(out, settings, command)  # only now: bad input above has written nothing
     print(f"run folder {out} | {settings.model}: {sum(p.numel() for p in model.parameters()):,} parameters "
           f"on {settings.device} ({settings.dtype}) | {len(all_prompts)} prompts, "

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from transformers import AutoModelForCausalLM
 
 import lidr
@@ -335,6 +336,126 @@ def test_run_records_the_command_it_was_given(tmp_path):
             "--translation-max-new-tokens", "4", "--out", str(tmp_path / "run")]
     assert lidr.main(argv) == 0
     assert json.loads((tmp_path / "run" / "settings.json").read_text())["command"][1:] == ["lidr.py", *argv]
+
+
+# ------------------------------------------------------------------------ memory-lean training
+def full_vocab_sequence_logps(model, input_ids, attention_mask, labels):
+    """The simplest correct log-probs: float32 logits over the whole vocabulary for every position."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+    targets = labels[:, 1:]
+    mask = targets != -100
+    token_logps = logits.log_softmax(-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (token_logps * mask).sum(-1), mask.sum(-1)
+
+
+def test_chunked_logps_and_gradients_equal_full_vocab_logps(monkeypatch):
+    monkeypatch.setattr(lidr, "LOGPS_CHUNK_TOKENS", 7)  # many chunks, some crossing sequence boundaries
+    model, _ = tiny_model()
+    batch = lidr.collate([(list(range(60, 90)), 5), (list(range(70, 82)), 9), (list(range(40, 60)), 1)], pad_id=0)
+    gradients = []
+    for logps_fn in (lidr.sequence_logps, full_vocab_sequence_logps):
+        model.zero_grad()
+        logps, lengths = logps_fn(model, *batch)
+        (logps * torch.tensor([1.0, -2.0, 0.5])).sum().backward()
+        gradients.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        if logps_fn is lidr.sequence_logps:
+            chunked, chunked_lengths = logps.detach(), lengths
+    assert torch.allclose(chunked, logps.detach(), atol=1e-4) and torch.equal(chunked_lengths, lengths)
+    assert torch.allclose(gradients[0], gradients[1], atol=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model, tokenizer = tiny_model()
+    pairs = tokenized_pairs(tokenizer, 3)
+    ref_chosen, ref_rejected = lidr.reference_logps(model, pairs, 3, 0)
+    gradients, layer_calls = [], []
+    for checkpointing in (False, True):
+        copy_ = copy.deepcopy(model).train()
+        if checkpointing:
+            copy_.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        calls = []
+        copy_.model.layers[0].self_attn.register_forward_hook(lambda *_: calls.append(1))  # inside the checkpoint
+        lidr.accumulate_gradients(copy_, pairs, ref_chosen - 0.2, ref_rejected, 0.1, 1.0, 3, pad_id=0)
+        gradients.append(torch.cat([p.grad.flatten() for p in copy_.parameters()]))
+        layer_calls.append(len(calls))
+    assert layer_calls == [1, 2], "with checkpointing the layer must run again in the backward pass"
+    assert torch.allclose(gradients[0], gradients[1], atol=1e-6)
+
+
+def test_dropout_is_switched_off_so_training_starts_at_the_reference(tmp_path):
+    model, tokenizer = tiny_model()
+    model.config.attention_dropout = 0.5
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    loaded, _ = lidr.load_model(str(tmp_path / "m"), "cpu", "float32", SYSTEM)
+    ids = torch.tensor([list(range(60, 80))])
+    evaluated = loaded(ids).logits
+    assert torch.equal(loaded.train()(ids).logits, evaluated), "train mode must not add dropout"
+
+
+def test_bf16_adamw_equals_torch_adamw_on_float32_weights():
+    torch.manual_seed(0)
+    ours, theirs = torch.randn(50, requires_grad=True), None
+    theirs = ours.detach().clone().requires_grad_()
+    optimizers = [lidr.BF16AdamW([ours], lr=1e-2, weight_decay=0.1),
+                  torch.optim.AdamW([theirs], lr=1e-2, weight_decay=0.1)]
+    for _ in range(5):
+        gradient = torch.randn(50)
+        ours.grad, theirs.grad = gradient.clone(), gradient.clone()
+        for optimizer in optimizers:
+            optimizer.step()
+    assert torch.allclose(ours, theirs, atol=1e-6, rtol=1e-5)
+
+
+def test_bf16_adamw_applies_updates_that_round_to_nearest_loses():
+    # a bf16 weight of 0.01 moves in steps of 2^-14 = 6.1e-5: an update of 5e-7 rounds to nothing
+    weights = [torch.full((1_000_000,), 0.01, dtype=torch.bfloat16, requires_grad=True) for _ in range(2)]
+    for weight in weights:
+        weight.grad = torch.ones_like(weight)
+    lidr.BF16AdamW([weights[0]], lr=5e-7).step()
+    torch.optim.AdamW([weights[1]], lr=5e-7, weight_decay=0.0).step()
+    start = torch.tensor(0.01, dtype=torch.bfloat16).float()
+    assert (weights[1].float() - start).abs().max() == 0, "round-to-nearest bf16 AdamW drops the update"
+    mean_update = (weights[0].float() - start).mean().item()
+    assert mean_update == pytest.approx(-5e-7, rel=0.05), "stochastic rounding keeps it in expectation"
+
+
+def test_round_stochastically_is_exact_on_bf16_values_and_unbiased():
+    exact = torch.tensor([1.0, -2.5, 0.0, 3.140625])
+    assert torch.equal(lidr.round_stochastically(exact).float(), exact)
+    between = torch.full((200_000,), 1.0 + 2 ** -9)  # a quarter of the way from 1 to the next bf16 value
+    rounded = lidr.round_stochastically(between).float()
+    assert set(rounded.unique().tolist()) == {1.0, 1.0 + 2 ** -7}
+    assert rounded.mean().item() == pytest.approx(1.0 + 2 ** -9, abs=2e-5)
+
+
+def test_generation_batches_respect_count_and_token_budget():
+    lengths = [50, 10, 30, 20, 40, 10]
+    batches = lidr.generation_batches(lengths, max_new_tokens=10, max_batch_size=3, token_budget=100)
+    assert sorted(i for batch in batches for i in batch) == list(range(6))
+    for batch in batches:
+        assert len(batch) <= 3 and len(batch) * (max(lengths[i] for i in batch) + 10) <= 100
+    assert [lengths[i] for i in batches[0]] == [10, 10, 20], "shortest prompts first"
+    assert lidr.generation_batches([500], 10, 8, token_budget=100) == [[0]], "a prompt too long alone still runs"
+
+
+LLAMA3_8B = transformers.LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                                     num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8)
+
+
+def test_memory_plan_fits_8b_full_training_in_80_gb(capsys):
+    settings = lidr.Settings(dtype="bfloat16", device="cuda", micro_batch_size=1, max_len=2048,
+                             gradient_checkpointing="on")
+    assert lidr.plan_training_memory(LLAMA3_8B, 8_030_261_248, settings, available=80 * 10**9) == "adamw-bf16"
+    estimate = sum(lidr.training_memory(LLAMA3_8B, 8_030_261_248, settings, "adamw-bf16", "on").values())
+    assert estimate < 72e9, "8 GB to spare on an 80 GB GPU"
+    assert "adamw-bf16" in capsys.readouterr().out
+    settings.gradient_checkpointing = "off"
+    with pytest.raises(lidr.LidrError, match="try --gradient-checkpointing on"):
+        lidr.plan_training_memory(LLAMA3_8B, 8_030_261_248, settings, available=80 * 10**9)
+    settings.optim = "adamw-fp32"
+    with pytest.raises(lidr.LidrError, match="try --optim adamw-bf16"):
+        lidr.plan_training_memory(LLAMA3_8B, 8_030_261_248, settings, available=80 * 10**9)
 
 
 # ------------------------------------------------------------------------ bad input
