@@ -22,7 +22,9 @@ Where this file departs from the paper and the authors' released scripts:
   - DPO + NLL is written here in torch (the authors used LLaMA-Factory); NLL is
     -log pi(y_chosen|x) / |y_chosen| per pair, averaged over pairs (LLaMA-Factory's form).
     The paper's beta, alpha, lr, epochs and batch size are unknown: defaults are common DPO values.
-  - bf16 models are trained with float32 master weights, so small updates are not rounded away.
+  - bf16 models train with float32 master weights or, where those don't fit in memory, with
+    bf16 weights and moments and stochastic rounding (BF16AdamW): either way small updates are
+    not rounded away. Full-parameter 8B training then fits one 80 GB GPU (README: Hardware).
   - --pairing ranked (not in the paper) treats --langs as a ranking and pairs every two languages.
 
 Commands:
@@ -103,9 +105,9 @@ class Settings:
     warmup_ratio: float = setting(0.1, "fraction of steps with linear warmup; cosine decay after")
     weight_decay: float = setting(0.0, "AdamW weight decay")
     max_grad_norm: float = setting(1.0, "gradient clipping threshold")
-    optim: str = setting("auto", "adamw-fp32: float32 Adam moments, plus float32 master weights for a bf16 "
-                                 "model (16 bytes/param); adamw-bf16: bf16 weights and moments with "
-                                 "stochastic rounding (8 bytes/param); auto: adamw-fp32 if it fits in memory")
+    optim: str = setting("auto", "adamw-fp32: float32 Adam moments, plus float32 master weights and gradients "
+                                 "for a bf16 model (18 bytes/param in all); adamw-bf16: bf16 weights, gradients "
+                                 "and moments, stochastic rounding (8 bytes/param); auto: adamw-fp32 if it fits")
     gradient_checkpointing: str = setting("auto", "on: recompute each layer's activations in the backward "
                                                   "pass instead of storing them; off; auto = on on GPU")
 
@@ -339,10 +341,10 @@ def training_memory(config, n_params: int, settings: Settings, optim: str, check
     hidden, layers, mlp = config.hidden_size, config.num_hidden_layers, config.intermediate_size
     per_layer = tokens * (6 * hidden + 4 * mlp) * width
     if optim == "adamw-bf16":
-        optimizer = 2 * n_params * width  # two moments in the model's dtype
-    else:
-        optimizer = 8 * n_params + (4 * n_params if width == 2 else 0)  # float32 moments (+ master weights)
-    return {"weights": n_params * width, "gradients": n_params * width, "optimizer": optimizer,
+        optimizer, gradients = 2 * n_params * width, n_params * width  # two moments in the model's dtype
+    else:  # float32 moments, plus float32 master weights and gradients for a bf16 model
+        optimizer, gradients = 8 * n_params + (4 * n_params if width == 2 else 0), 4 * n_params
+    return {"weights": n_params * width, "gradients": gradients, "optimizer": optimizer,
             "activations": (tokens * hidden * width * layers + per_layer if checkpointing == "on"
                             else per_layer * layers) + LOGPS_CHUNK_TOKENS * config.vocab_size * (8 + width)}
 
@@ -861,21 +863,23 @@ def train(model, pairs: list[TokenizedPair], ref_chosen_logps, ref_rejected_logp
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()  # HF checkpoints layers only in train mode; dropout was switched off in load_model
     steps_per_epoch = math.ceil(len(pairs) / settings.batch_size)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(settings.epochs * steps_per_epoch, settings.warmup_ratio))
+    total_steps = settings.epochs * steps_per_epoch
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, settings.warmup_ratio))
     tqdm.write(f"training on {len(pairs)} pairs: {settings.epochs} epoch(s) of {steps_per_epoch} steps, "
                f"{settings.batch_size} pairs per step in micro-batches of {settings.micro_batch_size}")
     generator = torch.Generator().manual_seed(settings.seed)
     partial_log = log_path.with_name(log_path.name + ".partial")
-    with open(partial_log, "w") as log, tqdm(total=settings.epochs * steps_per_epoch, desc="training", unit="step") as bar:
+    with open(partial_log, "w") as log, tqdm(total=total_steps, desc="training", unit="step") as bar:
         for epoch in range(settings.epochs):
             order = torch.randperm(len(pairs), generator=generator)
             epoch_metrics, epoch_langs = [], []
             for step_ids in order.split(settings.batch_size):
                 metrics = accumulate_gradients(model, [pairs[i] for i in step_ids], ref_chosen_logps[step_ids],
-                                               ref_rejected_logps[step_ids], settings.beta, settings.alpha, settings.micro_batch_size, pad_id)
+                                               ref_rejected_logps[step_ids], settings.beta, settings.alpha,
+                                               settings.micro_batch_size, pad_id)
                 if masters is not params:
-                    for master, param in zip(masters, params):
-                        master.grad = None if param.grad is None else param.grad.float()
+                    for master, param in zip(masters, params):  # free each bf16 gradient once copied
+                        master.grad, param.grad = (None if param.grad is None else param.grad.float()), None
                 grad_norm = torch.nn.utils.clip_grad_norm_(masters, settings.max_grad_norm)
                 line = {"step": bar.n + 1, "epoch": epoch + 1, **{k: v.mean().item() for k, v in metrics.items()},
                         "optim/lr": schedule.get_last_lr()[0], "optim/grad_norm": grad_norm.item()}

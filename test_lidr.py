@@ -1,11 +1,15 @@
 """Tests for lidr.py: CPU only, no downloads. Run: python -m pytest -q test_lidr.py"""
 
 import copy
+import ctypes
+import gc
 import json
 import math
 import shutil
 import subprocess
 import sys
+import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -16,6 +20,9 @@ from transformers import AutoModelForCausalLM
 import lidr
 
 ROOT = Path(__file__).resolve().parent
+# Benchmarks are opt-in: `pytest -m bench -s test_lidr.py`. The mark is only a selector, so
+# pytest's warning about an unregistered mark is silenced here rather than in a config file.
+warnings.filterwarnings("ignore", "Unknown pytest.mark.bench", pytest.PytestUnknownMarkWarning)
 SYSTEM = "You are a helpful assistant."
 LN2 = math.log(2)
 
@@ -647,3 +654,163 @@ def test_pipeline_builds_pairs_and_trains_on_them(tmp_path):
     trained = AutoModelForCausalLM.from_pretrained(run / "model")
     assert not torch.equal(start.model.embed_tokens.weight, trained.model.embed_tokens.weight)
     assert (tmp_path / "run" / "iter_2" / "model" / "config.json").exists()
+
+
+# ------------------------------------------------------------------------ benchmarks (opt-in)
+# pytest -m bench -s test_lidr.py: one table of figures measured in one run, each next to the
+# simplest correct alternative, measured in the same run. Not part of the default run or CI.
+BENCH_ROWS = []
+
+
+@pytest.fixture(scope="module")
+def bench_table():
+    yield BENCH_ROWS
+    if BENCH_ROWS:
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
+        print(f"\n\nlidr benchmarks on {device}, torch {torch.__version__}")
+        print(f"{'figure':<58} {'lidr':>12} {'simplest':>12} {'ratio':>7}  target")
+        for figure, ours, simplest, unit, target in BENCH_ROWS:
+            ratio = f"{ours / simplest:7.2f}" if simplest else f"{'-':>7}"
+            print(f"{figure:<58} {ours:>8.4g} {unit:<5} {simplest or 0:>8.4g} {unit:<5} {ratio}  {target}")
+
+
+@pytest.fixture
+def bench(request, bench_table):
+    if "bench" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("benchmark: run with pytest -m bench -s")
+    return bench_table
+
+
+def peak_memory_of(step) -> int:
+    """Bytes that step() needs at its peak beyond what was held before it: the CUDA allocator's
+    peak on GPU; on CPU the process's peak resident memory (Linux /proc, reset before the step)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+
+    def status(key):
+        return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
+    # glibc would keep freed blocks of an earlier measurement resident (its mmap threshold grows
+    # after each large free), making whatever runs second look smaller: fix the threshold, and
+    # hand freed memory back before measuring.
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    gc.collect()
+    libc.malloc_trim(0)
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current size
+    before = status("VmRSS")
+    step()
+    return status("VmHWM") - before
+
+
+@pytest.mark.bench
+def test_bench_sampling_batched_vs_one_at_a_time(bench):
+    torch.manual_seed(0)
+    model, tokenizer = lidr.build_tiny_model()
+    model = model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    prompts = [lidr.chat_prompt_ids(tokenizer, p[lang], SYSTEM) for p in lidr.BUILTIN_PROMPTS for lang in ("en", "de")]
+    assert len(prompts) == 32
+    speeds = []
+    for batch_size in (0, 1):  # 0: lidr's automatic batches; 1: one prompt at a time
+        start = time.perf_counter()
+        answers = lidr.generate(model, tokenizer, prompts, 64, batch_size, 1.1, 0.0, "bench")
+        seconds = time.perf_counter() - start
+        assert not any(finished for _, finished in answers), "a random model runs to the cap: same tokens both ways"
+        speeds.append(32 * 64 / seconds)
+    bench.append(("sampling tok/s, 32 prompts x 64 tokens, batched vs 1 at a time", *speeds, "tok/s", ">= 5x"))
+
+
+def long_pair(tokenizer, n_tokens):
+    """A pair whose two sequences have n_tokens each: a short prompt and a long answer."""
+    prompt = lidr.chat_prompt_ids(tokenizer, "Write a long story.", SYSTEM)
+    answer_length = n_tokens - len(prompt)
+    return lidr.TokenizedPair(len(prompt), prompt + [65 + i % 26 for i in range(answer_length)],
+                              prompt + [97 + i % 26 for i in range(answer_length)], "en", False)
+
+
+@pytest.mark.bench
+def test_bench_loss_step_memory_chunked_vs_full_vocab(bench, monkeypatch):
+    # Llama-3's 128k vocabulary on a 2-layer model: the logits, not the layers, dominate the step
+    config = transformers.LlamaConfig(vocab_size=128256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).to("cuda" if torch.cuda.is_available() else "cpu").train()
+    _, tokenizer = lidr.build_tiny_model()
+    pair = [long_pair(tokenizer, 2048)]
+    ref = torch.tensor([-5000.0]), torch.tensor([-5000.0])
+    peaks = []
+    for logps in (lidr.sequence_logps, full_vocab_sequence_logps):
+        monkeypatch.setattr(lidr, "sequence_logps", logps)
+        model.zero_grad(set_to_none=True)
+        peaks.append(peak_memory_of(lambda: lidr.accumulate_gradients(model, pair, *ref, 0.1, 1.0, 1, 0)) / 1e6)
+    bench.append(("loss step peak memory, 128k vocab, 2 x 2,048 tokens", *peaks, "MB", "<= 0.5x"))
+
+
+def training_throughput(model, pairs, settings, tmp_path):
+    ref_chosen, ref_rejected = lidr.reference_logps(model, pairs, settings.micro_batch_size, 0)
+    timing = {}
+
+    def train():
+        start = time.perf_counter()
+        lidr.train(model, pairs, ref_chosen, ref_rejected, settings, 0, tmp_path / "log.jsonl")
+        timing["seconds"] = time.perf_counter() - start
+    peak = peak_memory_of(train)
+    tokens = sum(len(p.chosen_input_ids) + len(p.rejected_input_ids) for p in pairs) * settings.epochs
+    return len(pairs) * settings.epochs / timing["seconds"], tokens / timing["seconds"], peak / 1e6
+
+
+@pytest.mark.bench
+@pytest.mark.parametrize("size", ["tiny", "100M"])
+def test_bench_training_throughput(bench, monkeypatch, tmp_path, size):
+    _, tokenizer = lidr.build_tiny_model()
+    torch.manual_seed(0)
+    if size == "tiny":
+        model, _ = lidr.build_tiny_model()
+        pairs, settings = tokenized_pairs(tokenizer, 32), lidr.Settings(lr=1e-4, batch_size=8, micro_batch_size=8, epochs=2)
+    else:  # a random ~110M-parameter Llama: no download
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+            num_key_value_heads=4, max_position_embeddings=2048))
+        pairs, settings = [long_pair(tokenizer, 256)] * 4, lidr.Settings(lr=1e-5, batch_size=2, micro_batch_size=1)
+    model = model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    n_params = sum(p.numel() for p in model.parameters()) / 1e6
+    results = []
+    for logps in (lidr.sequence_logps, full_vocab_sequence_logps):
+        monkeypatch.setattr(lidr, "sequence_logps", logps)
+        results.append(training_throughput(copy.deepcopy(model), pairs, settings, tmp_path))
+    label = f"training, {size} ({n_params:.1f}M params), chunked vs full-vocab logps:"
+    bench.append((f"{label} pairs/s", results[0][0], results[1][0], "/s", "-"))
+    bench.append((f"{label} tokens/s", results[0][1], results[1][1], "/s", "-"))
+    bench.append((f"{label} peak memory", results[0][2], results[1][2], "MB", "-"))
+
+
+@pytest.mark.bench
+def test_bench_8b_step_on_gpu(bench, tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU with 80 GB: an 8B Llama-3 configuration with random weights")
+    config = transformers.LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                                      max_position_embeddings=8192, rope_theta=500000.0)
+    with torch.device("cuda"):
+        model = transformers.LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    _, tokenizer = lidr.build_tiny_model()
+    pairs = [long_pair(tokenizer, 2048)] * 4
+    settings = lidr.Settings(lr=5e-7, batch_size=1, micro_batch_size=1, optim="adamw-bf16",
+                             gradient_checkpointing="on", dtype="bfloat16")
+    pairs_per_second, tokens_per_second, _ = training_throughput(model, pairs, settings, tmp_path)
+    peak = torch.cuda.max_memory_allocated() / 1e9
+    n_params = sum(p.numel() for p in model.parameters())
+    # MFU counts the model's 6 N FLOPs per token (forward + backward); the recomputation that
+    # checkpointing adds is extra work on top, not counted
+    mfu = 6 * n_params * tokens_per_second / 989e12  # H100 SXM dense bf16 peak
+    bench.append(("8B full DPO+NLL step, 1 x 2 x 2,048 tokens: peak GPU memory", peak, 80.0, "GB", "<= 72 GB"))
+    bench.append(("8B training tokens/s", tokens_per_second, None, "/s", "-"))
+    bench.append(("8B training MFU (%, of 989 TFLOPS bf16)", 100 * mfu, None, "%", ">= 40%"))
+    prompts = [lidr.chat_prompt_ids(tokenizer, "Tell me a story.", SYSTEM)] * 64
+    start = time.perf_counter()
+    lidr.generate(model, tokenizer, prompts, 128, 64, 1.1, 0.0, "bench")
+    bench.append(("8B sampling tok/s at batch 64", 64 * 128 / (time.perf_counter() - start), None, "/s", "-"))
