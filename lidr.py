@@ -118,7 +118,8 @@ TINY_DEFAULTS = dict(max_new_tokens=48, translation_max_new_tokens=64, lr=1e-4, 
 
 # What a resumed run may change: the folder's own name, the number of iterations (to extend a
 # run), and settings that change how fast a run goes but not what it computes.
-RESUMABLE_CHANGES = {"out", "iters", "device", "gen_batch_size", "micro_batch_size", "gradient_checkpointing"}
+# --optim too: "auto" resolves per machine, and each iteration starts with a fresh optimizer anyway.
+RESUMABLE_CHANGES = {"out", "iters", "device", "gen_batch_size", "micro_batch_size", "gradient_checkpointing", "optim"}
 
 LANGUAGE_NAMES = {
     "en": "English", "es": "Spanish", "ru": "Russian", "de": "German", "fr": "French",
@@ -333,20 +334,21 @@ def model_shape(name: str):
 
 def training_memory(config, n_params: int, settings: Settings, optim: str, checkpointing: str) -> dict[str, float]:
     """Bytes one training step needs, by part. Activations are a rough estimate for a Llama-style
-    layer with fused attention (no sequence^2 term): per token and layer about 6 hidden + 4 MLP
-    values are kept for the backward pass; with checkpointing only each layer's input is kept,
-    plus one layer recomputed at a time. Logits: one chunk of float32 logits and its gradient."""
+    layer with fused attention (no sequence^2 term), fitted to measurements on CPU: per token
+    (chosen and rejected sequences both) and layer about 8 hidden-size and 6 MLP-size values are
+    kept for the backward pass; with checkpointing only each layer's input is kept, plus one layer
+    recomputed at a time. Logits: one chunk of logits, their float32 copy, softmax and gradient."""
     width = 2 if settings.dtype == "bfloat16" else 4
     tokens = 2 * settings.micro_batch_size * settings.max_len  # chosen + rejected sequences
     hidden, layers, mlp = config.hidden_size, config.num_hidden_layers, config.intermediate_size
-    per_layer = tokens * (6 * hidden + 4 * mlp) * width
+    per_layer = tokens * (8 * hidden + 6 * mlp) * width
     if optim == "adamw-bf16":
         optimizer, gradients = 2 * n_params * width, n_params * width  # two moments in the model's dtype
     else:  # float32 moments, plus float32 master weights and gradients for a bf16 model
         optimizer, gradients = 8 * n_params + (4 * n_params if width == 2 else 0), 4 * n_params
     return {"weights": n_params * width, "gradients": gradients, "optimizer": optimizer,
             "activations": (tokens * hidden * width * layers + per_layer if checkpointing == "on"
-                            else per_layer * layers) + LOGPS_CHUNK_TOKENS * config.vocab_size * (8 + width)}
+                            else per_layer * layers) + LOGPS_CHUNK_TOKENS * config.vocab_size * (12 + width)}
 
 
 def device_memory(device: str) -> int:
@@ -357,24 +359,33 @@ def device_memory(device: str) -> int:
 
 def plan_training_memory(config, n_params: int, settings: Settings, available: int) -> str:
     """Print the training memory estimate next to the device's memory (available bytes) and return
-    the optimizer to use; refuse, naming the flag that would help, when the choice cannot fit."""
-    candidates = ["adamw-fp32", "adamw-bf16"] if settings.optim == "auto" else [settings.optim]
-    for optim in candidates:
-        parts = training_memory(config, n_params, settings, optim, settings.gradient_checkpointing)
-        if sum(parts.values()) <= available or optim == candidates[-1]:
-            break
+    the optimizer to use; when it cannot fit, refuse with the flags that would make it fit."""
+    def total(trial: Settings) -> int:
+        return sum(training_memory(config, n_params, trial, trial.optim, trial.gradient_checkpointing).values())
+
+    optim = settings.optim
+    if optim == "auto":  # adamw-bf16 saves memory only on bf16 weights
+        fits = total(dataclasses.replace(settings, optim="adamw-fp32")) <= available
+        optim = "adamw-fp32" if fits or settings.dtype != "bfloat16" else "adamw-bf16"
+    parts = training_memory(config, n_params, settings, optim, settings.gradient_checkpointing)
     gb = {name: value / 1e9 for name, value in parts.items()}
     print(f"training memory estimate ({optim}, checkpointing {settings.gradient_checkpointing}): "
           + " + ".join(f"{name} {value:.1f}" for name, value in gb.items())
           + f" = {sum(gb.values()):.1f} GB of {available / 1e9:.1f} GB on {settings.device}")
     if sum(parts.values()) > available:
-        fixes = [fix for fix, useful in [
-            ("--optim adamw-bf16", optim != "adamw-bf16"),
-            ("--gradient-checkpointing on", settings.gradient_checkpointing == "off"),
-            ("--micro-batch-size 1", settings.micro_batch_size > 1),
-            ("a smaller --max-len or model", True)] if useful]
+        trial, fixes = dataclasses.replace(settings, optim=optim), []
+        for flag, change in [("--dtype bfloat16", {"dtype": "bfloat16"}), ("--optim adamw-bf16", {"optim": "adamw-bf16"}),
+                             ("--gradient-checkpointing on", {"gradient_checkpointing": "on"}),
+                             ("--micro-batch-size 1", {"micro_batch_size": 1})]:
+            if any(getattr(trial, name) != value for name, value in change.items()):
+                trial = dataclasses.replace(trial, **change)
+                fixes.append(flag)
+                if total(trial) <= available:
+                    break
+        hint = (f"try {' '.join(fixes)}" if total(trial) <= available
+                else f"even {' '.join(fixes)} would not fit: use a smaller --max-len or model")
         raise LidrError(f"training needs about {sum(gb.values()):.0f} GB but {settings.device} has "
-                        f"{available / 1e9:.0f} GB; try {fixes[0]}")
+                        f"{available / 1e9:.0f} GB; {hint}")
     return optim
 
 
@@ -486,8 +497,9 @@ def kv_cache_token_budget(model) -> int:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     bytes_per_token = 2 * config.num_hidden_layers * kv_heads * head_dim * model.dtype.itemsize
-    if model.device.type == "cuda":
-        free = torch.cuda.mem_get_info(model.device)[0] + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+    if model.device.type == "cuda":  # free in the driver, plus what torch's cache holds unused
+        free = (torch.cuda.mem_get_info(model.device)[0] + torch.cuda.memory_reserved(model.device)
+                - torch.cuda.memory_allocated(model.device))
     else:
         free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
     return free // 2 // bytes_per_token
@@ -801,13 +813,16 @@ def round_stochastically(x: torch.Tensor) -> torch.Tensor:
     return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)  # -65536 = 0xFFFF0000
 
 
+OPTIMIZER_CHUNK = 2**24  # values updated at once: the float32 temporaries of a step stay ~0.5 GB
+
+
 class BF16AdamW(torch.optim.Optimizer):
     """AdamW (Loshchilov & Hutter 2019) for bf16 weights with bf16 moments: 4 bytes of state per
     parameter instead of 12 (float32 moments and master weights), so 8B-parameter full training
-    fits in 80 GB. Each step runs in float32; the new weights are rounded stochastically, so
-    updates far below a bf16 step still add up (PAPER.md traps). The moments are rounded to
-    nearest: a relative error of 1/256 in them only scales a step slightly. On float32
-    weights it is torch.optim.AdamW."""
+    fits in 80 GB. Each step runs in float32, a chunk of each tensor at a time, and its results
+    are rounded stochastically: updates far below a bf16 step still add up in the weights
+    (PAPER.md traps), and the second moment still decays (v * 0.999 rounded to nearest is v
+    again). On float32 weights it is torch.optim.AdamW."""
 
     def __init__(self, params, lr: float, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
@@ -823,15 +838,18 @@ class BF16AdamW(torch.optim.Optimizer):
                 if not state:
                     state.update(step=0, exp_avg=torch.zeros_like(param), exp_avg_sq=torch.zeros_like(param))
                 state["step"] += 1
-                grad = param.grad.float()
-                exp_avg = state["exp_avg"].float().lerp_(grad, 1 - beta1)
-                exp_avg_sq = state["exp_avg_sq"].float().mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                denominator = (exp_avg_sq / (1 - beta2 ** state["step"])).sqrt_().add_(group["eps"])
-                weight = param.float().mul_(1 - group["lr"] * group["weight_decay"])
-                weight.addcdiv_(exp_avg, denominator, value=-group["lr"] / (1 - beta1 ** state["step"]))
-                param.copy_(round_stochastically(weight) if param.dtype == torch.bfloat16 else weight)
-                state["exp_avg"].copy_(exp_avg)
-                state["exp_avg_sq"].copy_(exp_avg_sq)
+                step_size = group["lr"] / (1 - beta1 ** state["step"])
+                second_moment_correction = 1 - beta2 ** state["step"]
+                tensors = (param, param.grad, state["exp_avg"], state["exp_avg_sq"])
+                for weight, grad, exp_avg, exp_avg_sq in zip(*(t.view(-1).split(OPTIMIZER_CHUNK) for t in tensors)):
+                    grad = grad.float()
+                    new_exp_avg = exp_avg.float().lerp_(grad, 1 - beta1)
+                    new_exp_avg_sq = exp_avg_sq.float().mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                    denominator = (new_exp_avg_sq / second_moment_correction).sqrt_().add_(group["eps"])
+                    new_weight = weight.float().mul_(1 - group["lr"] * group["weight_decay"])
+                    new_weight.addcdiv_(new_exp_avg, denominator, value=-step_size)
+                    for target, value in ((weight, new_weight), (exp_avg, new_exp_avg), (exp_avg_sq, new_exp_avg_sq)):
+                        target.copy_(round_stochastically(value) if target.dtype == torch.bfloat16 else value)
 
 
 def warmup_cosine(total_steps: int, warmup_ratio: float):
@@ -858,7 +876,8 @@ def train(model, pairs: list[TokenizedPair], ref_chosen_logps, ref_rejected_logp
         # rates most AdamW updates would vanish (PAPER.md traps). AdamW updates float32 "master"
         # copies instead, rounded into the model after each step; a float32 model is its own master.
         masters = params if all(p.dtype == torch.float32 for p in params) else [p.detach().float() for p in params]
-        optimizer = torch.optim.AdamW(masters, lr=settings.lr, weight_decay=settings.weight_decay)
+        # foreach=False: the faster multi-tensor step holds a float32 temporary for every parameter
+        optimizer = torch.optim.AdamW(masters, lr=settings.lr, weight_decay=settings.weight_decay, foreach=False)
     if settings.gradient_checkpointing == "on":
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()  # HF checkpoints layers only in train mode; dropout was switched off in load_model
