@@ -107,7 +107,8 @@ class Settings:
     max_grad_norm: float = setting(1.0, "gradient clipping threshold")
     optim: str = setting("auto", "adamw-fp32: float32 Adam moments, plus float32 master weights and gradients "
                                  "for a bf16 model (18 bytes/param in all); adamw-bf16: bf16 weights, gradients "
-                                 "and moments, stochastic rounding (8 bytes/param); auto: adamw-fp32 if it fits")
+                                 "and moments, stochastic rounding (8 bytes/param; on float32 weights plain AdamW); "
+                                 "auto: adamw-fp32 if it fits")
     gradient_checkpointing: str = setting("auto", "on: recompute each layer's activations in the backward "
                                                   "pass instead of storing them; off; auto = on on GPU")
 

@@ -485,6 +485,8 @@ def test_memory_plan_fits_8b_full_training_in_80_gb(capsys):
     estimate = sum(lidr.training_memory(LLAMA3_8B, 8_030_261_248, settings, "adamw-bf16", "on").values())
     assert estimate < 72e9, "8 GB to spare on an 80 GB GPU"
     assert "adamw-bf16" in capsys.readouterr().out
+    assert lidr.plan_training_memory(LLAMA3_8B, 8_030_261_248, settings, available=160 * 10**9) == "adamw-fp32", \
+        "auto takes float32 optimizer state where it fits"
     settings.gradient_checkpointing = "off"
     with pytest.raises(lidr.LidrError, match="try --gradient-checkpointing on"):
         lidr.plan_training_memory(LLAMA3_8B, 8_030_261_248, settings, available=80 * 10**9)
