@@ -2,10 +2,11 @@
 
 An instruction-tuned LLM answers better in its dominant language (English) than in the others,
 and that gap is a free preference signal (Yang et al., ICLR 2025, arXiv 2410.08964). Iteration t
-turns M_{t-1} into M_t (steps as in the paper's description, PAPER.md):
+turns M_{t-1} into M_t (the paper's steps):
   1. prompts: the same instructions in every language (missing ones translated by the model);
   2. sampling: M_{t-1} answers every prompt in its own language;
-  3. self-translation: M_{t-1} translates English answers into each language, and back;
+  3. self-translation: M_{t-1} translates its English answers into each other language, and
+     each other language's answers into English;
   4. pairs: English own answer > back-translated weaker answer; translated English answer >
      the weaker language's own answer;
   5. training: DPO + NLL on the pairs, from M_{t-1};
@@ -15,7 +16,12 @@ Both sides improve, so the gap renews and the loop repeats.
 Where this file departs from the paper and the authors' released scripts:
   - English pairs are kept for every language (the scripts overwrote them per language: a bug).
   - Translation-task prompts are flagged in the prompt record or found by a pattern
-    ("translate ... into French"); the authors listed about 9 per 1,000 by hand.
+    ("translate ... into French"); the authors listed about 9 per 1,000 by hand. Nothing of
+    theirs is translated: both their pairs are y_stronger over y_weaker, as written.
+  - Every prompt gives the dominant language one pair per other language, so about half of
+    all pairs are English ones; the released scripts kept one language's worth.
+  - Translations are asked with the same system prompt as answers, and without the
+    repetition penalty (it would push down the closing tag and the words to copy).
   - Answers that hit --max-new-tokens are not paired (they have no real ending), and pairs with
     an empty side or chosen == rejected are skipped; every skip is counted per language.
   - Answers longer than --max-len allows are cut at the end; the prompt is kept whole.
@@ -29,7 +35,7 @@ Where this file departs from the paper and the authors' released scripts:
 
 Commands:
   python lidr.py --iters 2 --model tiny          # offline run of the whole loop on CPU, seconds
-  python lidr.py --iters 2 --prompts tatsu-lab/alpaca   # the paper: Llama-3-8B-Instruct, en es ru de fr
+  python lidr.py --iters 2 --prompts tatsu-lab/alpaca   # the paper's setting (its prompts: Alpagasus)
 """
 
 import argparse
@@ -86,7 +92,7 @@ class Settings:
     system_prompt: str = setting("You are a helpful assistant.", "system turn; empty for none")
     max_new_tokens: int = setting(2400, "answer length cap (paper: 2400)")
     translation_max_new_tokens: int = setting(4096, "translation length cap (paper: 4096)")
-    repetition_penalty: float = setting(1.1, "HF repetition penalty (paper: 1.1)")
+    repetition_penalty: float = setting(1.1, "HF repetition penalty of answers (paper: 1.1; none for translations)")
     temperature: float = setting(0.0, "0 = greedy decoding (paper); > 0 samples")
     gen_batch_size: int = setting(0, "most prompts per generation batch; 0 = auto (32 on CPU, 512 on GPU); "
                                      "batches are also capped by the KV-cache tokens free memory holds")
@@ -113,14 +119,13 @@ class Settings:
                                                   "pass instead of storing them; off; auto = on on GPU")
 
 
-# --model tiny answers within a few dozen bytes; the paper's lengths would only burn CPU time.
+# --model tiny is for seconds-long runs on CPU: the paper's lengths would only burn time.
 TINY_DEFAULTS = dict(max_new_tokens=48, translation_max_new_tokens=64, lr=1e-4, batch_size=8,
                      micro_batch_size=8, max_len=512)
 
 # What a resumed run may change: the folder's own name, the number of iterations (to extend a
-# run), and settings that change how fast a run goes but not what it computes.
-# --optim too: "auto" resolves per machine, and each iteration starts with a fresh optimizer anyway.
-RESUMABLE_CHANGES = {"out", "iters", "device", "gen_batch_size", "micro_batch_size", "gradient_checkpointing", "optim"}
+# run), and settings that change how fast a run goes, and its results only by float rounding.
+RESUMABLE_CHANGES = {"out", "iters", "device", "gen_batch_size", "micro_batch_size", "gradient_checkpointing"}
 
 LANGUAGE_NAMES = {
     "en": "English", "es": "Spanish", "ru": "Russian", "de": "German", "fr": "French",
@@ -133,6 +138,10 @@ LANGUAGE_NAMES = {
 
 class LidrError(Exception):
     """Bad input: main() prints it as one line and exits with code 2, without a traceback."""
+
+
+def first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
@@ -223,10 +232,12 @@ def resolve(settings: Settings) -> Settings:
 # ------------------------------------------------------------------------ load: prompts (step 1) and model
 def looks_like_translation_task(text: str, language_names: list[str]) -> bool:
     """'Translate ... into/to/in French' within one sentence: translating such a prompt's answer
-    would corrupt it (PAPER.md step 4). A heuristic for prompts that don't say; the verb only,
+    would corrupt it (the paper's step 4). A heuristic for prompts that don't say; the verb only,
     so 'explain mRNA translation' or 'the translation of the Bible into English' don't match."""
     names = "|".join(map(re.escape, language_names))
-    return re.search(rf"\btranslat(?:e|ing)\b[^.?!\n]*\b(?:into|to|in)\s+(?:{names})\b", text, re.IGNORECASE) is not None
+    unquoted_or_quoted = r"""(?:'[^'\n]*'|"[^"\n]*"|[^.?!\n'"])*"""  # a quote may hold any punctuation
+    pattern = rf"\btranslat(?:e|ing)\b{unquoted_or_quoted}\b(?:into|to|in)\s+(?:{names})\b"
+    return re.search(pattern, text, re.IGNORECASE) is not None
 
 
 def load_prompts(source: str, prompt_field: str, languages: dict[str, str]) -> list[dict]:
@@ -317,77 +328,9 @@ def prompts_for_iteration(prompts: list[dict], iteration: int, num_prompts: int)
     return [prompts[((iteration - 1) * n + i) % len(prompts)] for i in range(n)]
 
 
-def model_shape(name: str):
-    """(config, parameter count) without loading the weights: the model is built on the meta
-    device, which allocates nothing."""
-    if name == "tiny":
-        model, _ = build_tiny_model()
-        return model.config, sum(p.numel() for p in model.parameters())
-    try:
-        config = AutoConfig.from_pretrained(name)
-    except Exception as error:
-        raise LidrError(f"could not load model '{name}' ({first_line(error)}); "
-                        f"offline or without hub access, try --model tiny") from None
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return config, sum(p.numel() for p in model.parameters())
-
-
-def training_memory(config, n_params: int, settings: Settings, optim: str, checkpointing: str) -> dict[str, float]:
-    """Bytes one training step needs, by part. Activations are a rough estimate for a Llama-style
-    layer with fused attention (no sequence^2 term), fitted to measurements on CPU: per token
-    (chosen and rejected sequences both) and layer about 8 hidden-size and 6 MLP-size values are
-    kept for the backward pass; with checkpointing only each layer's input is kept, plus one layer
-    recomputed at a time. Logits: one chunk of logits, their float32 copy, softmax and gradient."""
-    width = 2 if settings.dtype == "bfloat16" else 4
-    tokens = 2 * settings.micro_batch_size * settings.max_len  # chosen + rejected sequences
-    hidden, layers, mlp = config.hidden_size, config.num_hidden_layers, config.intermediate_size
-    per_layer = tokens * (8 * hidden + 6 * mlp) * width
-    if optim == "adamw-bf16":
-        optimizer, gradients = 2 * n_params * width, n_params * width  # two moments in the model's dtype
-    else:  # float32 moments, plus float32 master weights and gradients for a bf16 model
-        optimizer, gradients = 8 * n_params + (4 * n_params if width == 2 else 0), 4 * n_params
-    return {"weights": n_params * width, "gradients": gradients, "optimizer": optimizer,
-            "activations": (tokens * hidden * width * layers + per_layer if checkpointing == "on"
-                            else per_layer * layers) + LOGPS_CHUNK_TOKENS * config.vocab_size * (12 + width)}
-
-
-def device_memory(device: str) -> int:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_properties(device).total_memory
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def plan_training_memory(config, n_params: int, settings: Settings, available: int) -> str:
-    """Print the training memory estimate next to the device's memory (available bytes) and return
-    the optimizer to use; when it cannot fit, refuse with the flags that would make it fit."""
-    def total(trial: Settings) -> int:
-        return sum(training_memory(config, n_params, trial, trial.optim, trial.gradient_checkpointing).values())
-
-    optim = settings.optim
-    if optim == "auto":  # adamw-bf16 saves memory only on bf16 weights
-        fits = total(dataclasses.replace(settings, optim="adamw-fp32")) <= available
-        optim = "adamw-fp32" if fits or settings.dtype != "bfloat16" else "adamw-bf16"
-    parts = training_memory(config, n_params, settings, optim, settings.gradient_checkpointing)
-    gb = {name: value / 1e9 for name, value in parts.items()}
-    print(f"training memory estimate ({optim}, checkpointing {settings.gradient_checkpointing}): "
-          + " + ".join(f"{name} {value:.1f}" for name, value in gb.items())
-          + f" = {sum(gb.values()):.1f} GB of {available / 1e9:.1f} GB on {settings.device}")
-    if sum(parts.values()) > available:
-        trial, fixes = dataclasses.replace(settings, optim=optim), []
-        for flag, change in [("--dtype bfloat16", {"dtype": "bfloat16"}), ("--optim adamw-bf16", {"optim": "adamw-bf16"}),
-                             ("--gradient-checkpointing on", {"gradient_checkpointing": "on"}),
-                             ("--micro-batch-size 1", {"micro_batch_size": 1})]:
-            if any(getattr(trial, name) != value for name, value in change.items()):
-                trial = dataclasses.replace(trial, **change)
-                fixes.append(flag)
-                if total(trial) <= available:
-                    break
-        hint = (f"try {' '.join(fixes)}" if total(trial) <= available
-                else f"even {' '.join(fixes)} would not fit: use a smaller --max-len or model")
-        raise LidrError(f"training needs about {sum(gb.values()):.0f} GB but {settings.device} has "
-                        f"{available / 1e9:.0f} GB; {hint}")
-    return optim
+def model_load_error(name: str, error: Exception) -> LidrError:
+    return LidrError(f"could not load model '{name}' ({first_line(error)}); offline or without hub access, "
+                     f"try --model tiny")
 
 
 def load_model(name: str, device: str, dtype: str, system_prompt: str):
@@ -399,8 +342,7 @@ def load_model(name: str, device: str, dtype: str, system_prompt: str):
             tokenizer = AutoTokenizer.from_pretrained(name)
             model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
         except Exception as error:
-            raise LidrError(f"could not load model '{name}' ({first_line(error)}); "
-                            f"offline or without hub access, try --model tiny") from None
+            raise model_load_error(name, error) from None
     if any(getattr(model.config, attribute, None) for attribute in ("final_logit_softcapping", "logit_scale",
                                                                      "logits_scaling")):
         raise LidrError(f"model '{name}' transforms its logits after the output layer; "
@@ -418,7 +360,7 @@ def load_model(name: str, device: str, dtype: str, system_prompt: str):
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-        if hasattr(module, "attention_dropout"):  # HF attention layers apply it in train mode
+        if isinstance(getattr(module, "attention_dropout", None), float):  # HF attention applies it in train mode
             module.attention_dropout = 0.0
     return model.to(device=device, dtype=torch_dtype).eval(), tokenizer
 
@@ -455,7 +397,7 @@ def chat_prompt_ids(tokenizer, user_text: str, system_prompt: str, assistant_pre
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
     messages.append({"role": "user", "content": user_text})
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    # The template already writes BOS: adding special tokens again would double it (PAPER.md traps).
+    # The template already writes BOS: adding special tokens again would double it (a known DPO trap).
     return tokenizer(text + assistant_prefix, add_special_tokens=False).input_ids
 
 
@@ -516,6 +458,7 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, ba
     stops = stop_token_ids(model, tokenizer)
     config = GenerationConfig(max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty,
                               do_sample=temperature > 0, temperature=temperature or None,
+                              top_k=0, top_p=1.0,  # plain temperature sampling, not the model's own defaults
                               eos_token_id=stops, pad_token_id=stops[0])
     max_batch_size = batch_size or (512 if model.device.type == "cuda" else 32)
     batches = generation_batches([len(p) for p in prompts], max_new_tokens, max_batch_size, kv_cache_token_budget(model))
@@ -574,8 +517,9 @@ def translate(model, tokenizer, requests: list[dict], languages: dict[str, str],
     ids = [chat_prompt_ids(tokenizer, TRANSLATION_REQUEST.format(
         source=languages[r["source_lang"]], target=languages[r["target_lang"]], text=r["source"]),
         settings.system_prompt, TRANSLATION_PREFIX) for r in requests]
+    # No repetition penalty: the prompt holds the text to copy and the closing tag (released scripts too).
     outputs = generate(model, tokenizer, ids, settings.translation_max_new_tokens, settings.gen_batch_size,
-                       settings.repetition_penalty, settings.temperature, desc=desc)
+                       1.0, settings.temperature, desc=desc)
     return [{**r, "raw": raw, "translation": parse_translation(raw)} for r, (raw, _) in zip(requests, outputs)]
 
 
@@ -616,13 +560,13 @@ def compared_answers(prompts: list[dict], responses: list[dict], langs: list[str
 
 def translation_requests(prompts: list[dict], responses: list[dict], langs: list[str], pairing: str) -> list[dict]:
     """Step 3's work: for each pair of comparable answers, the stronger one into the weaker
-    language (not for translation tasks, whose pairs keep it untranslated) and the weaker one back."""
+    language and the weaker one back (none for translation tasks: their pairs use the answers as
+    written, since translating a translation's answer would corrupt it)."""
     requests = []
     for prompt, stronger, weaker, why_not in compared_answers(prompts, responses, langs, pairing):
-        if why_not is None:
-            if not prompt["translation_task"]:
-                requests.append({"id": prompt["id"], "source_lang": stronger["lang"], "target_lang": weaker["lang"],
-                                 "source": stronger["response"]})
+        if why_not is None and not prompt["translation_task"]:
+            requests.append({"id": prompt["id"], "source_lang": stronger["lang"], "target_lang": weaker["lang"],
+                             "source": stronger["response"]})
             requests.append({"id": prompt["id"], "source_lang": weaker["lang"], "target_lang": stronger["lang"],
                              "source": weaker["response"]})
     return requests
@@ -641,11 +585,12 @@ def build_pairs(prompts: list[dict], responses: list[dict], translations: list[d
     """For each prompt and (stronger, weaker) language pair:
       stronger: prompt x_stronger, chosen y_stronger,                   rejected translate(y_weaker -> stronger)
       weaker:   prompt x_weaker,   chosen translate(y_stronger -> weaker), rejected y_weaker
-    (translation tasks: chosen is y_stronger untranslated). The stronger language is the dominant
+    (translation tasks: y_stronger over y_weaker as written, for both). The stronger language is the dominant
     one (paper), or the higher-ranked one with --pairing ranked. A pair is skipped when its
     answers can't be compared (compared_answers), a translation failed, or chosen == rejected.
     Returns the pairs and, per language, counts of "pairs" built and of each reason to skip."""
     translated = {(t["id"], t["source_lang"], t["target_lang"]): t["translation"] for t in translations}
+    # "pairs" built, or why not: compared_answers' reasons first, then this function's own
     reasons = ("pairs", "no_prompt", "unfinished", "empty", "translation_failed", "identical")
     counts = {lang: dict.fromkeys(reasons, 0) for lang in langs}
     pairs = []
@@ -663,13 +608,14 @@ def build_pairs(prompts: list[dict], responses: list[dict], translations: list[d
             counts[stronger["lang"]][why_not] += 1
             counts[weaker["lang"]][why_not] += 1
             continue
-        key = prompt["id"], stronger["lang"], weaker["lang"]
-        back_translated = translated.get((prompt["id"], weaker["lang"], stronger["lang"]))
-        add(prompt, stronger["lang"], "own>translated", weaker["lang"], stronger["response"], back_translated)
-        if prompt["translation_task"]:
+        if prompt["translation_task"]:  # the answers as written, for both prompts
+            add(prompt, stronger["lang"], "own>untranslated", weaker["lang"], stronger["response"], weaker["response"])
             add(prompt, weaker["lang"], "untranslated>own", stronger["lang"], stronger["response"], weaker["response"])
-        else:
-            add(prompt, weaker["lang"], "translated>own", stronger["lang"], translated.get(key), weaker["response"])
+            continue
+        back_translated = translated.get((prompt["id"], weaker["lang"], stronger["lang"]))
+        forward_translated = translated.get((prompt["id"], stronger["lang"], weaker["lang"]))
+        add(prompt, stronger["lang"], "own>translated", weaker["lang"], stronger["response"], back_translated)
+        add(prompt, weaker["lang"], "translated>own", stronger["lang"], forward_translated, weaker["response"])
     return pairs, counts
 
 
@@ -685,8 +631,8 @@ class TokenizedPair:
 
 def tokenize_pair(tokenizer, pair: dict, system_prompt: str, end_of_turn: int, max_len: int) -> TokenizedPair | None:
     """Prompt ids + answer ids + end-of-turn, each part tokenised on its own and the ids
-    concatenated: tokenising the joined text could merge tokens across the boundary (PAPER.md
-    traps). An answer too long for max_len is cut at its end; the prompt is kept whole, since
+    concatenated: tokenising the joined text could merge tokens across the boundary (a known DPO
+    trap). An answer too long for max_len is cut at its end; the prompt is kept whole, since
     cutting it would drop BOS, the system turn and the chat header. None if the prompt alone
     fills max_len."""
     prompt_ids = chat_prompt_ids(tokenizer, pair["prompt"], system_prompt)
@@ -822,7 +768,7 @@ class BF16AdamW(torch.optim.Optimizer):
     parameter instead of 12 (float32 moments and master weights), so 8B-parameter full training
     fits in 80 GB. Each step runs in float32, a chunk of each tensor at a time, and its results
     are rounded stochastically: updates far below a bf16 step still add up in the weights
-    (PAPER.md traps), and the second moment still decays (v * 0.999 rounded to nearest is v
+    (a known DPO trap), and the second moment still decays (v * 0.999 rounded to nearest is v
     again). On float32 weights it is torch.optim.AdamW."""
 
     def __init__(self, params, lr: float, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
@@ -874,7 +820,7 @@ def train(model, pairs: list[TokenizedPair], ref_chosen_logps, ref_rejected_logp
         optimizer = BF16AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     else:
         # bf16 weights cannot hold an update smaller than ~1/256 of their value, so at DPO learning
-        # rates most AdamW updates would vanish (PAPER.md traps). AdamW updates float32 "master"
+        # rates most AdamW updates would vanish (a known DPO trap). AdamW updates float32 "master"
         # copies instead, rounded into the model after each step; a float32 model is its own master.
         masters = params if all(p.dtype == torch.float32 for p in params) else [p.detach().float() for p in params]
         # foreach=False: the faster multi-tensor step holds a float32 temporary for every parameter
@@ -906,11 +852,10 @@ def train(model, pairs: list[TokenizedPair], ref_chosen_logps, ref_rejected_logp
                 optimizer.step()
                 schedule.step()
                 optimizer.zero_grad(set_to_none=True)
-                model.zero_grad(set_to_none=True)
-                if masters is not params:
+                if masters is not params:  # round stochastically: M_t keeps sub-bf16 updates in expectation
                     with torch.no_grad():
                         for master, param in zip(masters, params):
-                            param.copy_(master)
+                            param.copy_(round_stochastically(master) if param.dtype == torch.bfloat16 else master)
                 log.write(json.dumps(line) + "\n")
                 log.flush()
                 bar.set_postfix_str(f"loss {line['loss/total']:.4f} acc {line['rewards/accuracies']:.2f} "
@@ -947,6 +892,79 @@ def train_on_pairs(model, tokenizer, pairs: list[dict], settings: Settings, log_
     ref_chosen_logps, ref_rejected_logps = reference_logps(model, kept, settings.micro_batch_size, pad_id)
     result = train(model, kept, ref_chosen_logps, ref_rejected_logps, settings, pad_id, log_path)
     return {**result, "pairs_truncated": truncated, "pairs_prompt_too_long": len(pairs) - len(kept)}
+
+
+# ------------------------------------------------------------------------ memory plan: one GPU
+def model_shape(name: str):
+    """(config, parameter count) without loading the weights: the model is built on the meta
+    device, which allocates nothing (the tiny model is simply built)."""
+    if name == "tiny":
+        model, _ = build_tiny_model()
+        return model.config, sum(p.numel() for p in model.parameters())
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except Exception as error:
+        raise model_load_error(name, error) from None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return config, sum(p.numel() for p in model.parameters())
+
+
+def training_memory(config, n_params: int, settings: Settings, optim: str, checkpointing: str) -> dict[str, float]:
+    """Bytes one training step needs, by part. Activations are a rough estimate for a Llama-style
+    layer with fused attention (no sequence^2 term), fitted to measurements on CPU: per token
+    (chosen and rejected sequences both) and layer about 8 hidden-size and 6 MLP-size values are
+    kept for the backward pass; with checkpointing only each layer's input is kept, plus one layer
+    recomputed at a time. Logits: one chunk of logits, their float32 copy, softmax and gradient."""
+    width = 2 if settings.dtype == "bfloat16" else 4
+    tokens = 2 * settings.micro_batch_size * settings.max_len  # chosen + rejected sequences
+    hidden, layers, mlp = config.hidden_size, config.num_hidden_layers, config.intermediate_size
+    per_layer = tokens * (8 * hidden + 6 * mlp) * width
+    if optim == "adamw-bf16":
+        optimizer, gradients = 2 * n_params * width, n_params * width  # two moments in the model's dtype
+    else:  # float32 moments, plus float32 master weights and gradients for a bf16 model
+        optimizer, gradients = 8 * n_params + (4 * n_params if width == 2 else 0), 4 * n_params
+    return {"weights": n_params * width, "gradients": gradients, "optimizer": optimizer,
+            "activations": (tokens * hidden * width * layers + per_layer if checkpointing == "on"
+                            else per_layer * layers) + LOGPS_CHUNK_TOKENS * config.vocab_size * (12 + width)}
+
+
+def device_memory(device: str) -> int:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def plan_training_memory(config, n_params: int, settings: Settings, available: int) -> str:
+    """Print the training memory estimate next to the device's memory (available bytes) and return
+    the optimizer to use; when it cannot fit, refuse with the flags that would make it fit."""
+    def total(trial: Settings) -> int:
+        return sum(training_memory(config, n_params, trial, trial.optim, trial.gradient_checkpointing).values())
+
+    optim = settings.optim
+    if optim == "auto":  # adamw-bf16 saves memory only on bf16 weights
+        fits = total(dataclasses.replace(settings, optim="adamw-fp32")) <= available
+        optim = "adamw-fp32" if fits or settings.dtype != "bfloat16" else "adamw-bf16"
+    parts = training_memory(config, n_params, settings, optim, settings.gradient_checkpointing)
+    gb = {name: value / 1e9 for name, value in parts.items()}
+    print(f"training memory estimate ({optim}, checkpointing {settings.gradient_checkpointing}): "
+          + " + ".join(f"{name} {value:.1f}" for name, value in gb.items())
+          + f" = {sum(gb.values()):.1f} GB of {available / 1e9:.1f} GB on {settings.device}")
+    if sum(parts.values()) > available:
+        trial, fixes = dataclasses.replace(settings, optim=optim), []
+        for flag, change in [("--dtype bfloat16", {"dtype": "bfloat16"}), ("--optim adamw-bf16", {"optim": "adamw-bf16"}),
+                             ("--gradient-checkpointing on", {"gradient_checkpointing": "on"}),
+                             ("--micro-batch-size 1", {"micro_batch_size": 1})]:
+            if any(getattr(trial, name) != value for name, value in change.items()):
+                trial = dataclasses.replace(trial, **change)
+                fixes.append(flag)
+                if total(trial) <= available:
+                    break
+        hint = (f"try {' '.join(fixes)}" if total(trial) <= available
+                else f"even {' '.join(fixes)} would not fit: use a smaller --max-len or model")
+        raise LidrError(f"training needs about {sum(gb.values()):.0f} GB but {settings.device} has "
+                        f"{available / 1e9:.0f} GB; {hint}")
+    return optim
 
 
 # ------------------------------------------------------------------------ run folder
@@ -999,22 +1017,27 @@ def check_resumable(out: Path, settings: Settings):
 
 
 def record_run(out: Path, settings: Settings, command: list[str]):
-    """A run folder says how it was made: settings, command, versions, hardware and the code."""
-    if not (out / "settings.json").exists():
+    """A run folder says how it was made: settings, command, versions, hardware and the code;
+    commands.log adds each invocation, with the hash of the code that ran it."""
+    source = Path(__file__).read_bytes()
+    code_hash = hashlib.sha256(source).hexdigest()
+    if (out / "settings.json").exists():
+        if json.loads((out / "settings.json").read_text())["lidr_sha256"] != code_hash:
+            print(f"warning: lidr.py changed since {out} was made (see commands.log); lidr.py there is the original")
+    else:
         out.mkdir(parents=True, exist_ok=True)
-        source = Path(__file__).read_bytes()
         device = settings.device
         write_atomic(out / "settings.json", json.dumps({
             "settings": dataclasses.asdict(settings),
             "command": [sys.executable, *command],
-            "lidr_sha256": hashlib.sha256(source).hexdigest(),
+            "lidr_sha256": code_hash,
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "transformers": transformers.__version__, "datasets": datasets.__version__},
             "hardware": torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.machine(),
         }, indent=2))
         write_atomic(out / "lidr.py", source.decode("utf-8"))
     with open(out / "commands.log", "a") as log:
-        log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)}\n")
+        log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} lidr_sha256={code_hash[:12]} {' '.join(command)}\n")
 
 
 def summary_table(history: list[dict], langs: list[str]) -> str:
@@ -1034,12 +1057,9 @@ def summary_table(history: list[dict], langs: list[str]) -> str:
                         f"{metrics['translation_failures'][lang]:>9} {numbers}")
     rows.append("skipped: pairs not built (a prompt or translation failed, an answer was empty or hit the "
                 "token cap, or chosen == rejected; by reason in metrics.json); failed_tr: translations into the "
-                "language with no parseable span. The dominant language has a pair per other language.")
+                "language with no parseable span. The dominant language has a pair per other language. "
+                "logp_chosen: summed over the answer; nll: per token.")
     return "\n".join(rows)
-
-
-def first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 # ------------------------------------------------------------------------ main: the loop
@@ -1055,9 +1075,8 @@ def lidr_iteration(model, tokenizer, prompts: list[dict], languages: dict[str, s
     translations = stage(folder / "translations.jsonl", lambda: translate(
         model, tokenizer, translation_requests(prompts, responses, langs, settings.pairing), languages, settings,
         "self-translating"))
-    pairs, counts = build_pairs(prompts, responses, translations, langs, settings.pairing)
-    if not (folder / "pairs.jsonl").exists():  # pairs are rebuilt on every run (cheap and deterministic)
-        write_jsonl(folder / "pairs.jsonl", pairs)
+    built, counts = build_pairs(prompts, responses, translations, langs, settings.pairing)
+    pairs = stage(folder / "pairs.jsonl", lambda: built)  # train on exactly what the folder holds
     failures = failed_translations_into(prompt_translations + translations, langs)
     trained = train_on_pairs(model, tokenizer, pairs, settings, folder / "train_log.jsonl")
     return {"counts": counts, "translation_failures": failures, "train": trained}

@@ -178,6 +178,8 @@ def test_dominant_pairs_follow_the_paper():
     assert by_key["p1", "de", "en"]["chosen"] == "T[p1-en->de]" and by_key["p1", "de", "en"]["rejected"] == "p1-de"
     assert by_key["p2", "de", "en"]["chosen"] == "p2-en", "translation task keeps the untranslated answer"
     assert by_key["p2", "de", "en"]["kind"] == "untranslated>own"
+    assert by_key["p2", "en", "de"]["rejected"] == "p2-de", "a translation task's answers are never translated"
+    assert not any(r["id"] == "p2" for r in requests)
     assert ("p1", "en", "fr") not in by_key, "a failed translation must drop its pair"
     # English keeps its pairs against every language (the released scripts kept only the last)
     assert counts["en"] == {"pairs": 3, "no_prompt": 0, "unfinished": 0, "empty": 0, "translation_failed": 1,
@@ -215,6 +217,16 @@ def test_skipped_pairs_are_counted_by_reason():
     assert counts["de"]["empty"] == 1 and counts["fr"]["identical"] == 1 and counts["es"]["no_prompt"] == 1
 
 
+def test_translations_have_no_repetition_penalty(monkeypatch):
+    calls = []
+    monkeypatch.setattr(lidr, "generate", lambda *args, **kwargs: calls.append(args) or [("x</translated>", True)])
+    model, tokenizer = tiny_model()
+    request = {"id": "a", "source_lang": "en", "target_lang": "de", "source": "Hello"}
+    done = lidr.translate(model, tokenizer, [request], {"en": "English", "de": "German"}, lidr.Settings(), "test")
+    assert calls[0][5] == 1.0, "the penalty would push down the closing tag and the words to copy"
+    assert done[0]["translation"] == "x"
+
+
 def test_failed_translations_are_counted_per_target_language():
     translations = [{"target_lang": "de", "translation": None}, {"target_lang": "de", "translation": "ok"},
                     {"target_lang": "en", "translation": None}, {"target_lang": "en", "translation": None}]
@@ -238,6 +250,8 @@ def test_unfinished_answers_are_neither_translated_nor_paired():
     ("Write a story about a translator who moves to Spain.", False),
     ("How did the translation of the Bible into English change literature?", False),
     ("Translate 'cat' in Spanish.", True),
+    ("Translate 'How are you?' into Spanish.", True),
+    ('Translate "Dr. Smith is here." into French.', True),
 ])
 def test_translation_tasks_are_recognised(tmp_path, text, expected):
     prompts = write(tmp_path / "p.jsonl", json.dumps({"id": "a", "en": text}) + "\n")
@@ -681,10 +695,11 @@ def test_pipeline_builds_pairs_and_trains_on_them(tmp_path):
     pairs = [json.loads(line) for line in (run / "pairs.jsonl").read_text().splitlines()]
     assert {"prompt", "chosen", "rejected", "id", "lang", "kind"} <= set(pairs[0])
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["counts"]["en"]["pairs"] == 6 and metrics["counts"]["de"]["pairs"] == 2
-    assert metrics["counts"]["fr"]["identical"] == 1, "translation task: own answer equals the untranslated one"
+    assert metrics["counts"]["en"]["pairs"] == 4 and metrics["counts"]["de"]["pairs"] == 2
+    # the translation task's answers are compared as written, and this model's are all the same
+    assert metrics["counts"]["fr"]["identical"] == 1 and metrics["counts"]["en"]["identical"] == 2
     log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
-    assert len(log) == 3, "10 pairs at 4 per optimizer step"
+    assert len(log) == 2, "8 pairs at 4 per optimizer step"
     assert {"loss/dpo", "loss/nll", "rewards/margins", "rewards/accuracies", "logps/chosen",
             "optim/lr", "optim/grad_norm"} <= set(log[0])
     assert log[0]["loss/dpo"] == pytest.approx(LN2, abs=1e-4), "first step: policy == reference"
