@@ -60,6 +60,7 @@ def test_loss_at_reference_is_ln2_plus_nll():
     loss, metrics = lidr.dpo_nll_loss(logps, rejected, logps.clone(), rejected.clone(), lengths, 0.1, 2.0)
     assert metrics["loss/dpo"].tolist() == pytest.approx([LN2] * 3), "DPO term must be ln 2 when policy == reference"
     assert metrics["rewards/chosen"].abs().max() == 0 and metrics["rewards/rejected"].abs().max() == 0
+    assert metrics["rewards/accuracies"].sum() == 0, "a tie is not a correctly ranked pair"
     assert loss.item() == pytest.approx(LN2 + 2.0 * (1.0 + 1.0 + 0.5) / 3, rel=1e-6)
 
 
@@ -179,6 +180,7 @@ def test_dominant_pairs_follow_the_paper():
     assert by_key["p2", "de", "en"]["chosen"] == "p2-en", "translation task keeps the untranslated answer"
     assert by_key["p2", "de", "en"]["kind"] == "untranslated>own"
     assert by_key["p2", "en", "de"]["rejected"] == "p2-de", "a translation task's answers are never translated"
+    assert by_key["p2", "en", "de"]["kind"] == "own>untranslated"
     assert not any(r["id"] == "p2" for r in requests)
     assert ("p1", "en", "fr") not in by_key, "a failed translation must drop its pair"
     # English keeps its pairs against every language (the released scripts kept only the last)
@@ -305,6 +307,46 @@ def test_gradient_step_raises_the_margin():
                                       micro_batch_size=2, pad_id=0)
     assert before["rewards/margins"].abs().max() < 1e-5, "policy == reference before the first step"
     assert after["rewards/margins"].mean() > 1e-3, "one step of DPO must raise chosen over rejected"
+
+
+def test_learning_rate_warms_up_then_decays_to_zero():
+    factor = lidr.warmup_cosine(total_steps=10, warmup_ratio=0.2)
+    assert [factor(step) for step in range(3)] == pytest.approx([0.5, 1.0, 1.0])
+    assert factor(6) == pytest.approx(0.5 * (1 + math.cos(math.pi * 4 / 8)))
+    assert factor(9) < 0.05 and all(factor(s) > factor(s + 1) for s in range(2, 9))
+
+
+def test_chosen_lengths_count_the_chosen_answer_and_its_end_of_turn():
+    model, tokenizer = tiny_model()
+    pairs = tokenized_pairs(tokenizer, 3)
+    _, _, lengths = lidr.chosen_rejected_logps(model, pairs, 0)
+    assert lengths.tolist() == [len(p.chosen_input_ids) - p.prompt_length for p in pairs]
+
+
+def test_train_uses_the_optimizer_and_checkpointing_it_is_given(tmp_path, monkeypatch):
+    model, tokenizer = tiny_model()
+    model = model.to(torch.bfloat16)
+    pairs = tokenized_pairs(tokenizer, 2)
+    ref_chosen, ref_rejected = lidr.reference_logps(model, pairs, 2, 0)
+    built = []
+    monkeypatch.setattr(lidr, "BF16AdamW", lambda *args, **kwargs: built.append(1) or torch.optim.SGD(*args, lr=0.0))
+    attention_calls = []
+    model.model.layers[0].self_attn.register_forward_hook(lambda *_: attention_calls.append(1))
+    settings = lidr.Settings(optim="adamw-bf16", gradient_checkpointing="on", batch_size=2, micro_batch_size=2)
+    lidr.train(model, pairs, ref_chosen, ref_rejected, settings, 0, tmp_path / "log.jsonl")
+    assert built == [1], "--optim adamw-bf16 must train with BF16AdamW"
+    assert len(attention_calls) == 2, "--gradient-checkpointing on: the layer runs again in the backward pass"
+    assert not model.training and not model.model.layers[0].gradient_checkpointing, "sampling needs eval mode back"
+
+
+def test_answers_are_sampled_with_the_system_prompt_and_the_penalty(monkeypatch):
+    calls = []
+    monkeypatch.setattr(lidr, "generate", lambda *args, **kwargs: calls.append(args) or [("Hi", True)])
+    model, tokenizer = tiny_model()
+    settings = lidr.Settings(repetition_penalty=1.3, system_prompt="Be brief.")
+    lidr.sample_responses(model, tokenizer, [{"id": "a", "en": "Hello"}], ["en", "de"], settings)
+    prompt_ids, penalty = calls[0][2][0], calls[0][5]
+    assert penalty == 1.3 and "Be brief." in tokenizer.decode(prompt_ids)
 
 
 def test_gradient_accumulation_matches_one_big_batch():
@@ -616,6 +658,9 @@ def test_tiny_run_leaves_a_complete_run_folder(tiny_run):
         translations = (run / f"iter_{t}/translations.jsonl").read_text().splitlines()
         assert all({"raw", "translation", "source"} <= set(json.loads(line)) for line in translations)
         assert (run / f"iter_{t}/pairs.jsonl").exists() and (run / f"iter_{t}/metrics.json").exists()
+        assert not any(json.loads(line)["finished"] for line in (run / f"iter_{t}/responses.jsonl").read_text().splitlines())
+        counts = json.loads((run / f"iter_{t}/metrics.json").read_text())["counts"]
+        assert counts["es"]["unfinished"] == len(lidr.BUILTIN_PROMPTS), "a random model never ends: nothing to pair"
         model = AutoModelForCausalLM.from_pretrained(run / f"iter_{t}/model")
         assert model.config.num_hidden_layers == 2
     assert "iter lang  pairs" in output and (run / "summary.txt").exists()
@@ -703,6 +748,7 @@ def test_pipeline_builds_pairs_and_trains_on_them(tmp_path):
     assert {"loss/dpo", "loss/nll", "rewards/margins", "rewards/accuracies", "logps/chosen",
             "optim/lr", "optim/grad_norm"} <= set(log[0])
     assert log[0]["loss/dpo"] == pytest.approx(LN2, abs=1e-4), "first step: policy == reference"
+    assert [line["optim/lr"] for line in log] == pytest.approx([1e-3, 5e-4]), "no warmup step of 2; cosine"
     start = AutoModelForCausalLM.from_pretrained(model_path)
     trained = AutoModelForCausalLM.from_pretrained(run / "model")
     assert not torch.equal(start.model.embed_tokens.weight, trained.model.embed_tokens.weight)
