@@ -389,6 +389,31 @@ def test_bf16_training_keeps_updates_smaller_than_bf16_precision(tmp_path):
     assert fraction_changed(before, plain) < 0.25, "the trap this test guards against no longer shows"
 
 
+def test_master_weights_are_rounded_into_bf16_stochastically(tmp_path):
+    # at lr 5e-7 each step moves the float32 master far less than half a bf16 step: rounding it
+    # to nearest would leave most bf16 weights where they were; stochastic rounding moves ~2x more
+    model, tokenizer = tiny_model()
+    model = model.to(torch.bfloat16)
+    pairs = tokenized_pairs(tokenizer, 8)
+    ref_chosen, ref_rejected = lidr.reference_logps(model, pairs, 8, 0)
+    before = [p.detach().clone() for p in model.parameters()]
+    settings = lidr.Settings(optim="adamw-fp32", lr=5e-7, batch_size=2, micro_batch_size=2, warmup_ratio=0.0, epochs=4)
+    lidr.train(model, pairs, ref_chosen, ref_rejected, settings, 0, tmp_path / "log.jsonl")
+    assert fraction_changed(before, model) > 0.06, "round-to-nearest changes ~4% here, stochastic ~9%"
+
+
+def test_train_passes_weight_decay_and_clipping_through(tmp_path, monkeypatch):
+    seen = {}
+    real_adamw, real_clip = torch.optim.AdamW, torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.optim, "AdamW", lambda *a, **k: seen.update(weight_decay=k["weight_decay"]) or real_adamw(*a, **k))
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda p, m: seen.update(max_norm=m) or real_clip(p, m))
+    model, tokenizer = tiny_model()
+    pairs = tokenized_pairs(tokenizer, 2)
+    settings = lidr.Settings(weight_decay=0.0, max_grad_norm=0.25, batch_size=2, micro_batch_size=2)
+    lidr.train(model, pairs, *lidr.reference_logps(model, pairs, 2, 0), settings, 0, tmp_path / "log.jsonl")
+    assert seen == {"weight_decay": 0.0, "max_norm": 0.25}, "torch's AdamW default decay is 0.01, not 0"
+
+
 def test_tiny_defaults_never_clash_with_a_given_batch_size():
     assert lidr.parse_settings(["--model", "tiny", "--batch-size", "4"]).micro_batch_size == 4
     assert lidr.parse_settings(["--model", "tiny"]).micro_batch_size == lidr.TINY_DEFAULTS["micro_batch_size"]
