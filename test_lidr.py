@@ -368,17 +368,23 @@ def fraction_changed(before, model):
     return changed / sum(old.numel() for old in before)
 
 
-def test_bf16_training_keeps_updates_smaller_than_bf16_precision(tmp_path):
-    # lr 1e-5 moves a weight of 0.02 by less than half a bf16 step (6e-5) per step: plain bf16
-    # AdamW rounds most updates away; float32 master weights add them up until they show.
+def train_bf16_tiny_model(tmp_path, **settings):
+    """Train a bf16 tiny model on 8 pairs, 2 per step; returns it, an untrained copy, its weights
+    before training, and the pairs with their reference log-probs."""
     model, tokenizer = tiny_model()
     model = model.to(torch.bfloat16)
     pairs = tokenized_pairs(tokenizer, 8)
     ref_chosen, ref_rejected = lidr.reference_logps(model, pairs, 8, 0)
-    before = [p.detach().clone() for p in model.parameters()]
-    plain = copy.deepcopy(model)
-    settings = lidr.Settings(lr=1e-5, batch_size=2, micro_batch_size=2, warmup_ratio=0.0, epochs=5)
+    before, untrained = [p.detach().clone() for p in model.parameters()], copy.deepcopy(model)
+    settings = lidr.Settings(batch_size=2, micro_batch_size=2, warmup_ratio=0.0, **settings)
     lidr.train(model, pairs, ref_chosen, ref_rejected, settings, 0, tmp_path / "log.jsonl")
+    return model, untrained, before, pairs, ref_chosen, ref_rejected
+
+
+def test_bf16_training_keeps_updates_smaller_than_bf16_precision(tmp_path):
+    # lr 1e-5 moves a weight of 0.02 by less than half a bf16 step (6e-5) per step: plain bf16
+    # AdamW rounds most updates away; float32 master weights add them up until they show.
+    model, plain, before, pairs, ref_chosen, ref_rejected = train_bf16_tiny_model(tmp_path, lr=1e-5, epochs=5)
     optimizer = torch.optim.AdamW(plain.parameters(), lr=1e-5, weight_decay=0.0)
     for _ in range(20):
         lidr.accumulate_gradients(plain, pairs[:2], ref_chosen[:2], ref_rejected[:2], 0.1, 1.0, 2, 0)
@@ -392,13 +398,7 @@ def test_bf16_training_keeps_updates_smaller_than_bf16_precision(tmp_path):
 def test_master_weights_are_rounded_into_bf16_stochastically(tmp_path):
     # at lr 5e-7 each step moves the float32 master far less than half a bf16 step: rounding it
     # to nearest would leave most bf16 weights where they were; stochastic rounding moves ~2x more
-    model, tokenizer = tiny_model()
-    model = model.to(torch.bfloat16)
-    pairs = tokenized_pairs(tokenizer, 8)
-    ref_chosen, ref_rejected = lidr.reference_logps(model, pairs, 8, 0)
-    before = [p.detach().clone() for p in model.parameters()]
-    settings = lidr.Settings(optim="adamw-fp32", lr=5e-7, batch_size=2, micro_batch_size=2, warmup_ratio=0.0, epochs=4)
-    lidr.train(model, pairs, ref_chosen, ref_rejected, settings, 0, tmp_path / "log.jsonl")
+    model, _, before, *_ = train_bf16_tiny_model(tmp_path, optim="adamw-fp32", lr=5e-7, epochs=4)
     assert fraction_changed(before, model) > 0.06, "round-to-nearest changes ~4% here, stochastic ~9%"
 
 
