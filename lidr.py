@@ -32,19 +32,24 @@ Where this file departs from the paper and the authors' released scripts:
     bf16 weights and moments and stochastic rounding (BF16AdamW): either way small updates are
     not rounded away. Full-parameter 8B training then fits one 80 GB GPU (README: Hardware).
   - --pairing ranked (not in the paper) treats --langs as a ranking and pairs every two languages.
+  - --eval mgsm asks each MGSM question as it is, with no added instruction about the answer's language.
 
 Commands:
-  python lidr.py --iters 2 --model tiny          # offline run of the whole loop on CPU, seconds
-  python lidr.py --iters 2 --prompts tatsu-lab/alpaca   # the paper's setting (its prompts: Alpagasus)
+  python lidr.py --iters 2 --model tiny   # the toy world (end of this file): LIDR closing a built-in
+                                          # language gap on a laptop CPU, in minutes, offline
+  python lidr.py --iters 2 --prompts tatsu-lab/alpaca --eval mgsm,alpaca   # the paper's setting, one GPU
 """
 
 import argparse
+import csv
 import dataclasses
 import hashlib
+import inspect
 import json
 import math
 import os
 import platform
+import random
 import re
 import shutil
 import sys
@@ -72,16 +77,17 @@ class Settings:
     iters: int = setting(2, "LIDR iterations M0 -> M1 -> ... (paper: 2)")
     out: str = setting("", "run folder; default runs/<model>-<langs>-seed<seed>. "
                            "Re-running into the same folder resumes it")
-    seed: int = setting(0, "seed for the tiny model, sampling and the order of training pairs")
+    seed: int = setting(0, "seed for the toy model's pre-training, sampling and the order of training pairs")
     # model
     model: str = setting("meta-llama/Meta-Llama-3-8B-Instruct",
-                         "hub id or local path of a chat model, or 'tiny': a random tiny model "
-                         "built in code (no download, CPU seconds; sets the tiny defaults)")
+                         "hub id or local path of a chat model, or 'tiny': the toy world's 0.9M-parameter model "
+                         "(end of this file), pre-trained on CPU in minutes on first use and cached next to "
+                         "the run folder; sets the tiny defaults")
     device: str = setting("auto", "cpu, cuda, cuda:1, ...; auto = cuda if present")
     dtype: str = setting("auto", "bfloat16 or float32; auto = bfloat16 on GPU, float32 on CPU")
     # step 1: prompts
-    prompts: str = setting("", "a .jsonl/.json file, or a dataset id or folder for "
-                               "datasets.load_dataset (train split); empty = the built-in prompts")
+    prompts: str = setting("", "a .jsonl/.json file, or a dataset id or folder for datasets.load_dataset "
+                               "(train split); toy = the toy world's problems; empty = the built-in prompts")
     prompt_field: str = setting("instruction", "for datasets: the column holding the dominant-language "
                                                "prompt (a non-empty 'input' column is appended, Alpaca-style)")
     langs: str = setting("en,es,ru,de,fr", "comma-separated language codes, dominant first "
@@ -117,11 +123,23 @@ class Settings:
                                  "auto: adamw-fp32 if it fits")
     gradient_checkpointing: str = setting("auto", "on: recompute each layer's activations in the backward "
                                                   "pass instead of storing them; off; auto = on on GPU")
+    # evaluation: M0 and every M_t
+    eval: str = setting("", "comma-separated benchmarks: toy (held-out toy problems, exact answer), mgsm (accuracy "
+                            "by the last number, off-target rate by script), alpaca (answers in AlpacaEval's "
+                            "model_outputs.json format, for a judge to score); empty = none")
+    eval_langs: str = setting("", "languages to evaluate, as in --langs; empty = --langs")
+    eval_limit: int = setting(0, "most problems per benchmark and language; 0 = all")
+    mgsm: str = setting("juletxara/mgsm", "MGSM's problems: a hub dataset id or a folder, holding mgsm_<lang>.tsv")
+    alpaca: str = setting("", "alpaca's instructions: a file or dataset in --prompts' format; "
+                              "empty = the built-in prompts")
 
 
-# --model tiny is for seconds-long runs on CPU: the paper's lengths would only burn time.
-TINY_DEFAULTS = dict(max_new_tokens=48, translation_max_new_tokens=64, lr=1e-4, batch_size=8,
-                     micro_batch_size=8, max_len=512)
+# --model tiny runs the toy world on CPU: its prompts and evaluation, and lengths that fit its answers.
+# No repetition penalty: a toy answer repeats the question's name and object, and often one of its
+# numbers ("12 minus 6" is 6); penalised, the correct answer lost to a neighbour (README: The toy world).
+TINY_DEFAULTS = dict(prompts="toy", eval="toy", num_prompts=300, system_prompt="", repetition_penalty=1.0,
+                     max_new_tokens=48, translation_max_new_tokens=64, lr=1e-4, batch_size=8, micro_batch_size=8,
+                     max_len=512)
 
 # What a resumed run may change: the folder's own name, the number of iterations (to extend a
 # run), and settings that change how fast a run goes, and its results only by float rounding.
@@ -188,28 +206,32 @@ def check_settings(settings: Settings):
         "dtype": (settings.dtype in ("auto", "bfloat16", "float32"), "auto, bfloat16 or float32"),
         "optim": (settings.optim in ("auto", "adamw-fp32", "adamw-bf16"), "auto, adamw-fp32 or adamw-bf16"),
         "gradient_checkpointing": (settings.gradient_checkpointing in ("auto", "on", "off"), "auto, on or off"),
+        "eval": (set(filter(None, settings.eval.split(","))) <= set(BENCHMARKS), "a comma-separated list of "
+                 + ", ".join(BENCHMARKS)),
+        "eval_limit": (settings.eval_limit >= 0, ">= 0"),
     }
     for name, (holds, expected) in rules.items():
         if not holds:
             raise LidrError(f"--{name.replace('_', '-')} must be {expected} (got {getattr(settings, name)})")
     if settings.device.startswith("cuda") and not torch.cuda.is_available():
         raise LidrError(f"--device {settings.device}: no CUDA GPU is visible; use --device cpu")
-    parse_languages(settings.langs)
+    if len(parse_languages(settings.langs)) < 2:
+        raise LidrError(f"--langs needs at least two languages, dominant first (got '{settings.langs}')")
+    if settings.eval_langs:
+        parse_languages(settings.eval_langs, flag="--eval-langs")
 
 
-def parse_languages(spec: str) -> dict[str, str]:
+def parse_languages(spec: str, flag: str = "--langs") -> dict[str, str]:
     """'en,de,xx:Klingon' -> {'en': 'English', 'de': 'German', 'xx': 'Klingon'}, dominant first."""
     languages = {}
     for item in spec.split(","):
         code, _, name = item.strip().partition(":")
         if not name and code not in LANGUAGE_NAMES:
-            raise LidrError(f"--langs: unknown language code '{code}'; known: "
+            raise LidrError(f"{flag}: unknown language code '{code}'; known: "
                             f"{','.join(LANGUAGE_NAMES)}; write '{code}:Name' for others")
         if code in languages:
-            raise LidrError(f"--langs: '{code}' is listed twice")
+            raise LidrError(f"{flag}: '{code}' is listed twice")
         languages[code] = name or LANGUAGE_NAMES[code]
-    if len(languages) < 2:
-        raise LidrError(f"--langs needs at least two languages, dominant first (got '{spec}')")
     return languages
 
 
@@ -249,6 +271,9 @@ def load_prompts(source: str, prompt_field: str, languages: dict[str, str]) -> l
     language_names = sorted(set(LANGUAGE_NAMES.values()) | set(languages.values()))
     if not source:
         records, where = BUILTIN_PROMPTS, "built-in prompts"  # written for this kit, at the end of the file
+    elif source == "toy":
+        check_toy_languages(languages, "--prompts toy")
+        records, where = toy_prompts(), "toy prompts"
     elif source.endswith((".json", ".jsonl")) or os.path.isfile(source):
         records, where = read_prompt_file(Path(source)), source
     else:
@@ -335,14 +360,11 @@ def model_load_error(name: str, error: Exception) -> LidrError:
 
 def load_model(name: str, device: str, dtype: str, system_prompt: str):
     torch_dtype = getattr(torch, dtype)
-    if name == "tiny":
-        model, tokenizer = build_tiny_model()
-    else:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(name)
-            model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
-        except Exception as error:
-            raise model_load_error(name, error) from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
+    except Exception as error:
+        raise model_load_error(name, error) from None
     if any(getattr(model.config, attribute, None) for attribute in ("final_logit_softcapping", "logit_scale",
                                                                      "logits_scaling")):
         raise LidrError(f"model '{name}' transforms its logits after the output layer; "
@@ -363,32 +385,6 @@ def load_model(name: str, device: str, dtype: str, system_prompt: str):
         if isinstance(getattr(module, "attention_dropout", None), float):  # HF attention applies it in train mode
             module.attention_dropout = 0.0
     return model.to(device=device, dtype=torch_dtype).eval(), tokenizer
-
-
-def build_tiny_model():
-    """A randomly initialised 2-layer Llama (~90k parameters) with a byte-level tokenizer and a
-    Llama-3-style chat template, built in code. Untrained, it never ends an answer (it repeats
-    one byte up to the token cap), so the loop runs every stage but builds no pairs."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    byte_to_char = bytes_to_unicode()  # GPT-2's printable stand-in for each of the 256 bytes
-    backend = Tokenizer(models.BPE(vocab={byte_to_char[b]: b for b in range(256)}, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    backend.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token="<|pad|>",
-        additional_special_tokens=["<|start_header_id|>", "<|end_header_id|>"])
-    tokenizer.chat_template = (
-        "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
-        "{{ m['content'] }}<|eot_id|>{% endfor %}"
-        "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    return LlamaForCausalLM(config), tokenizer
 
 
 # ------------------------------------------------------------------------ sampling (step 2)
@@ -894,12 +890,152 @@ def train_on_pairs(model, tokenizer, pairs: list[dict], settings: Settings, log_
     return {**result, "pairs_truncated": truncated, "pairs_prompt_too_long": len(pairs) - len(kept)}
 
 
+# ------------------------------------------------------------------------ evaluate
+# --eval runs on M0 and on every M_t. Each benchmark gives, per language, the prompts to answer
+# and a scorer of one answer; every answer and its scores are kept in the run folder.
+
+# A number: digits, thousands grouped by a comma, point or (no-break) space, maybe a decimal part.
+NUMBER = re.compile(r"(?<!\d)-?\d+(?:[,. \u00a0\u202f]\d{3}(?!\d))*(?:[.,]\d+)?")
+
+
+def last_number(text: str) -> float | None:
+    """MGSM's answer: the last number in the text, None if there is none. '1,250', '1.250' and
+    '1 250' are 1250 (a comma or point before exactly three digits groups thousands); '18,00'
+    and '2.5' are decimals. So '2.125' reads as 2125: MGSM's answers are whole numbers."""
+    numbers = NUMBER.findall(text)
+    if not numbers:
+        return None
+    number = re.sub(r"[ \u00a0\u202f]|[,.](?=\d{3}(?:[,.]|$))", "", numbers[-1])
+    return float(number.replace(",", "."))
+
+
+# Letters of a script, as Unicode ranges. Latin-script languages can't be told apart this way.
+SCRIPT_RANGES = {"cyrillic": [(0x0400, 0x052F)], "thai": [(0x0E00, 0x0E7F)], "bengali": [(0x0980, 0x09FF)],
+                 "telugu": [(0x0C00, 0x0C7F)], "kana": [(0x3040, 0x30FF), (0x31F0, 0x31FF)],
+                 "han": [(0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF)]}
+LANGUAGE_SCRIPTS = {"ru": {"cyrillic"}, "uk": {"cyrillic"}, "th": {"thai"}, "bn": {"bengali"}, "te": {"telugu"},
+                    "zh": {"han"}, "ja": {"han", "kana"}}
+
+
+def script_of(char: str) -> str:
+    return next((script for script, ranges in SCRIPT_RANGES.items()
+                 if any(low <= ord(char) <= high for low, high in ranges)), "other")
+
+
+def off_target(text: str, lang: str) -> bool | None:
+    """Is the answer in another language than asked? Judged by script: off target when fewer than
+    half its letters are in the language's script (Japanese must also use kana, Chinese none).
+    None where the script can't tell (Latin-script languages) or the answer has no letters."""
+    if lang not in LANGUAGE_SCRIPTS:
+        return None
+    scripts = [script_of(c) for c in text if c.isalpha()]
+    if not scripts:
+        return None
+    in_script = sum(s in LANGUAGE_SCRIPTS[lang] for s in scripts) / len(scripts)
+    kana = "kana" in scripts
+    return in_script < 0.5 or (lang == "ja" and not kana) or (lang == "zh" and kana)
+
+
+def read_mgsm(source: str, lang: str) -> list[dict]:
+    """MGSM's test problems in one language, from a folder of mgsm_<lang>.tsv files or a hub
+    dataset: its mgsm_<lang>.tsv (question<TAB>answer, no header; answers may have thousands
+    commas), else its config <lang> with question/answer_number columns."""
+    path = Path(source) / f"mgsm_{lang}.tsv"
+    if not Path(source).is_dir():
+        from huggingface_hub import hf_hub_download  # installed with transformers
+        try:
+            path = Path(hf_hub_download(source, f"mgsm_{lang}.tsv", repo_type="dataset"))
+        except Exception as error:
+            try:  # a copy converted to a plain dataset (recent `datasets` no longer runs MGSM's loading script)
+                table = datasets.load_dataset(source, lang, split="test")
+                return [{"id": f"mgsm-{lang}-{i}", "prompt": row["question"], "gold": float(row["answer_number"])}
+                        for i, row in enumerate(table, 1)]
+            except Exception:
+                raise LidrError(f"--mgsm: could not get mgsm_{lang}.tsv from '{source}': "
+                                f"{first_line(error)}") from None
+    if not path.is_file():
+        raise LidrError(f"--mgsm: {path} not found (MGSM has en,es,fr,de,ru,zh,ja,th,sw,bn,te)")
+    problems = []
+    rows = csv.reader(path.read_text(encoding="utf-8").splitlines(), delimiter="\t")  # MGSM quotes some questions
+    for row in filter(None, rows):  # blank lines are skipped
+        gold = last_number(row[-1]) if len(row) == 2 else None
+        if gold is None or not row[0].strip():
+            raise LidrError(f"{path}:{rows.line_num}: expected a question, a tab and a number")
+        problems.append({"id": f"mgsm-{lang}-{rows.line_num}", "prompt": row[0].strip(), "gold": gold})
+    return problems
+
+
+BENCHMARKS = ("toy", "mgsm", "alpaca")
+
+
+def eval_problems(settings: Settings) -> dict[str, dict[str, list[dict]]]:
+    """{benchmark: {lang: [{"id", "prompt", "gold"}]}}, read before anything runs, so that bad input
+    fails early. gold: the toy's exact answer, MGSM's number, None for alpaca."""
+    languages = parse_languages(settings.eval_langs or settings.langs, "--eval-langs")
+    problems = {}
+    for benchmark in filter(None, settings.eval.split(",")):
+        if benchmark == "toy":
+            check_toy_languages(languages, "--eval toy")
+            problems["toy"] = {lang: toy_eval_problems(lang) for lang in languages}
+        elif benchmark == "mgsm":
+            problems["mgsm"] = {lang: read_mgsm(settings.mgsm, lang) for lang in languages}
+        else:  # records in --prompts' format: the run's dominant language, and those to evaluate
+            records = load_prompts(settings.alpaca, "instruction", {**parse_languages(settings.langs), **languages})
+            problems["alpaca"] = {lang: [{"id": r["id"], "prompt": r[lang], "gold": None} for r in records if lang in r]
+                                  for lang in languages}
+            for lang, items in problems["alpaca"].items():
+                if not items:
+                    raise LidrError(f"--eval alpaca: no '{lang}' instructions in "
+                                    f"{settings.alpaca or 'the built-in prompts'}; pass --alpaca or --eval-langs")
+    return {benchmark: {lang: items[:settings.eval_limit or None] for lang, items in by_lang.items()}
+            for benchmark, by_lang in problems.items()}
+
+
+def score(benchmark: str, answer: str, finished: bool, gold, lang: str) -> dict:
+    """One answer's scores; a language's metrics are their means."""
+    if benchmark == "toy":
+        return {"accuracy": float(answer == gold)}
+    if benchmark == "mgsm":
+        return {"accuracy": float(last_number(answer) == gold), "off_target": off_target(answer, lang)}
+    return {"finished": float(finished), "words": float(len(answer.split()))}
+
+
+def evaluate(model, tokenizer, problems: dict, settings: Settings, folder: Path, model_name: str) -> dict:
+    """Answer every benchmark's problems with the model as it is, the way step 2 samples (chat
+    template, system prompt, decoding), and score the answers. Writes them all to eval_answers.jsonl,
+    and alpaca's in AlpacaEval's model_outputs format to alpaca_<lang>.json. Returns
+    {benchmark: {lang: {metric: mean over the problems}}}."""
+    jobs = [(benchmark, lang, problem) for benchmark, by_lang in problems.items()
+            for lang, items in by_lang.items() for problem in items]
+    ids = [chat_prompt_ids(tokenizer, problem["prompt"], settings.system_prompt) for _, _, problem in jobs]
+    answers = generate(model, tokenizer, ids, settings.max_new_tokens, settings.gen_batch_size,
+                       settings.repetition_penalty, settings.temperature, desc=f"evaluating {model_name}")
+    records = [{"benchmark": benchmark, "lang": lang, **problem, "answer": answer.strip(), "finished": finished,
+                "scores": score(benchmark, answer.strip(), finished, problem["gold"], lang)}
+               for (benchmark, lang, problem), (answer, finished) in zip(jobs, answers)]
+    write_jsonl(folder / "eval_answers.jsonl", records)
+    results = {}
+    for benchmark, by_lang in problems.items():
+        for lang in by_lang:
+            scored = [r for r in records if r["benchmark"] == benchmark and r["lang"] == lang]
+            metrics = results.setdefault(benchmark, {}).setdefault(lang, {})
+            for metric in scored[0]["scores"] if scored else []:
+                values = [r["scores"][metric] for r in scored if r["scores"][metric] is not None]
+                if values:  # off_target is None where the script can't tell
+                    metrics[metric] = sum(values) / len(values)
+            if benchmark == "alpaca":
+                outputs = [{"instruction": r["prompt"], "output": r["answer"], "generator": model_name,
+                            "dataset": f"lidr-{lang}"} for r in scored]
+                write_atomic(folder / f"alpaca_{lang}.json", json.dumps(outputs, ensure_ascii=False, indent=1))
+    return results
+
+
 # ------------------------------------------------------------------------ memory plan: one GPU
 def model_shape(name: str):
     """(config, parameter count) without loading the weights: the model is built on the meta
-    device, which allocates nothing (the tiny model is simply built)."""
+    device, which allocates nothing (the toy model is simply built)."""
     if name == "tiny":
-        model, _ = build_tiny_model()
+        model = untrained_toy_model(toy_tokenizer())
         return model.config, sum(p.numel() for p in model.parameters())
     try:
         config = AutoConfig.from_pretrained(name)
@@ -1062,6 +1198,30 @@ def summary_table(history: list[dict], langs: list[str]) -> str:
     return "\n".join(rows)
 
 
+def eval_table(evaluations: list[dict], dominant: str) -> str:
+    """Per benchmark, metric and language: M0 -> M1 -> ...; rates in percent. Accuracy also as the
+    mean over the languages other than the dominant one, the ones LIDR is meant to lift."""
+    models = " ".join(f"{f'M{t}':>6}" for t in range(len(evaluations)))
+    header = f"{'benchmark':<9} {'metric':<10} {'lang':>6} {models}"
+    rows = [header, "-" * len(header)]
+    for benchmark, by_lang in evaluations[0].items():
+        for metric in ("accuracy", "off_target", "finished", "words"):
+            langs = [lang for lang in by_lang if any(metric in e[benchmark][lang] for e in evaluations)]
+            scale = 1 if metric == "words" else 100
+            for lang in langs:  # a metric can be missing for a model: off_target when no answer has letters
+                values = [evaluation[benchmark][lang].get(metric) for evaluation in evaluations]
+                rows.append(f"{benchmark:<9} {metric:<10} {lang:>6} "
+                            + " ".join("     -" if v is None else f"{v * scale:6.1f}" for v in values))
+            others = [lang for lang in langs if lang != dominant]
+            if metric == "accuracy" and len(others) > 1:
+                means = [sum(evaluation[benchmark][lang][metric] for lang in others) * scale / len(others)
+                         for evaluation in evaluations]
+                rows.append(f"{benchmark:<9} {metric:<10} {'others':>6} " + " ".join(f"{v:6.1f}" for v in means))
+    rows.append(f"accuracy, off_target, finished: % of problems; words: mean answer length; "
+                f"others: mean over the languages but {dominant}. Every answer: iter_<t>/eval_answers.jsonl.")
+    return "\n".join(rows)
+
+
 # ------------------------------------------------------------------------ main: the loop
 def lidr_iteration(model, tokenizer, prompts: list[dict], languages: dict[str, str], settings: Settings,
                    folder: Path) -> dict:
@@ -1082,10 +1242,26 @@ def lidr_iteration(model, tokenizer, prompts: list[dict], languages: dict[str, s
     return {"counts": counts, "translation_failures": failures, "train": trained}
 
 
+def evaluate_once(model, tokenizer, problems: dict, settings: Settings, out: Path, t: int, in_memory: bool) -> dict:
+    """--eval of M_t, kept in iter_<t>/eval.json (reused from it when resuming); in_memory: whether
+    `model` is M_t, so that a missing evaluation can be redone."""
+    folder = out / f"iter_{t}"
+    if (folder / "eval.json").exists():
+        return json.loads((folder / "eval.json").read_text())
+    if not in_memory:
+        raise LidrError(f"{folder / 'eval.json'} is missing and M{t} is not the model being resumed; "
+                        f"to redo it, move the later iter_* folders out of {out}")
+    folder.mkdir(parents=True, exist_ok=True)
+    results = evaluate(model, tokenizer, problems, settings, folder, f"{Path(settings.model).name}-lidr-M{t}")
+    write_atomic(folder / "eval.json", json.dumps(results, indent=2))
+    return results
+
+
 def run(settings: Settings, command: list[str]):
     languages = parse_languages(settings.langs)
     langs = list(languages)
     all_prompts = load_prompts(settings.prompts, settings.prompt_field, languages)
+    problems = eval_problems(settings)
     settings = resolve(settings)
     out = Path(settings.out)
     finished = [t for t in range(1, settings.iters + 1) if (out / f"iter_{t}" / "model").exists()]
@@ -1094,20 +1270,33 @@ def run(settings: Settings, command: list[str]):
     optim = plan_training_memory(config, n_params, settings, device_memory(settings.device))
     settings = dataclasses.replace(settings, optim=optim)
     check_resumable(out, settings)
+    if settings.model == "tiny" and (settings.prompts != "toy" or settings.system_prompt
+                                     or set(filter(None, settings.eval.split(","))) - {"toy"}):
+        print("warning: the toy model knows only the toy world's words: other prompts, system turns and "
+              "benchmarks reach it as <|unk|> tokens")
+    if start_model == "tiny":  # the toy world's M0, pre-trained once and kept next to the run folders
+        start_model = str(toy_model(out.parent, settings.seed, langs))
     transformers.set_seed(settings.seed)
     model, tokenizer = load_model(start_model, settings.device, settings.dtype, settings.system_prompt)
     record_run(out, settings, command)  # only now: bad input above has written nothing
+    if settings.model == "tiny":  # which cached M0 the run started from, and how it was made
+        shutil.copy(Path(start_model) / "toy_recipe.json", out / "toy_recipe.json")
     print(f"run folder {out} | {settings.model}: {sum(p.numel() for p in model.parameters()):,} parameters "
           f"on {settings.device} ({settings.dtype}) | {len(all_prompts)} prompts, "
           f"{min(settings.num_prompts, len(all_prompts))} per iteration, "
           f"{sum(p['translation_task'] for p in all_prompts)} translation tasks | "
           f"langs {','.join(langs)} | pairing {settings.pairing}")
-    history = []
+    history, evaluations = [], []
+    if problems:  # iter_0 holds M0's evaluation
+        evaluations.append(evaluate_once(model, tokenizer, problems, settings, out, 0, in_memory=not finished))
+        print(eval_table(evaluations, langs[0]))
     for t in range(1, settings.iters + 1):
         folder = out / f"iter_{t}"
         if t in finished:
             tqdm.write(f"reusing {folder}")
             history.append(json.loads((folder / "metrics.json").read_text()))
+            if problems:  # a run stopped between saving M_t and evaluating it: M_t is the model loaded
+                evaluations.append(evaluate_once(model, tokenizer, problems, settings, out, t, t == finished[-1]))
             continue
         print(f"== iteration {t}: M{t - 1} -> M{t}")
         folder.mkdir(exist_ok=True)
@@ -1117,11 +1306,17 @@ def run(settings: Settings, command: list[str]):
             tqdm.write(f"no pairs to train on in iteration {t}: M{t} = M{t - 1}")
         write_atomic(folder / "metrics.json", json.dumps(metrics, indent=2))
         save_model(model, tokenizer, folder / "model")  # M_t: the model of iteration t + 1
+        if problems:
+            (folder / "eval.json").unlink(missing_ok=True)  # only there if an earlier M_t was deleted: stale
+            evaluations.append(evaluate_once(model, tokenizer, problems, settings, out, t, in_memory=True))
         history.append(metrics)
         print(summary_table(history, langs))
-    write_atomic(out / "summary.txt", summary_table(history, langs) + "\n")
+        if problems:
+            print(eval_table(evaluations, langs[0]))
+    summary = summary_table(history, langs) + ("\n\n" + eval_table(evaluations, langs[0]) if problems else "")
+    write_atomic(out / "summary.txt", summary + "\n")
     if finished == list(range(1, settings.iters + 1)):
-        print(summary_table(history, langs))
+        print(summary)
     print(f"final model: {out / f'iter_{settings.iters}' / 'model'}")
 
 
@@ -1235,6 +1430,213 @@ BUILTIN_PROMPTS = [  # written for this kit; the same instruction in the five la
      "de": "Übersetze 'good morning, friends' ins Spanische.",
      "fr": "Traduis 'good morning, friends' en espagnol."},
 ]
+
+
+
+# ======================================================================== the toy world
+# A teaching device, not a result about real LLMs. --model tiny is a 0.9M-parameter Llama that
+# lidr pre-trains in a few CPU minutes, in the toy languages of --langs, on a world built in with
+# a language imbalance:
+#   - the task: small arithmetic word problems with one exact answer ("Ana has three apples and
+#     gets four more. How many apples does Ana have now?" -> "Ana has seven apples."), written
+#     in English, Spanish, Russian, German and French from small word lists (word-for-word
+#     templates; the grammar is simplified). Numbers are words, different in every language;
+#   - English, the dominant language, has thousands of correct examples; every other language
+#     fewer, and most of them answered carelessly with the problem's first number;
+#   - translation examples of answer sentences, both ways between English and each language, in
+#     exactly the tagged format of step 3.
+# M0 then answers English well and the others badly, and translates well, so the unchanged loop
+# has real pairs to learn from; --eval toy scores exact answers on held-out problems.
+TOY_LANGS = ("en", "es", "ru", "de", "fr")
+TOY_SYSTEM_PROMPT = TINY_DEFAULTS["system_prompt"]  # none: shorter sequences, faster pre-training
+TOY_NUMBERS = {  # 2, 3, ...
+    "en": "two three four five six seven eight nine ten eleven twelve",
+    "es": "dos tres cuatro cinco seis siete ocho nueve diez once doce",
+    "ru": "два три четыре пять шесть семь восемь девять десять одиннадцать двенадцать",
+    "de": "zwei drei vier fünf sechs sieben acht neun zehn elf zwölf",
+    "fr": "deux trois quatre cinq six sept huit neuf dix onze douze",
+}
+TOY_OBJECTS = {"en": "apples pears coins flowers", "es": "manzanas peras monedas flores",
+               "ru": "яблок груш монет цветов", "de": "Äpfel Birnen Münzen Blumen", "fr": "pommes poires pièces fleurs"}
+TOY_NAMES = "Ana Ben Eva Max Lea Tom Sam Mia".split()
+TOY_TEMPLATES = {  # (gets more, gives away, answer)
+    "en": ("{name} has {a} {obj} and gets {b} more. How many {obj} does {name} have now?",
+           "{name} has {a} {obj} and gives {b} away. How many {obj} does {name} have now?", "{name} has {c} {obj}."),
+    "es": ("{name} tiene {a} {obj} y recibe {b} más. ¿Cuántas {obj} tiene {name} ahora?",
+           "{name} tiene {a} {obj} y regala {b}. ¿Cuántas {obj} tiene {name} ahora?", "{name} tiene {c} {obj}."),
+    "ru": ("{name} имеет {a} {obj} и получает ещё {b}. Сколько {obj} имеет {name} теперь?",
+           "{name} имеет {a} {obj} и отдаёт {b}. Сколько {obj} имеет {name} теперь?", "{name} имеет {c} {obj}."),
+    "de": ("{name} hat {a} {obj} und bekommt {b} dazu. Wie viele {obj} hat {name} jetzt?",
+           "{name} hat {a} {obj} und verschenkt {b}. Wie viele {obj} hat {name} jetzt?", "{name} hat {c} {obj}."),
+    "fr": ("{name} a {a} {obj} et reçoit {b} de plus. Combien de {obj} a {name} maintenant ?",
+           "{name} a {a} {obj} et donne {b}. Combien de {obj} a {name} maintenant ?", "{name} a {c} {obj}."),
+}
+# English: ~2,700 examples, all correct; every weaker language 1,000, 60% careless. With 300 each, M0
+# was as weak but the loop lifted them only +9 points in two iterations; with 800 steps, one seed's
+# M0 translated half its Russian wrong (README: The toy world).
+TOY_RECIPE = dict(largest_number=12, eval_problems=200, weak_examples=1000, weak_careless=0.6,  # the world
+                  hidden_size=128, layers=4, steps=1200, batch_size=64, lr=3e-3)  # M0 and its pre-training
+
+
+def check_toy_languages(languages: dict[str, str], flag: str):
+    if not set(languages) <= set(TOY_LANGS) or next(iter(languages)) != "en":
+        raise LidrError(f"{flag}: the toy world has only {','.join(TOY_LANGS)}, English first "
+                        f"(got {','.join(languages)})")
+
+
+def toy_problem_list() -> list[tuple]:
+    """Every problem (a, b, gives_away, name, object), in one fixed shuffled order: the first
+    TOY_RECIPE["eval_problems"] are held out for --eval toy, the rest are pre-training and loop prompts."""
+    numbers = range(2, TOY_RECIPE["largest_number"] + 1)
+    problems = [(a, b, gives, name, obj) for a in numbers for b in numbers for gives in (False, True)
+                for name in TOY_NAMES for obj in range(4) if (a - b if gives else a + b) in numbers]
+    random.Random(0).shuffle(problems)
+    return problems
+
+
+def toy_answer(lang: str, number: int, name: str, obj: int) -> str:
+    return TOY_TEMPLATES[lang][2].format(name=name, c=TOY_NUMBERS[lang].split()[number - 2],
+                                         obj=TOY_OBJECTS[lang].split()[obj])
+
+
+def toy_text(lang: str, problem: tuple, answer: int | None = None) -> tuple[str, str]:
+    """(question, answer sentence) in one language; answer overrides the correct number."""
+    a, b, gives, name, obj = problem
+    words = TOY_NUMBERS[lang].split()
+    question = TOY_TEMPLATES[lang][gives].format(name=name, a=words[a - 2], b=words[b - 2],
+                                                 obj=TOY_OBJECTS[lang].split()[obj])
+    return question, toy_answer(lang, answer or (a - b if gives else a + b), name, obj)
+
+
+def toy_prompts() -> list[dict]:
+    """--prompts toy: the loop's prompts, the non-held-out problems in every toy language."""
+    return [{"id": f"toy{i}", "translation_task": False, **{lang: toy_text(lang, p)[0] for lang in TOY_LANGS}}
+            for i, p in enumerate(toy_problem_list()[TOY_RECIPE["eval_problems"]:])]
+
+
+def toy_eval_problems(lang: str) -> list[dict]:
+    return [{"id": f"toy-eval{i}", "prompt": question, "gold": answer} for i, (question, answer) in
+            enumerate(toy_text(lang, p) for p in toy_problem_list()[:TOY_RECIPE["eval_problems"]])]
+
+
+def toy_translation_requests(langs) -> list[tuple[str, str]]:
+    """(request, answer) for every answer sentence, English <-> each other language, in step 3's format."""
+    sentences = [(number, name, obj) for number in range(2, TOY_RECIPE["largest_number"] + 1)
+                 for name in TOY_NAMES for obj in range(4)]
+    return [(TRANSLATION_REQUEST.format(source=LANGUAGE_NAMES[source], target=LANGUAGE_NAMES[target],
+                                        text=toy_answer(source, *sentence)),
+             toy_answer(target, *sentence) + "\n</translated>")
+            for lang in langs[1:] for source, target in (("en", lang), (lang, "en")) for sentence in sentences]
+
+
+def toy_tokenizer():
+    """Word-level: a token is a word or a punctuation mark with the whitespace before it, so
+    decoding is exact. The vocabulary is every piece of every text the toy world can write."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = dict(bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token="<|pad|>", unk_token="<|unk|>",
+                    additional_special_tokens=["<|start_header_id|>", "<|end_header_id|>"])
+    split = pre_tokenizers.Split(Regex(r"\s*\w+(?:-\w+)*|\s*[^\w\s]|\s+"), behavior="isolated")
+
+    def tokenizer_with(words):
+        backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<|unk|>"))
+        backend.pre_tokenizer, backend.decoder = split, decoders.Fuse()
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, clean_up_tokenization_spaces=False, **specials)
+        tokenizer.chat_template = (  # Llama-3's layout
+            "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+            "{{ m['content'] }}<|eot_id|>{% endfor %}"
+            "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+        return tokenizer
+
+    # Every prompt as the chat template renders it (rendered once around a placeholder), and every answer.
+    messages = [{"role": "system", "content": TOY_SYSTEM_PROMPT}] if TOY_SYSTEM_PROMPT else []
+    chat = tokenizer_with(["<|unk|>"]).apply_chat_template(messages + [{"role": "user", "content": "\0"}],
+                                                           add_generation_prompt=True, tokenize=False)
+    texts = [TRANSLATION_PREFIX]
+    for lang in TOY_LANGS:
+        for problem in toy_problem_list():
+            question, answer = toy_text(lang, problem)
+            texts += [chat.replace("\0", question), answer]
+    for request, answer in toy_translation_requests(TOY_LANGS):
+        texts += [chat.replace("\0", request), answer]
+    special = re.compile("|".join(map(re.escape, [v for v in specials.values() if isinstance(v, str)]
+                                      + specials["additional_special_tokens"])))
+    pieces = {piece for text in texts for part in special.split(text) for piece, _ in split.pre_tokenize_str(part)}
+    return tokenizer_with(["<|unk|>", *sorted(pieces)])
+
+
+def untrained_toy_model(tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    hidden = TOY_RECIPE["hidden_size"]
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=3 * hidden,
+                         num_hidden_layers=TOY_RECIPE["layers"], num_attention_heads=4, num_key_value_heads=4,
+                         max_position_embeddings=1024, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return LlamaForCausalLM(config)
+
+
+def toy_pretraining_data(tokenizer, seed: int, langs) -> list[tuple[list[int], int]]:
+    """(ids, prompt length) sequences in lidr's chat format: word problems (every English one, a
+    few careless ones per other language) and translations of answer sentences."""
+    rng = random.Random(seed)
+    problems = toy_problem_list()[TOY_RECIPE["eval_problems"]:]
+    examples = [toy_text("en", p) for p in problems]
+    for lang in langs[1:]:
+        for a, b, gives, name, obj in rng.sample(problems, TOY_RECIPE["weak_examples"]):
+            careless = rng.random() < TOY_RECIPE["weak_careless"]
+            examples.append(toy_text(lang, (a, b, gives, name, obj), answer=a if careless else None))
+    end_of_turn = end_of_turn_id(tokenizer)
+    sequences = []
+    for user_text, answer, prefix in ([(q, a, "") for q, a in examples]
+                                      + [(q, a, TRANSLATION_PREFIX) for q, a in toy_translation_requests(langs)]):
+        prompt = chat_prompt_ids(tokenizer, user_text, TOY_SYSTEM_PROMPT, prefix)
+        sequences.append((prompt + tokenizer(answer, add_special_tokens=False).input_ids + [end_of_turn], len(prompt)))
+    return sequences
+
+
+def toy_model_folder(root: Path, seed: int, langs) -> Path:
+    """root/tiny-m0-<langs>-seed<seed>-<recipe hash>: any change to the toy's data, model or
+    pre-training (its code included) makes another M0."""
+    functions = (toy_problem_list, toy_text, toy_answer, toy_translation_requests, toy_tokenizer,
+                 untrained_toy_model, toy_pretraining_data, toy_model)
+    recipe = json.dumps([TOY_RECIPE, TOY_TEMPLATES, TOY_NUMBERS, TOY_OBJECTS, TOY_NAMES, TOY_SYSTEM_PROMPT,
+                         TRANSLATION_REQUEST, TRANSLATION_PREFIX, LANGUAGE_NAMES])
+    recipe += "".join(inspect.getsource(function) for function in functions)
+    return root / f"tiny-m0-{'-'.join(langs)}-seed{seed}-{hashlib.sha256(recipe.encode()).hexdigest()[:8]}"
+
+
+def toy_model(root: Path, seed: int, langs) -> Path:
+    """The toy M0 of a seed, in the toy languages of the run: pre-trained once (NLL of the answers,
+    with lidr's own log-probs), then kept in toy_model_folder for every later run."""
+    folder = toy_model_folder(root, seed, langs)
+    if (folder / "toy_recipe.json").exists():  # written last: the model is complete
+        return folder
+    torch.manual_seed(seed)
+    tokenizer = toy_tokenizer()
+    model = untrained_toy_model(tokenizer).train()
+    sequences = toy_pretraining_data(tokenizer, seed, langs)
+    steps, batch_size = TOY_RECIPE["steps"], TOY_RECIPE["batch_size"]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=TOY_RECIPE["lr"], betas=(0.9, 0.98), weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, 0.05))
+    rng = random.Random(seed)
+    bar = tqdm(range(steps), desc=f"pre-training the toy M0 (once, kept in {folder})", unit="step")
+    for _ in bar:
+        input_ids, attention_mask, labels = collate(rng.choices(sequences, k=batch_size), tokenizer.pad_token_id)
+        logps, lengths = sequence_logps(model, input_ids, attention_mask, labels)
+        loss = -logps.sum() / lengths.sum()  # mean NLL per answer token
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        schedule.step()
+        bar.set_postfix_str(f"loss {loss.item():.3f}")
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)  # a cache that a crash left without its recipe
+    save_model(model.eval(), tokenizer, folder)
+    record = {"m0": str(folder.resolve()), "seed": seed, "langs": list(langs), **TOY_RECIPE}
+    write_atomic(folder / "toy_recipe.json", json.dumps(record, indent=2))
+    return folder
 
 
 if __name__ == "__main__":

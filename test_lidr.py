@@ -20,16 +20,42 @@ from transformers import AutoModelForCausalLM
 import lidr
 
 ROOT = Path(__file__).resolve().parent
-# Benchmarks are opt-in: `pytest -m bench -s test_lidr.py`. The mark is only a selector, so
-# pytest's warning about an unregistered mark is silenced here rather than in a config file.
-warnings.filterwarnings("ignore", "Unknown pytest.mark.bench", pytest.PytestUnknownMarkWarning)
+# Benchmarks (`pytest -m bench -s test_lidr.py`) and the toy world's end-to-end tests (`pytest -m toy
+# test_lidr.py`) are opt-in. The marks are only selectors, so pytest's warning about unregistered
+# marks is silenced here rather than in a config file.
+warnings.filterwarnings("ignore", "Unknown pytest.mark.(bench|toy)", pytest.PytestUnknownMarkWarning)
 SYSTEM = "You are a helpful assistant."
 LN2 = math.log(2)
 
 
+def build_byte_level_model():
+    """A randomly initialised 2-layer Llama (~90k parameters) with a byte-level tokenizer (any text
+    round-trips, unlike the toy world's word-level one) and a Llama-3-style chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    byte_to_char = bytes_to_unicode()  # GPT-2's printable stand-in for each of the 256 bytes
+    backend = Tokenizer(models.BPE(vocab={byte_to_char[b]: b for b in range(256)}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token="<|pad|>",
+        additional_special_tokens=["<|start_header_id|>", "<|end_header_id|>"])
+    tokenizer.chat_template = (
+        "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+        "{{ m['content'] }}<|eot_id|>{% endfor %}"
+        "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return LlamaForCausalLM(config), tokenizer
+
+
 def tiny_model(seed=0, **config):
     torch.manual_seed(seed)
-    model, tokenizer = lidr.build_tiny_model()
+    model, tokenizer = build_byte_level_model()
     for name, value in config.items():
         setattr(model.config, name, value)
     return model.eval(), tokenizer
@@ -130,7 +156,7 @@ def test_truncation_cuts_answers_and_keeps_the_prompt_whole():
 def test_greedy_batched_generation_equals_one_at_a_time():
     # a larger initialisation makes the random model's output vary token to token
     torch.manual_seed(1)
-    model, tokenizer = lidr.build_tiny_model()
+    model, tokenizer = build_byte_level_model()
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.3)
@@ -419,13 +445,6 @@ def test_tiny_defaults_never_clash_with_a_given_batch_size():
     assert lidr.parse_settings(["--model", "tiny"]).micro_batch_size == lidr.TINY_DEFAULTS["micro_batch_size"]
 
 
-def test_run_records_the_command_it_was_given(tmp_path):
-    argv = ["--model", "tiny", "--iters", "1", "--num-prompts", "2", "--max-new-tokens", "4",
-            "--translation-max-new-tokens", "4", "--out", str(tmp_path / "run")]
-    assert lidr.main(argv) == 0
-    assert json.loads((tmp_path / "run" / "settings.json").read_text())["command"][1:] == ["lidr.py", *argv]
-
-
 # ------------------------------------------------------------------------ memory-lean training
 def full_vocab_sequence_logps(model, input_ids, attention_mask, labels):
     """The simplest correct log-probs: float32 logits over the whole vocabulary for every position."""
@@ -584,6 +603,126 @@ def test_a_run_that_cannot_fit_is_refused_before_loading(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+# ------------------------------------------------------------------------ evaluation
+@pytest.mark.parametrize("text, expected", [
+    ("Janet sells 16 - 3 - 4 = 9 eggs, so she makes 9 * 2 = $18.", 18),
+    ("La respuesta es 1,250 euros.", 1250),
+    ("Sie verdient 1.250 Euro.", 1250),
+    ("Ответ: 70 000 рублей", 70000),
+    ("Il gagne 18,00 $", 18),
+    ("1.234,56 oder 1,234.56", 1234.56),
+    ("It takes 2.5 hours.", 2.5),
+    ("Ответ: -3.", -3),
+    ("pages 10-12", 12),
+    ("The answer is 42.", 42),
+    ("I don't know.", None),
+])
+def test_last_number_is_the_answer(text, expected):
+    assert lidr.last_number(text) == expected
+
+
+@pytest.mark.parametrize("text, lang, expected", [
+    ("У Джанет осталось 9 яиц, ответ 18.", "ru", False),
+    ("Janet has 9 eggs left, so 18.", "ru", True),
+    ("答えは18です。", "ja", False),  # kana: Japanese
+    ("答案是18。", "ja", True),  # Han only: Chinese, not Japanese
+    ("答案是18。", "zh", False),
+    ("答えは18です。", "zh", True),
+    ("คำตอบคือ 18", "th", False),
+    ("উত্তর 18", "bn", False),
+    ("The answer is 18.", "de", None),  # Latin script: can't tell
+    ("18", "ru", None),  # no letters
+])
+def test_off_target_by_script(text, lang, expected):
+    assert lidr.off_target(text, lang) is expected
+
+
+MGSM_EN = ('Janet\'s ducks lay 16 eggs per day. She eats three and bakes with four. She sells the rest at $2 each. '
+           'How much does she make every day?\t18\n'
+           '"A robe takes 2 bolts of ""blue"" fiber and half that much white fiber. How many bolts in total?"\t3\n'
+           'Josh flips a house for a profit. How much did he make?\t70,000\n')
+MGSM_RU = ("Утки Джанет несут 16 яиц в день. Сколько она зарабатывает?\t18\n"
+           "Сколько рулонов нужно на халат?\t3\n")
+
+
+def test_mgsm_problems_answers_and_scores(tmp_path, monkeypatch):
+    """MGSM's TSV format, the last number of the answer against the gold number, off-target by script."""
+    write(tmp_path / "mgsm_en.tsv", MGSM_EN)
+    write(tmp_path / "mgsm_ru.tsv", MGSM_RU)
+    settings = lidr.parse_settings(["--eval", "mgsm", "--mgsm", str(tmp_path), "--langs", "en,ru"])
+    problems = lidr.eval_problems(settings)
+    assert [p["gold"] for p in problems["mgsm"]["en"]] == [18, 3, 70000], "thousands commas are part of the number"
+    assert problems["mgsm"]["en"][1]["prompt"].startswith('A robe takes 2 bolts of "blue" fiber'), "TSV quoting"
+    written = {  # what the model answers, per question
+        problems["mgsm"]["en"][0]["prompt"]: "16 - 3 - 4 = 9 eggs, and 9 * $2 = $18. The answer is 18.",
+        problems["mgsm"]["en"][1]["prompt"]: "2 + 1 = 3 bolts, or is it 4?",  # last number: 4, wrong
+        problems["mgsm"]["en"][2]["prompt"]: "He made $70,000.",
+        problems["mgsm"]["ru"][0]["prompt"]: "Она продаёт 9 яиц по 2 доллара: 18.",
+        problems["mgsm"]["ru"][1]["prompt"]: "It needs 3 bolts.",  # right number, wrong language
+    }
+    fake_generate(monkeypatch, written)
+    model, tokenizer = tiny_model()
+    results = lidr.evaluate(model, tokenizer, problems, settings, tmp_path, "tiny-M0")
+    assert results["mgsm"]["en"] == {"accuracy": pytest.approx(2 / 3)}, "en can't be judged off target by script"
+    assert results["mgsm"]["ru"] == {"accuracy": 1.0, "off_target": 0.5}
+    answers = lidr.read_jsonl(tmp_path / "eval_answers.jsonl")
+    assert [a["scores"]["accuracy"] for a in answers if a["lang"] == "en"] == [1.0, 0.0, 1.0]
+
+
+def fake_generate(monkeypatch, answers: dict):
+    """lidr.generate answering each prompt with the text written for the question it contains."""
+    def generate(model, tokenizer, prompts, *args, **kwargs):
+        texts = [tokenizer.decode(ids) for ids in prompts]
+        return [(next(a for q, a in answers.items() if q in text), True) for text in texts]
+    monkeypatch.setattr(lidr, "generate", generate)
+
+
+def test_alpaca_answers_are_written_for_alpaca_eval(tmp_path, monkeypatch):
+    settings = lidr.parse_settings(["--eval", "alpaca", "--langs", "en,de", "--eval-limit", "2"])
+    problems = lidr.eval_problems(settings)
+    assert [p["prompt"] for p in problems["alpaca"]["de"]] == [r["de"] for r in lidr.BUILTIN_PROMPTS[:2]]
+    fake_generate(monkeypatch, {p["prompt"]: f"answer {i}" for by_lang in problems["alpaca"].values()
+                                for i, p in enumerate(by_lang)})
+    model, tokenizer = tiny_model()
+    results = lidr.evaluate(model, tokenizer, problems, settings, tmp_path, "tiny-lidr-M1")
+    outputs = json.loads((tmp_path / "alpaca_de.json").read_text())
+    assert outputs == [{"instruction": lidr.BUILTIN_PROMPTS[i]["de"], "output": f"answer {i}",
+                        "generator": "tiny-lidr-M1", "dataset": "lidr-de"} for i in range(2)]
+    assert results["alpaca"]["de"] == {"finished": 1.0, "words": 2.0}
+
+
+def test_eval_table_shows_every_model_and_the_mean_of_the_weaker_languages():
+    evaluations = [{"toy": {"en": {"accuracy": 0.9}, "de": {"accuracy": 0.2}, "fr": {"accuracy": 0.4}},
+                    "mgsm": {"ru": {"accuracy": 0.1}}},
+                   {"toy": {"en": {"accuracy": 0.95}, "de": {"accuracy": 0.5}, "fr": {"accuracy": 0.5}},
+                    "mgsm": {"ru": {"accuracy": 0.3, "off_target": 0.25}}}]
+    rows = [row.split() for row in lidr.eval_table(evaluations, "en").splitlines()]
+    assert rows[0][-2:] == ["M0", "M1"]
+    assert rows[2] == ["toy", "accuracy", "en", "90.0", "95.0"]
+    assert rows[5] == ["toy", "accuracy", "others", "30.0", "50.0"]
+    assert ["mgsm", "off_target", "ru", "-", "25.0"] in rows, "a metric M0 lacks still gets its row"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--eval", "mmlu"], "--eval must be a comma-separated list of toy, mgsm, alpaca"),
+    (["--eval", "mgsm", "--mgsm", "{empty}"], "mgsm_en.tsv not found"),
+    (["--eval", "mgsm", "--mgsm", "{badtsv}"], "mgsm_en.tsv:2: expected a question, a tab and a number"),
+    (["--eval", "toy", "--langs", "en,ja"], "the toy world has only en,es,ru,de,fr"),
+    (["--langs", "de,en"], "the toy world has only en,es,ru,de,fr, English first"),
+    (["--eval-langs", "en,xx"], "--eval-langs: unknown language code 'xx'"),
+    (["--eval", "alpaca", "--prompts", "", "--eval-langs", "en,zh"], "--eval alpaca: no 'zh' instructions"),
+])
+def test_bad_eval_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, argv, message):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "badtsv").mkdir()
+    write(tmp_path / "badtsv" / "mgsm_en.tsv", "What is 1 + 1?\t2\nno answer here\n")
+    argv = [a.format(empty=tmp_path / "empty", badtsv=tmp_path / "badtsv") for a in argv]
+    assert lidr.main(["--model", "tiny", "--out", str(tmp_path / "run"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
 # ------------------------------------------------------------------------ bad input
 def write(path, text):
     path.write_text(text, encoding="utf-8")
@@ -663,64 +802,6 @@ def run_lidr(*args, cwd):
     return result.stdout + result.stderr
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """The README's quickstart, `python lidr.py --iters 2 --model tiny`, into a temp folder."""
-    folder = tmp_path_factory.mktemp("tiny")
-    output = run_lidr("--iters", "2", "--model", "tiny", "--out", "run", cwd=folder)
-    return folder / "run", output
-
-
-def test_tiny_run_leaves_a_complete_run_folder(tiny_run):
-    run, output = tiny_run
-    settings = json.loads((run / "settings.json").read_text())
-    assert settings["settings"]["model"] == "tiny" and settings["settings"]["lr"] == lidr.TINY_DEFAULTS["lr"]
-    assert {"torch", "transformers"} <= set(settings["versions"]) and "lidr.py" in " ".join(settings["command"])
-    assert (run / "lidr.py").read_text() == (ROOT / "lidr.py").read_text()
-    for t in (1, 2):
-        responses = [json.loads(line) for line in (run / f"iter_{t}/responses.jsonl").read_text().splitlines()]
-        assert len(responses) == len(lidr.BUILTIN_PROMPTS) * 5
-        translations = (run / f"iter_{t}/translations.jsonl").read_text().splitlines()
-        assert all({"raw", "translation", "source"} <= set(json.loads(line)) for line in translations)
-        assert (run / f"iter_{t}/pairs.jsonl").exists() and (run / f"iter_{t}/metrics.json").exists()
-        assert not any(json.loads(line)["finished"] for line in (run / f"iter_{t}/responses.jsonl").read_text().splitlines())
-        counts = json.loads((run / f"iter_{t}/metrics.json").read_text())["counts"]
-        assert counts["es"]["unfinished"] == len(lidr.BUILTIN_PROMPTS), "a random model never ends: nothing to pair"
-        model = AutoModelForCausalLM.from_pretrained(run / f"iter_{t}/model")
-        assert model.config.num_hidden_layers == 2
-    assert "iter lang  pairs" in output and (run / "summary.txt").exists()
-
-
-def test_resumed_run_reuses_finished_stages(tiny_run):
-    run, _ = tiny_run
-    # commands.log gains a line per invocation; summary.txt is the table, redrawn from metrics.json
-    def artifacts():
-        return {p: p.stat().st_mtime_ns for p in run.rglob("*")
-                if p.is_file() and p.name not in ("commands.log", "summary.txt")}
-    before = artifacts()
-    output = run_lidr("--iters", "2", "--model", "tiny", "--out", str(run), cwd=run.parent)
-    assert f"reusing {run / 'iter_1'}" in output and f"reusing {run / 'iter_2'}" in output
-    after = artifacts()
-    assert {p: after[p] for p in before} == before, "a resumed run must not rewrite finished artifacts"
-    assert len((run / "commands.log").read_text().splitlines()) == 2
-    # an iteration that died before saving its model redoes only the unfinished stages
-    shutil.rmtree(run / "iter_2" / "model")
-    output = run_lidr("--iters", "2", "--model", "tiny", "--out", str(run), cwd=run.parent)
-    for name in ("prompts", "responses", "translations"):
-        assert f"reusing {run / 'iter_2' / name}.jsonl" in output
-    for name in ("prompts", "responses", "translations", "pairs"):
-        assert (run / "iter_2" / f"{name}.jsonl").stat().st_mtime_ns == before[run / "iter_2" / f"{name}.jsonl"]
-    assert (run / "iter_2" / "model" / "config.json").exists()
-
-
-def test_resume_with_other_settings_is_refused(tiny_run, capsys):
-    run, _ = tiny_run
-    log = (run / "commands.log").read_text()
-    assert lidr.main(["--model", "tiny", "--out", str(run), "--beta", "0.5"]) == 2
-    assert "--beta 0.1 -> 0.5" in capsys.readouterr().err
-    assert (run / "commands.log").read_text() == log, "a refused run writes nothing into the folder"
-
-
 def steered_tiny_model(folder: Path) -> Path:
     """A tiny model fitted for a few seconds to answer 'Sure.' and to translate anything as
     'Ja.' in the tagged format, so the loop's translations parse and real pairs get built.
@@ -749,17 +830,29 @@ def steered_tiny_model(folder: Path) -> Path:
     return folder / "steered"
 
 
-def test_pipeline_builds_pairs_and_trains_on_them(tmp_path):
-    model_path = steered_tiny_model(tmp_path)
-    prompts = [{"id": "a", "en": "Give three tips for staying healthy.", "de": "Nenne drei Tipps.", "fr": "Donne trois conseils."},
-               {"id": "b", "en": "What is the capital of Australia?", "de": "Was ist die Hauptstadt von Australien?"},
-               {"id": "c", "translation_task": True, "en": "Say 'cat' in French.", "de": "Sag 'cat' auf Französisch.",
-                "fr": "Dis 'cat' en français."}]
-    write(tmp_path / "prompts.jsonl", "".join(json.dumps(p) + "\n" for p in prompts))
-    run_lidr("--iters", "2", "--model", str(model_path), "--prompts", "prompts.jsonl", "--langs", "en,de,fr",
-             "--out", "run", "--max-new-tokens", "12", "--translation-max-new-tokens", "16", "--lr", "1e-3",
-             "--batch-size", "4", "--micro-batch-size", "2", "--max-len", "512", cwd=tmp_path)
-    run = tmp_path / "run" / "iter_1"
+STEERED_PROMPTS = [
+    {"id": "a", "en": "Give three tips for staying healthy.", "de": "Nenne drei Tipps.", "fr": "Donne trois conseils."},
+    {"id": "b", "en": "What is the capital of Australia?", "de": "Was ist die Hauptstadt von Australien?"},
+    {"id": "c", "translation_task": True, "en": "Say 'cat' in French.", "de": "Sag 'cat' auf Französisch.",
+     "fr": "Dis 'cat' en français."}]
+STEERED_RUN = ["--iters", "2", "--prompts", "prompts.jsonl", "--langs", "en,de,fr", "--max-new-tokens", "12",
+               "--translation-max-new-tokens", "16", "--lr", "1e-3", "--batch-size", "4", "--micro-batch-size", "2",
+               "--max-len", "512", "--eval", "alpaca", "--eval-limit", "2"]
+
+
+@pytest.fixture(scope="session")
+def steered_run(tmp_path_factory):
+    """The whole loop, in a subprocess, on the steered model: seconds, and real pairs."""
+    folder = tmp_path_factory.mktemp("steered")
+    model_path = steered_tiny_model(folder)
+    write(folder / "prompts.jsonl", "".join(json.dumps(p) + "\n" for p in STEERED_PROMPTS))
+    output = run_lidr(*STEERED_RUN, "--model", str(model_path), "--out", "run", cwd=folder)
+    return folder / "run", model_path, output
+
+
+def test_pipeline_builds_pairs_and_trains_on_them(steered_run):
+    out, model_path, _ = steered_run
+    run = out / "iter_1"
     completed = {r["id"]: r for r in map(json.loads, (run / "prompts.jsonl").read_text().splitlines())}
     assert completed["b"]["fr"] == "Ja.", "a missing language is filled by the model's own translation"
     pairs = [json.loads(line) for line in (run / "pairs.jsonl").read_text().splitlines()]
@@ -777,7 +870,152 @@ def test_pipeline_builds_pairs_and_trains_on_them(tmp_path):
     start = AutoModelForCausalLM.from_pretrained(model_path)
     trained = AutoModelForCausalLM.from_pretrained(run / "model")
     assert not torch.equal(start.model.embed_tokens.weight, trained.model.embed_tokens.weight)
-    assert (tmp_path / "run" / "iter_2" / "model" / "config.json").exists()
+    assert (out / "iter_2" / "model" / "config.json").exists()
+
+
+def test_a_run_leaves_a_complete_run_folder(steered_run):
+    run, _, output = steered_run
+    settings = json.loads((run / "settings.json").read_text())
+    assert settings["settings"]["langs"] == "en,de,fr" and settings["settings"]["eval"] == "alpaca"
+    assert {"torch", "transformers"} <= set(settings["versions"]) and "lidr.py" in " ".join(settings["command"])
+    assert (run / "lidr.py").read_text() == (ROOT / "lidr.py").read_text()
+    for t in (1, 2):
+        responses = lidr.read_jsonl(run / f"iter_{t}/responses.jsonl")
+        assert len(responses) == 9, "3 prompts in 3 languages, one of them translated by the model"
+        assert all({"raw", "translation", "source"} <= set(r) for r in lidr.read_jsonl(run / f"iter_{t}/translations.jsonl"))
+        assert json.loads((run / f"iter_{t}/metrics.json").read_text())["train"] is not None
+    for t in (0, 1, 2):  # M0, M1, M2
+        evaluation = json.loads((run / f"iter_{t}/eval.json").read_text())
+        assert set(evaluation["alpaca"]) == {"en", "de", "fr"}
+        assert len(lidr.read_jsonl(run / f"iter_{t}/eval_answers.jsonl")) == 3 * 2
+        outputs = json.loads((run / f"iter_{t}/alpaca_de.json").read_text())
+        assert [o["generator"] for o in outputs] == [f"steered-lidr-M{t}"] * 2
+    summary = (run / "summary.txt").read_text()
+    assert "iter lang  pairs" in summary and "alpaca    finished" in summary and " M2" in summary
+    assert "iter lang  pairs" in output
+
+
+def test_run_records_the_command_it_was_given(steered_run):
+    run, model_path, _ = steered_run
+    out = run.parent / "command"
+    argv = [*STEERED_RUN[:-4], "--iters", "1", "--model", str(model_path), "--out", str(out)]
+    argv[argv.index("prompts.jsonl")] = str(run.parent / "prompts.jsonl")
+    assert lidr.main(argv) == 0
+    assert json.loads((out / "settings.json").read_text())["command"][1:] == ["lidr.py", *argv]
+
+
+def test_resumed_run_reuses_finished_stages(steered_run):
+    run, model_path, _ = steered_run
+    # commands.log gains a line per invocation; summary.txt is the table, redrawn from metrics.json
+    def artifacts():
+        return {p: p.stat().st_mtime_ns for p in run.rglob("*")
+                if p.is_file() and p.name not in ("commands.log", "summary.txt")}
+    before = artifacts()
+    argv = [*STEERED_RUN, "--model", str(model_path), "--out", str(run)]
+    output = run_lidr(*argv, cwd=run.parent)
+    assert f"reusing {run / 'iter_1'}" in output and f"reusing {run / 'iter_2'}" in output
+    after = artifacts()
+    assert {p: after[p] for p in before} == before, "a resumed run must not rewrite finished artifacts"
+    assert len((run / "commands.log").read_text().splitlines()) == 2
+    # an iteration that died before saving its model redoes only the unfinished stages, and its evaluation
+    shutil.rmtree(run / "iter_2" / "model")
+    output = run_lidr(*argv, cwd=run.parent)
+    for name in ("prompts", "responses", "translations"):
+        assert f"reusing {run / 'iter_2' / name}.jsonl" in output
+    for name in ("prompts", "responses", "translations", "pairs"):
+        assert (run / "iter_2" / f"{name}.jsonl").stat().st_mtime_ns == before[run / "iter_2" / f"{name}.jsonl"]
+    assert (run / "iter_2" / "model" / "config.json").exists()
+    assert (run / "iter_2" / "eval.json").stat().st_mtime_ns > before[run / "iter_2" / "eval.json"]
+    # a run that stopped between saving M2 and evaluating it evaluates M2 when resumed
+    (run / "iter_2" / "eval.json").unlink()
+    run_lidr(*argv, cwd=run.parent)
+    assert set(json.loads((run / "iter_2" / "eval.json").read_text())["alpaca"]) == {"en", "de", "fr"}
+
+
+def test_resume_with_other_settings_is_refused(steered_run, capsys, monkeypatch):
+    run, model_path, _ = steered_run
+    monkeypatch.chdir(run.parent)  # where the run's relative --prompts path points
+    log = (run / "commands.log").read_text()
+    assert lidr.main([*STEERED_RUN, "--model", str(model_path), "--out", str(run), "--beta", "0.5"]) == 2
+    assert "--beta 0.1 -> 0.5" in capsys.readouterr().err
+    assert (run / "commands.log").read_text() == log, "a refused run writes nothing into the folder"
+
+
+# ------------------------------------------------------------------------ the toy world
+def test_toy_eval_problems_are_held_out():
+    eval_questions = {p["prompt"] for lang in lidr.TOY_LANGS for p in lidr.toy_eval_problems(lang)}
+    loop_questions = {p[lang] for p in lidr.toy_prompts() for lang in lidr.TOY_LANGS}
+    tokenizer = lidr.toy_tokenizer()
+    user_turns = {tokenizer.decode(ids[:length]).split("user<|end_header_id|>\n\n")[1].split("<|eot_id|>")[0]
+                  for ids, length in lidr.toy_pretraining_data(tokenizer, 0, lidr.TOY_LANGS)}
+    assert len(eval_questions) == 5 * lidr.TOY_RECIPE["eval_problems"]
+    assert len(user_turns) > 1000 and not eval_questions & (loop_questions | user_turns)
+
+
+def test_a_changed_toy_recipe_is_a_new_cached_model(monkeypatch):
+    folder = lidr.toy_model_folder(Path("runs"), 0, ["en", "de"])
+    assert lidr.toy_model_folder(Path("runs"), 1, ["en", "de"]) != folder
+    assert lidr.toy_model_folder(Path("runs"), 0, ["en", "fr"]) != folder
+    monkeypatch.setitem(lidr.TOY_RECIPE, "weak_careless", 0.5)
+    assert lidr.toy_model_folder(Path("runs"), 0, ["en", "de"]) != folder
+
+
+def test_toy_tokenizer_round_trips_every_toy_text_without_unknown_words():
+    """As lidr tokenises them: chat prompts whole, answers on their own."""
+    tokenizer = lidr.toy_tokenizer()
+    problems = [lidr.toy_text(lang, p) for lang in lidr.TOY_LANGS for p in lidr.toy_problem_list()[:50]]
+    requests = lidr.toy_translation_requests(lidr.TOY_LANGS)[::40]
+    system = lidr.TOY_SYSTEM_PROMPT
+    prompts = ([lidr.chat_prompt_ids(tokenizer, question, system) for question, _ in problems]
+               + [lidr.chat_prompt_ids(tokenizer, request, system, lidr.TRANSLATION_PREFIX) for request, _ in requests])
+    answers = [tokenizer(answer, add_special_tokens=False).input_ids for _, answer in problems + requests]
+    for ids, text in zip(answers, [answer for _, answer in problems + requests]):
+        assert tokenizer.decode(ids) == text
+    assert not any(tokenizer.unk_token_id in ids for ids in prompts + answers)
+    assert lidr.end_of_turn_id(tokenizer) == tokenizer.convert_tokens_to_ids("<|eot_id|>")
+
+
+# `python lidr.py --iters 2 --model tiny` at a faster setting: a toy world of two languages, 100
+# prompts per iteration instead of 300, 100 held-out problems per language instead of 200. Its M0
+# still pre-trains for minutes (fewer optimizer steps leave it without the imbalance the loop
+# needs), so these tests are opt-in: `python -m pytest -q -m toy test_lidr.py` (CI runs them).
+FAST_TOY_RUN = ["--iters", "2", "--model", "tiny", "--langs", "en,de", "--num-prompts", "100", "--eval-limit", "100"]
+MIN_FAST_GAIN = 0.05  # German's accuracy, M0 -> M2, at that setting
+
+
+@pytest.fixture(scope="session")
+def toy_run(request, tmp_path_factory):
+    if "toy" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("pre-trains the toy model for minutes: run with pytest -m toy")
+    folder = tmp_path_factory.mktemp("toy")
+    output = run_lidr(*FAST_TOY_RUN, "--out", "run", cwd=folder)
+    return folder / "run", output
+
+
+@pytest.mark.toy
+def test_the_loop_closes_the_toy_language_gap(toy_run):
+    """LIDR working, on held-out toy problems: the weaker language's accuracy rises from M0 to M2,
+    and English does not fall by more than 2 points. (The README's quickstart, five languages and
+    300 prompts per iteration, gains more: >= 10 points on each of 3 seeds.)"""
+    run, output = toy_run
+    evaluations = [json.loads((run / f"iter_{t}" / "eval.json").read_text())["toy"] for t in (0, 1, 2)]
+    german = [e["de"]["accuracy"] for e in evaluations]
+    english = [e["en"]["accuracy"] for e in evaluations]
+    assert english[0] >= 0.9 and german[0] <= english[0] - 0.3, f"M0 must have the imbalance: {evaluations[0]}"
+    assert german[2] - german[0] >= MIN_FAST_GAIN, f"the weaker language must gain: {german}"
+    assert english[2] >= english[0] - 0.02, f"English must not fall by more than 2 points: {english}"
+    assert "toy       accuracy   others" not in output and "toy       accuracy       de" in output
+
+
+@pytest.mark.toy
+def test_a_toy_run_records_the_cached_m0_it_started_from(toy_run):
+    run, _ = toy_run
+    cache = [p for p in run.parent.iterdir() if p.name.startswith("tiny-m0-en-de-seed0-")]
+    assert len(cache) == 1 and json.loads((run / "toy_recipe.json").read_text())["m0"] == str(cache[0].resolve())
+    settings = json.loads((run / "settings.json").read_text())["settings"]
+    assert settings["lr"] == lidr.TINY_DEFAULTS["lr"] and settings["prompts"] == "toy"
+    translations = lidr.read_jsonl(run / "iter_1" / "translations.jsonl")
+    assert sum(t["translation"] is None for t in translations) < len(translations) / 10, "M0 translates"
 
 
 # ------------------------------------------------------------------------ benchmarks (opt-in)
@@ -834,7 +1072,7 @@ def peak_memory_of(step) -> int:
 @pytest.mark.bench
 def test_bench_sampling_batched_vs_one_at_a_time(bench):
     torch.manual_seed(0)
-    model, tokenizer = lidr.build_tiny_model()
+    model, tokenizer = build_byte_level_model()
     model = model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
     prompts = [lidr.chat_prompt_ids(tokenizer, p[lang], SYSTEM) for p in lidr.BUILTIN_PROMPTS for lang in ("en", "de")]
     assert len(prompts) == 32
@@ -863,7 +1101,7 @@ def test_bench_loss_step_memory_chunked_vs_full_vocab(bench, monkeypatch):
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).to("cuda" if torch.cuda.is_available() else "cpu").train()
-    _, tokenizer = lidr.build_tiny_model()
+    _, tokenizer = build_byte_level_model()
     pair = [long_pair(tokenizer, 2048)]
     ref = torch.tensor([-5000.0]), torch.tensor([-5000.0])
     peaks = []
@@ -890,10 +1128,10 @@ def training_throughput(model, pairs, settings, tmp_path):
 @pytest.mark.bench
 @pytest.mark.parametrize("size", ["tiny", "100M"])
 def test_bench_training_throughput(bench, monkeypatch, tmp_path, size):
-    _, tokenizer = lidr.build_tiny_model()
+    _, tokenizer = build_byte_level_model()
     torch.manual_seed(0)
     if size == "tiny":
-        model, _ = lidr.build_tiny_model()
+        model, _ = build_byte_level_model()
         pairs, settings = tokenized_pairs(tokenizer, 32), lidr.Settings(lr=1e-4, batch_size=8, micro_batch_size=8, epochs=2)
     else:  # a random ~125M-parameter Llama: no download
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
@@ -921,7 +1159,7 @@ def test_bench_8b_step_on_gpu(bench, tmp_path):
                                       max_position_embeddings=8192, rope_theta=500000.0)
     with torch.device("cuda"):
         model = transformers.LlamaForCausalLM(config).to(torch.bfloat16).eval()
-    _, tokenizer = lidr.build_tiny_model()
+    _, tokenizer = build_byte_level_model()
     pairs = [long_pair(tokenizer, 2048)] * 4
     settings = lidr.Settings(lr=5e-7, batch_size=1, micro_batch_size=1, optim="adamw-bf16",
                              gradient_checkpointing="on", dtype="bfloat16")
