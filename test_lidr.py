@@ -980,7 +980,7 @@ def test_toy_tokenizer_round_trips_every_toy_text_without_unknown_words():
 # still pre-trains for minutes (fewer optimizer steps leave it without the imbalance the loop
 # needs), so these tests are opt-in: `python -m pytest -q -m toy test_lidr.py` (CI runs them).
 FAST_TOY_RUN = ["--iters", "2", "--model", "tiny", "--langs", "en,de", "--num-prompts", "100", "--eval-limit", "100"]
-MIN_FAST_GAIN = 0.05  # German's accuracy, M0 -> M2, at that setting
+MIN_FAST_GAIN = 0.10  # German's accuracy, M0 -> M2, at that setting (measured: 16 -> 26 -> 38%)
 
 
 @pytest.fixture(scope="session")
