@@ -1274,13 +1274,13 @@ def run(settings: Settings, command: list[str]):
                                      or set(filter(None, settings.eval.split(","))) - {"toy"}):
         print("warning: the toy model knows only the toy world's words: other prompts, system turns and "
               "benchmarks reach it as <|unk|> tokens")
-    if start_model == "tiny":  # the toy world's M0, pre-trained once and kept next to the run folders
-        start_model = str(toy_model(out.parent, settings.seed, langs))
+    # the toy world's M0, pre-trained once and kept next to the run folders (not when resuming from M_t)
+    toy_m0 = toy_model(out.parent, settings.seed, langs) if start_model == "tiny" else None
     transformers.set_seed(settings.seed)
-    model, tokenizer = load_model(start_model, settings.device, settings.dtype, settings.system_prompt)
+    model, tokenizer = load_model(str(toy_m0 or start_model), settings.device, settings.dtype, settings.system_prompt)
     record_run(out, settings, command)  # only now: bad input above has written nothing
-    if settings.model == "tiny":  # which cached M0 the run started from, and how it was made
-        shutil.copy(Path(start_model) / "toy_recipe.json", out / "toy_recipe.json")
+    if toy_m0:  # which cached M0 the run started from, and how it was made
+        shutil.copy(toy_m0 / "toy_recipe.json", out / "toy_recipe.json")
     print(f"run folder {out} | {settings.model}: {sum(p.numel() for p in model.parameters()):,} parameters "
           f"on {settings.device} ({settings.dtype}) | {len(all_prompts)} prompts, "
           f"{min(settings.num_prompts, len(all_prompts))} per iteration, "

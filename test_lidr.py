@@ -1016,6 +1016,8 @@ def test_a_toy_run_records_the_cached_m0_it_started_from(toy_run):
     assert settings["lr"] == lidr.TINY_DEFAULTS["lr"] and settings["prompts"] == "toy"
     translations = lidr.read_jsonl(run / "iter_1" / "translations.jsonl")
     assert sum(t["translation"] is None for t in translations) < len(translations) / 10, "M0 translates"
+    output = run_lidr(*FAST_TOY_RUN, "--out", "run", cwd=run.parent)  # resumes from M2, not from the cache
+    assert f"reusing {Path('run') / 'iter_2'}" in output and "pre-training" not in output
 
 
 # ------------------------------------------------------------------------ benchmarks (opt-in)
