@@ -180,6 +180,10 @@ def parse_settings(argv: list[str]) -> Settings:
     if "micro_batch_size" not in given:  # a default must never clash with the user's --batch-size
         settings.micro_batch_size = min(settings.micro_batch_size, settings.batch_size)
     check_settings(settings)
+    for name, benchmark in (("eval_langs", ""), ("eval_limit", ""), ("mgsm", "mgsm"), ("alpaca", "alpaca")):
+        used = benchmark in settings.eval.split(",") if benchmark else settings.eval
+        if name in given and not used:  # a flag must never be silently ignored
+            raise LidrError(f"--{name.replace('_', '-')} has no effect without --eval {benchmark}".rstrip())
     return settings
 
 

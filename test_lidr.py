@@ -711,6 +711,9 @@ def test_eval_table_shows_every_model_and_the_mean_of_the_weaker_languages():
     (["--langs", "de,en"], "the toy world has only en,es,ru,de,fr, English first"),
     (["--eval-langs", "en,xx"], "--eval-langs: unknown language code 'xx'"),
     (["--eval", "alpaca", "--prompts", "", "--eval-langs", "en,zh"], "--eval alpaca: no 'zh' instructions"),
+    (["--eval", "", "--eval-limit", "5"], "--eval-limit has no effect without --eval"),
+    (["--mgsm", "folder"], "--mgsm has no effect without --eval mgsm"),
+    (["--eval", "mgsm", "--alpaca", "x.jsonl"], "--alpaca has no effect without --eval alpaca"),
 ])
 def test_bad_eval_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, argv, message):
     (tmp_path / "empty").mkdir()
