@@ -1581,8 +1581,8 @@ def untrained_toy_model(tokenizer):
 
 
 def toy_pretraining_data(tokenizer, seed: int, langs) -> list[tuple[list[int], int]]:
-    """(ids, prompt length) sequences in lidr's chat format: word problems (every English one, a
-    few careless ones per other language) and translations of answer sentences."""
+    """(ids, prompt length) sequences in lidr's chat format: word problems (every English one, and
+    TOY_RECIPE's share of mostly careless ones per other language) and translations of answer sentences."""
     rng = random.Random(seed)
     problems = toy_problem_list()[TOY_RECIPE["eval_problems"]:]
     examples = [toy_text("en", p) for p in problems]
