@@ -13,34 +13,31 @@ turns M_{t-1} into M_t (the paper's steps):
   6. with M_{t-1} as the reference model, its log-probs computed once before the first update.
 Both sides improve, so the gap renews and the loop repeats.
 
-Where this file departs from the paper and the authors' released scripts:
-  - English pairs are kept for every language (the scripts overwrote them per language: a bug).
-  - Translation-task prompts are flagged in the prompt record or found by a pattern
-    ("translate ... into French"); the authors listed about 9 per 1,000 by hand. Nothing of
-    theirs is translated: both their pairs are y_stronger over y_weaker, as written.
-  - Every prompt gives the dominant language one pair per other language, so about half of
-    all pairs are English ones; the released scripts kept one language's worth.
-  - Translations are asked with the same system prompt as answers, and without the
-    repetition penalty (it would push down the closing tag and the words to copy).
-  - Answers that hit --max-new-tokens are not paired (they have no real ending), and pairs with
-    an empty side or chosen == rejected are skipped; every skip is counted per language.
-  - Answers longer than --max-len allows are cut at the end; the prompt is kept whole.
-  - DPO + NLL is written here in torch (the authors used LLaMA-Factory); NLL is
-    -log pi(y_chosen|x) / |y_chosen| per pair, averaged over pairs (LLaMA-Factory's form).
-    The paper's beta, alpha, lr, epochs and batch size are unknown: defaults are common DPO values.
-  - bf16 models train with float32 master weights or, where those don't fit in memory, with
-    bf16 weights and moments and stochastic rounding (BF16AdamW): either way small updates are
-    not rounded away. Full-parameter 8B training then fits one 80 GB GPU (README: Hardware).
-  - --pairing ranked (not in the paper) treats --langs as a ranking and pairs every two languages.
-  - --eval mgsm asks each MGSM question as it is, with no added instruction about the answer's language.
+Where this file departs from the authors' released scripts (the full table, each row with the
+file it was checked against: README, Departures; --recipe scripts undoes the data-pipeline ones):
+  - English pairs are kept against every other language (the scripts keep only the last
+    language's: their loop rewrites one English file per language), so about half of all pairs
+    are English ones instead of about a fifth.
+  - A failed translation drops only the pair that needs it (the scripts drop both of the prompt
+    and language); answers that hit --max-new-tokens, empty answers and pairs with chosen ==
+    rejected are skipped and counted (the scripts keep them).
+  - Translation-task prompts: a hand list (--translation-tasks, as the authors did), a flag in the
+    record, or a pattern ("translate ... into French"); their answers are not translated at all.
+  - The translation request is lidr's own wording (--translation-request reads the authors' from
+    their utils/trans_prompts.py); prompts are tokenised once, without the doubled BOS that the
+    scripts' vLLM calls produced.
+  - DPO + NLL is written here in torch (the authors trained with LLaMA-Factory, settings not
+    released); bf16 models train with float32 master weights or stochastically rounded bf16.
 
 Commands:
-  python lidr.py --iters 2 --model tiny   # the toy world (end of this file): LIDR closing a built-in
-                                          # language gap on a laptop CPU, in minutes, offline
-  python lidr.py --iters 2 --prompts tatsu-lab/alpaca --eval mgsm,alpaca   # the paper's setting, one GPU
+  python lidr.py --iters 2                # the paper's model on a CUDA GPU, else the toy world (end of
+                                          # this file): LIDR closing a built-in language gap, CPU, offline
+  python lidr.py --iters 2 --model tiny   # the toy world, whatever the machine
+  The paper's two runs, on the authors' released data: README, "The paper's runs".
 """
 
 import argparse
+import ast
 import csv
 import dataclasses
 import hashlib
@@ -52,6 +49,7 @@ import platform
 import random
 import re
 import shutil
+import string
 import sys
 import time
 from dataclasses import dataclass, field
@@ -67,6 +65,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 
 
 # ------------------------------------------------------------------------ settings
+PAPER_MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"
+
+
 def setting(default, help):
     return field(default=default, metadata={"help": help})
 
@@ -79,26 +80,45 @@ class Settings:
                            "Re-running into the same folder resumes it")
     seed: int = setting(0, "seed for the toy model's pre-training, sampling and the order of training pairs")
     # model
-    model: str = setting("meta-llama/Meta-Llama-3-8B-Instruct",
-                         "hub id or local path of a chat model, or 'tiny': the toy world's 0.9M-parameter model "
-                         "(end of this file), pre-trained on CPU in minutes on first use and cached next to "
-                         "the run folder; sets the tiny defaults")
+    model: str = setting("auto", "hub id or local path of a chat model; tiny: the toy world's 0.9M-parameter model "
+                                 "(end of this file), pre-trained on CPU in minutes on first use and cached next to "
+                                 "the run folder, with the tiny defaults; auto: the paper's " + PAPER_MODEL
+                                 + " where a CUDA GPU is visible, else tiny")
     device: str = setting("auto", "cpu, cuda, cuda:1, ...; auto = cuda if present")
     dtype: str = setting("auto", "bfloat16 or float32; auto = bfloat16 on GPU, float32 on CPU")
+    recipe: str = setting("lidr", "lidr: this kit's pipeline; scripts: the authors' released data pipeline step "
+                                  "for step: a failed translation drops both pairs of its prompt and language, only "
+                                  "the last language's English pairs are kept, no answer is skipped as unfinished, "
+                                  "empty or identical (README: Departures)")
     # step 1: prompts
-    prompts: str = setting("", "a .jsonl/.json file, or a dataset id or folder for datasets.load_dataset "
+    prompts: str = setting("", "a .jsonl/.json file; a folder of <lang>.jsonl files, one per language, records "
+                               "joined by id (the authors' data/alpagasus/subset/id_0_1000), or several such folders, "
+                               "comma-separated, read in order; a dataset id or folder for datasets.load_dataset "
                                "(train split); toy = the toy world's problems; empty = the built-in prompts")
-    prompt_field: str = setting("instruction", "for datasets: the column holding the dominant-language "
-                                               "prompt (a non-empty 'input' column is appended, Alpaca-style)")
+    prompt_field: str = setting("instruction", "for datasets and per-language folders: the field holding the "
+                                               "prompt (a non-empty 'input' field is appended after a newline, "
+                                               "as the authors' scripts do)")
+    translation_tasks: str = setting("", "a .jsonl whose records' ids are the prompts that are translation tasks "
+                                         "(the authors' hand list: process_data/alpagasus/translate/"
+                                         "instruction_about_translate.jsonl); empty = each record's translation_task "
+                                         "flag, else a pattern")
+    prompt_template: str = setting("", "a file with a template for every sampled prompt, holding {question} and "
+                                       "maybe {language}; from a .py file its PROMPT_PREFIX, read without running "
+                                       "it (the authors' utils/inference.py, for their arithmetic run); "
+                                       "empty = prompts as written")
     langs: str = setting("en,es,ru,de,fr", "comma-separated language codes, dominant first "
                                            "(paper: en,es,ru,de,fr); 'code:Name' for other codes")
     num_prompts: int = setting(1000, "prompts per iteration; iteration t takes the t-th slice "
-                                     "(paper: a fresh 1,000 each), wrapping when the source runs out")
+                                     "(paper: 1,000; scripts: a fresh 1,000 each), wrapping when the source runs out")
     # steps 2-3: sampling and self-translation
     system_prompt: str = setting("You are a helpful assistant.", "system turn; empty for none")
-    max_new_tokens: int = setting(2400, "answer length cap (paper: 2400)")
-    translation_max_new_tokens: int = setting(4096, "translation length cap (paper: 4096)")
-    repetition_penalty: float = setting(1.1, "HF repetition penalty of answers (paper: 1.1; none for translations)")
+    max_new_tokens: int = setting(2400, "answer length cap (scripts: 2400)")
+    translation_max_new_tokens: int = setting(4096, "translation length cap (scripts: 4096)")
+    repetition_penalty: float = setting(1.1, "HF repetition penalty of answers (scripts: 1.1; none for translations)")
+    translation_request: str = setting("", "a file with the translation request, holding {text} and {lang} (the target "
+                                           "language) or {source} and {target}; from a .py file its "
+                                           "TRANS_INSTRUCTION (the authors' utils/trans_prompts.py); "
+                                           "empty = lidr's TRANSLATION_REQUEST")
     temperature: float = setting(0.0, "0 = greedy decoding (paper); > 0 samples")
     gen_batch_size: int = setting(0, "most prompts per generation batch; 0 = auto (32 on CPU, 512 on GPU); "
                                      "batches are also capped by the KV-cache tokens free memory holds")
@@ -129,8 +149,14 @@ class Settings:
                             "model_outputs.json format, for a judge to score); empty = none")
     eval_langs: str = setting("", "languages to evaluate, as in --langs; empty = --langs")
     eval_limit: int = setting(0, "most problems per benchmark and language; 0 = all")
-    mgsm: str = setting("juletxara/mgsm", "MGSM's problems: a hub dataset id or a folder, holding mgsm_<lang>.tsv")
-    alpaca: str = setting("", "alpaca's instructions: a file or dataset in --prompts' format; "
+    eval_max_new_tokens: int = setting(2048, "evaluation answer length cap (the scripts' evaluation: 2048)")
+    eval_prompt_template: str = setting("", "--prompt-template for evaluation questions (the authors' arithmetic "
+                                            "evaluation can prefix MGSM's questions the same way); empty = as written")
+    mgsm: str = setting("juletxara/mgsm", "MGSM's problems: a hub dataset id, or a folder of mgsm_<lang>.tsv "
+                                          "(question<TAB>answer) or mgsm_<lang>.jsonl ({query, response}: the "
+                                          "authors' data/MGSM) files")
+    alpaca: str = setting("", "alpaca's instructions: a file or dataset in --prompts' format, or a folder of "
+                              "<lang>.json lists of {id, dataset, instruction} (the authors' data/x-alpacaeval/data); "
                               "empty = the built-in prompts")
 
 
@@ -138,8 +164,8 @@ class Settings:
 # No repetition penalty: a toy answer repeats the question's name and object, and often one of its
 # numbers ("12 minus 6" is 6); penalised, the correct answer lost to a neighbour (README: The toy world).
 TINY_DEFAULTS = dict(prompts="toy", eval="toy", num_prompts=300, system_prompt="", repetition_penalty=1.0,
-                     max_new_tokens=48, translation_max_new_tokens=64, lr=1e-4, batch_size=8, micro_batch_size=8,
-                     max_len=512)
+                     max_new_tokens=48, translation_max_new_tokens=64, eval_max_new_tokens=48, lr=1e-4, batch_size=8,
+                     micro_batch_size=8, max_len=512)
 
 # What a resumed run may change: the folder's own name, the number of iterations (to extend a
 # run), and settings that change how fast a run goes, and its results only by float rounding.
@@ -175,16 +201,29 @@ def parse_settings(argv: list[str]) -> Settings:
         parser.add_argument("--" + f.name.replace("_", "-"), type=f.type,
                             help=f"{f.metadata['help']} [default: {f.default!r}{tiny}]")
     given = vars(parser.parse_args(argv))  # only the flags on the command line (SUPPRESS)
+    if given.get("model", "auto") == "auto":
+        given["model"] = choose_model(given.get("device", "auto"))
     preset = TINY_DEFAULTS if given.get("model") == "tiny" else {}
     settings = Settings(**{**preset, **given})
     if "micro_batch_size" not in given:  # a default must never clash with the user's --batch-size
         settings.micro_batch_size = min(settings.micro_batch_size, settings.batch_size)
     check_settings(settings)
-    for name, benchmark in (("eval_langs", ""), ("eval_limit", ""), ("mgsm", "mgsm"), ("alpaca", "alpaca")):
+    for name, benchmark in (("eval_langs", ""), ("eval_limit", ""), ("eval_max_new_tokens", ""),
+                            ("eval_prompt_template", ""), ("mgsm", "mgsm"), ("alpaca", "alpaca")):
         used = benchmark in settings.eval.split(",") if benchmark else settings.eval
         if name in given and not used:  # a flag must never be silently ignored
             raise LidrError(f"--{name.replace('_', '-')} has no effect without --eval {benchmark}".rstrip())
     return settings
+
+
+def choose_model(device: str) -> str:
+    """--model auto: the paper's model where it can run (a CUDA GPU), else the toy world; says which."""
+    if device != "cpu" and torch.cuda.is_available():
+        print(f"--model auto: a CUDA GPU is visible, so the paper's model {PAPER_MODEL}; --model tiny runs the toy world")
+        return PAPER_MODEL
+    print(f"--model auto: no CUDA GPU is visible, so the toy world (--model tiny, README: The toy world); "
+          f"--model {PAPER_MODEL} runs the paper's model")
+    return "tiny"
 
 
 def check_settings(settings: Settings):
@@ -196,6 +235,7 @@ def check_settings(settings: Settings):
         "repetition_penalty": (settings.repetition_penalty > 0, "> 0"),
         "temperature": (settings.temperature >= 0, ">= 0"),
         "gen_batch_size": (settings.gen_batch_size >= 0, ">= 0"),
+        "recipe": (settings.recipe in ("lidr", "scripts"), "lidr or scripts"),
         "pairing": (settings.pairing in ("dominant", "ranked"), "dominant or ranked"),
         "beta": (settings.beta > 0, "> 0"),
         "alpha": (settings.alpha >= 0, ">= 0"),
@@ -213,12 +253,18 @@ def check_settings(settings: Settings):
         "eval": (set(filter(None, settings.eval.split(","))) <= set(BENCHMARKS), "a comma-separated list of "
                  + ", ".join(BENCHMARKS)),
         "eval_limit": (settings.eval_limit >= 0, ">= 0"),
+        "eval_max_new_tokens": (settings.eval_max_new_tokens >= 1, ">= 1"),
     }
     for name, (holds, expected) in rules.items():
         if not holds:
             raise LidrError(f"--{name.replace('_', '-')} must be {expected} (got {getattr(settings, name)})")
     if settings.device.startswith("cuda") and not torch.cuda.is_available():
         raise LidrError(f"--device {settings.device}: no CUDA GPU is visible; use --device cpu")
+    if settings.recipe == "scripts" and settings.pairing != "dominant":
+        raise LidrError("--recipe scripts pairs the dominant language with each other (the scripts have no "
+                        "--pairing ranked); pass --recipe lidr for it")
+    for name in TEMPLATES:
+        template(settings, name)  # a template that can't be read or filled fails here, before any work
     if len(parse_languages(settings.langs)) < 2:
         raise LidrError(f"--langs needs at least two languages, dominant first (got '{settings.langs}')")
     if settings.eval_langs:
@@ -266,10 +312,11 @@ def looks_like_translation_task(text: str, language_names: list[str]) -> bool:
     return re.search(pattern, text, re.IGNORECASE) is not None
 
 
-def load_prompts(source: str, prompt_field: str, languages: dict[str, str]) -> list[dict]:
+def load_prompts(source: str, prompt_field: str, languages: dict[str, str], translation_tasks: str = "") -> list[dict]:
     """Step 1's prompts, as records {"id": "p1", "translation_task": false, "en": "...", "de": "..."}.
-    translation_task is the record's own flag, or else looks_like_translation_task of the dominant
-    prompt. Languages a record lacks are left out here: the model translates them (fill_prompts)."""
+    translation_task is the record's own flag, else whether the hand list translation_tasks (a
+    file) has its id, else looks_like_translation_task of the dominant prompt. Languages a record
+    lacks are left out here: the model translates them (fill_prompts)."""
     langs = list(languages)
     dominant = langs[0]
     language_names = sorted(set(LANGUAGE_NAMES.values()) | set(languages.values()))
@@ -280,8 +327,11 @@ def load_prompts(source: str, prompt_field: str, languages: dict[str, str]) -> l
         records, where = toy_prompts(), "toy prompts"
     elif source.endswith((".json", ".jsonl")) or os.path.isfile(source):
         records, where = read_prompt_file(Path(source)), source
+    elif "," in source or Path(source, f"{dominant}.jsonl").is_file():
+        records, where = read_language_folders(source.split(","), prompt_field, langs), source
     else:
         records, where = read_prompt_dataset(source, prompt_field, langs), source
+    hand_listed = read_translation_tasks(Path(translation_tasks)) if translation_tasks else None
     prompts, seen = [], set()
     for number, record in enumerate(records, 1):
         if not isinstance(record, dict):
@@ -297,18 +347,19 @@ def load_prompts(source: str, prompt_field: str, languages: dict[str, str]) -> l
         if dominant not in text:
             raise LidrError(f"{where}:{line}: prompt '{prompt_id}' has no '{dominant}' text "
                             f"(the dominant language, first in --langs)")
-        translation_task = record.get("translation_task", looks_like_translation_task(text[dominant], language_names))
+        translation_task = record.get("translation_task", prompt_id in hand_listed if hand_listed is not None
+                                      else looks_like_translation_task(text[dominant], language_names))
         prompts.append({"id": prompt_id, "translation_task": translation_task, **text})
     if not prompts:
         raise LidrError(f"{where}: no prompts")
     return prompts
 
 
-def read_prompt_file(path: Path) -> list[dict]:
+def read_prompt_file(path: Path, flag: str = "--prompts") -> list[dict]:
     try:
         content = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
-        raise LidrError(f"--prompts: cannot read {path}: {first_line(error)}") from None
+        raise LidrError(f"{flag}: cannot read {path}: {first_line(error)}") from None
     if path.suffix == ".json":
         try:
             records = json.loads(content)
@@ -330,6 +381,58 @@ def read_prompt_file(path: Path) -> list[dict]:
     return records
 
 
+def read_language_folders(folders: list[str], prompt_field: str, langs: list[str]) -> list[dict]:
+    """The authors' layout: in each folder one <lang>.jsonl per language of langs, records
+    {"id", prompt_field, maybe "input", other fields ignored}, joined across languages by id, in the
+    dominant file's order; where every id of a file starts with its language code (their GSM8K
+    files: "degsm8k_0"), the code is dropped for the join. Folders are read one after the other,
+    so with 1,000 prompts in each, iteration t takes the t-th folder, as the authors did."""
+    records = []
+    for folder in folders:
+        by_lang = {}  # lang -> {id: (text, line)}
+        for lang in langs:
+            path = Path(folder) / f"{lang}.jsonl"
+            if not path.is_file():
+                raise LidrError(f"--prompts: {path} not found (a folder of per-language prompt files needs one "
+                                f"for each language of --langs)")
+            by_lang[lang] = {}
+            for record in read_prompt_file(path):
+                line, text = record["_line"], record.get(prompt_field)
+                if "id" not in record:
+                    raise LidrError(f"{path}:{line}: the record has no 'id' (records are joined across languages by id)")
+                if not isinstance(text, str) or not text.strip():
+                    raise LidrError(f"{path}:{line}: no '{prompt_field}' text")
+                if record.get("input"):  # how the scripts join an Alpaca-style input to its instruction
+                    text += "\n" + record["input"]
+                if str(record["id"]) in by_lang[lang]:
+                    raise LidrError(f"{path}:{line}: id '{record['id']}' appears twice")
+                by_lang[lang][str(record["id"])] = (text, line)
+            if by_lang[lang] and all(prompt_id.startswith(lang) for prompt_id in by_lang[lang]):
+                by_lang[lang] = {prompt_id[len(lang):]: value for prompt_id, value in by_lang[lang].items()}
+        dominant = by_lang[langs[0]]
+        for lang in langs[1:]:
+            missing, extra = dominant.keys() - by_lang[lang].keys(), by_lang[lang].keys() - dominant.keys()
+            if missing or extra:
+                example = f"'{sorted(missing)[0]}' missing" if missing else f"'{sorted(extra)[0]}' extra"
+                raise LidrError(f"--prompts: the ids of {Path(folder) / f'{lang}.jsonl'} don't match those of "
+                                f"{Path(folder) / f'{langs[0]}.jsonl'} ({len(missing)} missing, {len(extra)} extra; "
+                                f"e.g. {example})")
+        records += [{"id": prompt_id, "_line": line, **{lang: by_lang[lang][prompt_id][0] for lang in langs}}
+                    for prompt_id, (_, line) in dominant.items()]
+    return records
+
+
+def read_translation_tasks(path: Path) -> set[str]:
+    """--translation-tasks: the ids of a JSONL file's records (the authors' list also holds the
+    prompt and its answers; only the id is read)."""
+    ids = set()
+    for record in read_prompt_file(path, "--translation-tasks"):
+        if not isinstance(record, dict) or "id" not in record:
+            raise LidrError(f"{path}:{record.get('_line', 1)}: the record has no 'id'")
+        ids.add(str(record["id"]))
+    return ids
+
+
 def read_prompt_dataset(name: str, prompt_field: str, langs: list[str]) -> list[dict]:
     """A hub dataset (or a local dataset folder): prompt_field holds the dominant prompt, and
     columns named after language codes hold those languages."""
@@ -343,8 +446,8 @@ def read_prompt_dataset(name: str, prompt_field: str, langs: list[str]) -> list[
     records = []
     for index, row in enumerate(table):
         text = row[prompt_field]
-        if row.get("input"):  # Alpaca and Alpagasus keep a task's input in its own column
-            text += "\n\n" + row["input"]
+        if row.get("input"):  # Alpaca keeps a task's input in its own column; the scripts join it so
+            text += "\n" + row["input"]
         records.append({"id": str(row.get("id", index)), **{lang: row[lang] for lang in langs[1:] if row.get(lang)},
                         langs[0]: text})
     return records
@@ -355,6 +458,51 @@ def prompts_for_iteration(prompts: list[dict], iteration: int, num_prompts: int)
     released scripts did, as long as the source has iters * num_prompts; then it wraps around."""
     n = min(num_prompts, len(prompts))
     return [prompts[((iteration - 1) * n + i) % len(prompts)] for i in range(n)]
+
+
+# Prompt wordings a run can take from a file: flag -> (the constant read from a .py file, the
+# placeholder the template must hold, those it may hold).
+TEMPLATES = {"prompt_template": ("PROMPT_PREFIX", "question", {"language"}),
+             "eval_prompt_template": ("PROMPT_PREFIX", "question", {"language"}),
+             "translation_request": ("TRANS_INSTRUCTION", "text", {"lang", "source", "target"})}
+
+
+def template(settings: Settings, name: str) -> str:
+    """The template that the flag `name` points to, '' if none. A .py file gives its string
+    constant, read with ast so that nothing in the file runs (the authors' utils/inference.py and
+    utils/trans_prompts.py hold their wordings so); any other file is the template itself."""
+    path = getattr(settings, name)
+    if not path:
+        return ""
+    where, (constant, required, optional) = f"--{name.replace('_', '-')} {path}", TEMPLATES[name]
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+        tree = ast.parse(text) if path.endswith(".py") else None
+    except (OSError, UnicodeDecodeError, SyntaxError, ValueError) as error:
+        raise LidrError(f"{where}: cannot read it: {first_line(error)}") from None
+    if tree:
+        assigned = {target.id: node.value for node in tree.body if isinstance(node, (ast.Assign, ast.AnnAssign))
+                    for target in getattr(node, "targets", [getattr(node, "target", None)]) if isinstance(target, ast.Name)}
+        text = string_literal(assigned[constant]) if constant in assigned else None
+        if text is None:
+            raise LidrError(f"{where}: no {constant} = '...' string in it")
+    try:
+        fields = {field for _, field, _, _ in string.Formatter().parse(text) if field is not None}
+    except ValueError as error:
+        raise LidrError(f"{where}: not a template ({error})") from None
+    if required not in fields or not fields <= {required} | optional:
+        raise LidrError(f"{where}: the template must hold {{{required}}} and may hold "
+                        f"{', '.join(f'{{{f}}}' for f in sorted(optional))} (it holds {sorted(fields)}; "
+                        f"double other braces)")
+    return text
+
+
+def string_literal(node) -> str | None:
+    """The value of a string constant, or of string constants joined with +; None for anything else."""
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+        left, right = string_literal(node.left), string_literal(node.right)
+        return None if left is None or right is None else left + right
+    return node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else None
 
 
 def model_load_error(name: str, error: Exception) -> LidrError:
@@ -485,14 +633,22 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, ba
     return answers
 
 
-def sample_responses(model, tokenizer, prompts: list[dict], langs: list[str], settings: Settings) -> list[dict]:
-    """Step 2: M_{t-1} answers every prompt in its own language."""
-    jobs = [(prompt["id"], lang, prompt[lang]) for prompt in prompts for lang in langs if prompt.get(lang)]
+def sample_responses(model, tokenizer, prompts: list[dict], languages: dict[str, str], settings: Settings) -> list[dict]:
+    """Step 2: M_{t-1} answers every prompt in its own language. With --prompt-template each prompt
+    is asked inside that template (the authors' arithmetic run asks for an answer in the language
+    so); "prompt" is what was asked, and becomes the prompt of the pairs."""
+    prompt_template = template(settings, "prompt_template")
+    jobs = [(prompt["id"], lang, fill_template(prompt_template, prompt[lang], languages[lang]))
+            for prompt in prompts for lang in languages if prompt.get(lang)]
     ids = [chat_prompt_ids(tokenizer, text, settings.system_prompt) for _, _, text in jobs]
     answers = generate(model, tokenizer, ids, settings.max_new_tokens, settings.gen_batch_size,
                        settings.repetition_penalty, settings.temperature, desc="sampling answers")
     return [{"id": prompt_id, "lang": lang, "prompt": text, "response": answer.strip(), "finished": finished}
             for (prompt_id, lang, text), (answer, finished) in zip(jobs, answers)]
+
+
+def fill_template(prompt_template: str, question: str, language: str) -> str:
+    return prompt_template.format(question=question, language=language) if prompt_template else question
 
 
 # ------------------------------------------------------------------------ self-translation (step 3)
@@ -502,25 +658,30 @@ TRANSLATION_REQUEST = ("Translate the {source} text between <sentence> and </sen
 TRANSLATION_PREFIX = "<translated>\n"  # pre-filled assistant turn, as in the released scripts
 
 
-def parse_translation(generated: str) -> str | None:
-    """The text the model wrote after the pre-filled '<translated>\\n' and before
-    '</translated>'; None (a failed translation) without the closing tag or with nothing inside."""
+def parse_translation(generated: str, empty_fails: bool = True) -> str | None:
+    """The text the model wrote after the pre-filled '<translated>\\n' and before '</translated>';
+    None (a failed translation) without the closing tag, or, if empty_fails, with nothing inside
+    (the scripts keep an empty translation: their pattern matches it)."""
     if "</translated>" not in generated:
         return None
-    return generated.split("</translated>", 1)[0].strip() or None
+    translation = generated.split("</translated>", 1)[0].strip()
+    return None if empty_fails and not translation else translation
 
 
 def translate(model, tokenizer, requests: list[dict], languages: dict[str, str], settings: Settings,
               desc: str) -> list[dict]:
     """requests: {"id", "source_lang", "target_lang", "source"}; returns them with the model's
-    raw output and the parsed "translation" (None when it failed: kept for inspection, never used)."""
-    ids = [chat_prompt_ids(tokenizer, TRANSLATION_REQUEST.format(
-        source=languages[r["source_lang"]], target=languages[r["target_lang"]], text=r["source"]),
-        settings.system_prompt, TRANSLATION_PREFIX) for r in requests]
+    raw output and the parsed "translation" (None when it failed: kept for inspection, never used).
+    The request is TRANSLATION_REQUEST, or --translation-request's ({lang} is the target)."""
+    request = template(settings, "translation_request") or TRANSLATION_REQUEST
+    ids = [chat_prompt_ids(tokenizer, request.format(
+        source=languages[r["source_lang"]], target=languages[r["target_lang"]], lang=languages[r["target_lang"]],
+        text=r["source"]), settings.system_prompt, TRANSLATION_PREFIX) for r in requests]
     # No repetition penalty: the prompt holds the text to copy and the closing tag (released scripts too).
     outputs = generate(model, tokenizer, ids, settings.translation_max_new_tokens, settings.gen_batch_size,
                        1.0, settings.temperature, desc=desc)
-    return [{**r, "raw": raw, "translation": parse_translation(raw)} for r, (raw, _) in zip(requests, outputs)]
+    return [{**r, "raw": raw, "translation": parse_translation(raw, empty_fails=settings.recipe == "lidr")}
+            for r, (raw, _) in zip(requests, outputs)]
 
 
 def prompt_translation_requests(prompts: list[dict], langs: list[str]) -> list[dict]:
@@ -543,28 +704,30 @@ def stronger_weaker_languages(langs: list[str], pairing: str) -> list[tuple[str,
     return [(langs[i], langs[j]) for i in range(len(langs)) for j in range(i + 1, len(langs))]
 
 
-def compared_answers(prompts: list[dict], responses: list[dict], langs: list[str], pairing: str):
+def compared_answers(prompts: list[dict], responses: list[dict], langs: list[str], pairing: str, recipe: str):
     """(prompt record, stronger answer, weaker answer, why not) for every prompt and compared
     pair of languages. why not is None when both answers can be compared, else the reason to skip:
-    no_prompt (the prompt could not be translated into a language), unfinished (an answer hit
-    the token cap) or empty."""
+    no_prompt (the prompt could not be translated into a language), and under --recipe lidr
+    unfinished (an answer hit the token cap) or empty; the scripts compare whatever was answered."""
     answers = {(r["id"], r["lang"]): r for r in responses}
     for prompt in prompts:
         for stronger_lang, weaker_lang in stronger_weaker_languages(langs, pairing):
             stronger, weaker = answers.get((prompt["id"], stronger_lang)), answers.get((prompt["id"], weaker_lang))
-            why_not = ("no_prompt" if stronger is None or weaker is None
+            why_not = ("no_prompt" if stronger is None or weaker is None else None if recipe == "scripts"
                        else "unfinished" if not (stronger["finished"] and weaker["finished"])
                        else "empty" if not (stronger["response"] and weaker["response"]) else None)
             yield prompt, stronger or {"lang": stronger_lang}, weaker or {"lang": weaker_lang}, why_not
 
 
-def translation_requests(prompts: list[dict], responses: list[dict], langs: list[str], pairing: str) -> list[dict]:
+def translation_requests(prompts: list[dict], responses: list[dict], langs: list[str], pairing: str,
+                         recipe: str) -> list[dict]:
     """Step 3's work: for each pair of comparable answers, the stronger one into the weaker
-    language and the weaker one back (none for translation tasks: their pairs use the answers as
-    written, since translating a translation's answer would corrupt it)."""
+    language and the weaker one back. Under --recipe lidr none for translation tasks (their pairs
+    use the answers as written: translating a translation's answer would corrupt it); the
+    scripts translate them too, and drop both pairs when either translation fails."""
     requests = []
-    for prompt, stronger, weaker, why_not in compared_answers(prompts, responses, langs, pairing):
-        if why_not is None and not prompt["translation_task"]:
+    for prompt, stronger, weaker, why_not in compared_answers(prompts, responses, langs, pairing, recipe):
+        if why_not is None and (recipe == "scripts" or not prompt["translation_task"]):
             requests.append({"id": prompt["id"], "source_lang": stronger["lang"], "target_lang": weaker["lang"],
                              "source": stronger["response"]})
             requests.append({"id": prompt["id"], "source_lang": weaker["lang"], "target_lang": stronger["lang"],
@@ -581,41 +744,56 @@ def failed_translations_into(translations: list[dict], langs: list[str]) -> dict
 
 # ------------------------------------------------------------------------ build pairs (step 4)
 def build_pairs(prompts: list[dict], responses: list[dict], translations: list[dict], langs: list[str],
-                pairing: str) -> tuple[list[dict], dict[str, dict[str, int]]]:
+                pairing: str, recipe: str) -> tuple[list[dict], dict[str, dict[str, int]]]:
     """For each prompt and (stronger, weaker) language pair:
       stronger: prompt x_stronger, chosen y_stronger,                   rejected translate(y_weaker -> stronger)
       weaker:   prompt x_weaker,   chosen translate(y_stronger -> weaker), rejected y_weaker
-    (translation tasks: y_stronger over y_weaker as written, for both). The stronger language is the dominant
-    one (paper), or the higher-ranked one with --pairing ranked. A pair is skipped when its
-    answers can't be compared (compared_answers), a translation failed, or chosen == rejected.
+    Translation tasks: the weaker pair's chosen answer is y_stronger as written; under --recipe
+    lidr the stronger pair's rejected one is y_weaker as written too. The stronger language is the
+    dominant one (paper), or the higher-ranked one with --pairing ranked.
+    --recipe lidr skips a pair when its answers can't be compared (compared_answers), a
+    translation it needs failed, or chosen == rejected. --recipe scripts does what the authors'
+    utils/preprocess_dpo_format_dataset.py does: both pairs are dropped when either translation
+    failed, nothing else is skipped, and only the English pairs against the last language are
+    kept (their loop writes one English file per language, each over the last: "overwritten").
     Returns the pairs and, per language, counts of "pairs" built and of each reason to skip."""
     translated = {(t["id"], t["source_lang"], t["target_lang"]): t["translation"] for t in translations}
     # "pairs" built, or why not: compared_answers' reasons first, then this function's own
-    reasons = ("pairs", "no_prompt", "unfinished", "empty", "translation_failed", "identical")
+    reasons = ("pairs", "no_prompt", "unfinished", "empty", "translation_failed", "identical", "overwritten")
     counts = {lang: dict.fromkeys(reasons, 0) for lang in langs}
     pairs = []
 
-    def add(prompt, lang, kind, other_lang, chosen, rejected):
+    def add(answer, kind, other_lang, chosen, rejected):
+        lang = answer["lang"]
         reason = ("translation_failed" if chosen is None or rejected is None
-                  else "identical" if chosen == rejected else "pairs")
+                  else "identical" if chosen == rejected and recipe == "lidr" else "pairs")
         counts[lang][reason] += 1
-        if reason == "pairs":
-            pairs.append({"prompt": prompt[lang], "chosen": chosen, "rejected": rejected,
-                          "id": prompt["id"], "lang": lang, "kind": kind, "other_lang": other_lang})
+        if reason == "pairs":  # the prompt is the one its language's answer was sampled with
+            pairs.append({"prompt": answer["prompt"], "chosen": chosen, "rejected": rejected,
+                          "id": answer["id"], "lang": lang, "kind": kind, "other_lang": other_lang})
 
-    for prompt, stronger, weaker, why_not in compared_answers(prompts, responses, langs, pairing):
+    for prompt, stronger, weaker, why_not in compared_answers(prompts, responses, langs, pairing, recipe):
+        high, low = stronger["lang"], weaker["lang"]
         if why_not:
-            counts[stronger["lang"]][why_not] += 1
-            counts[weaker["lang"]][why_not] += 1
+            counts[high][why_not] += 1
+            counts[low][why_not] += 1
             continue
-        if prompt["translation_task"]:  # the answers as written, for both prompts
-            add(prompt, stronger["lang"], "own>untranslated", weaker["lang"], stronger["response"], weaker["response"])
-            add(prompt, weaker["lang"], "untranslated>own", stronger["lang"], stronger["response"], weaker["response"])
+        back_translated = translated.get((prompt["id"], low, high))
+        forward_translated = translated.get((prompt["id"], high, low))
+        if recipe == "scripts" and (back_translated is None or forward_translated is None):
+            counts[high]["translation_failed"] += 1
+            counts[low]["translation_failed"] += 1
             continue
-        back_translated = translated.get((prompt["id"], weaker["lang"], stronger["lang"]))
-        forward_translated = translated.get((prompt["id"], stronger["lang"], weaker["lang"]))
-        add(prompt, stronger["lang"], "own>translated", weaker["lang"], stronger["response"], back_translated)
-        add(prompt, weaker["lang"], "translated>own", stronger["lang"], forward_translated, weaker["response"])
+        if recipe == "scripts" and low != langs[-1]:
+            counts[high]["overwritten"] += 1
+        elif prompt["translation_task"] and recipe == "lidr":
+            add(stronger, "own>untranslated", low, stronger["response"], weaker["response"])
+        else:
+            add(stronger, "own>translated", low, stronger["response"], back_translated)
+        if prompt["translation_task"]:  # translating the answer of a translation task would corrupt it
+            add(weaker, "untranslated>own", high, stronger["response"], weaker["response"])
+        else:
+            add(weaker, "translated>own", high, forward_translated, weaker["response"])
     return pairs, counts
 
 
@@ -941,9 +1119,19 @@ def off_target(text: str, lang: str) -> bool | None:
 
 
 def read_mgsm(source: str, lang: str) -> list[dict]:
-    """MGSM's test problems in one language, from a folder of mgsm_<lang>.tsv files or a hub
-    dataset: its mgsm_<lang>.tsv (question<TAB>answer, no header; answers may have thousands
-    commas), else its config <lang> with question/answer_number columns."""
+    """MGSM's test problems in one language, from a folder of mgsm_<lang>.jsonl files ({"query",
+    "response"}: the authors' data/MGSM) or mgsm_<lang>.tsv files, or from a hub dataset: its
+    mgsm_<lang>.tsv (question<TAB>answer, no header; answers may have thousands commas), else its
+    config <lang> with question/answer_number columns."""
+    if (Path(source) / f"mgsm_{lang}.jsonl").is_file():
+        path = Path(source) / f"mgsm_{lang}.jsonl"
+        problems = []
+        for record in read_prompt_file(path, "--mgsm"):
+            gold = last_number(str(record.get("response", "")))
+            if not isinstance(record.get("query"), str) or gold is None:
+                raise LidrError(f"{path}:{record['_line']}: expected {{\"query\": question, \"response\": number}}")
+            problems.append({"id": f"mgsm-{lang}-{record['_line']}", "prompt": record["query"].strip(), "gold": gold})
+        return problems
     path = Path(source) / f"mgsm_{lang}.tsv"
     if not Path(source).is_dir():
         from huggingface_hub import hf_hub_download  # installed with transformers
@@ -958,7 +1146,8 @@ def read_mgsm(source: str, lang: str) -> list[dict]:
                 raise LidrError(f"--mgsm: could not get mgsm_{lang}.tsv from '{source}': "
                                 f"{first_line(error)}") from None
     if not path.is_file():
-        raise LidrError(f"--mgsm: {path} not found (MGSM has en,es,fr,de,ru,zh,ja,th,sw,bn,te)")
+        raise LidrError(f"--mgsm: no mgsm_{lang}.tsv or mgsm_{lang}.jsonl in {source} "
+                        f"(MGSM has en,es,fr,de,ru,zh,ja,th,sw,bn,te)")
     problems = []
     rows = csv.reader(path.read_text(encoding="utf-8").splitlines(), delimiter="\t")  # MGSM quotes some questions
     for row in filter(None, rows):  # blank lines are skipped
@@ -983,16 +1172,32 @@ def eval_problems(settings: Settings) -> dict[str, dict[str, list[dict]]]:
             problems["toy"] = {lang: toy_eval_problems(lang) for lang in languages}
         elif benchmark == "mgsm":
             problems["mgsm"] = {lang: read_mgsm(settings.mgsm, lang) for lang in languages}
+        elif settings.alpaca and Path(settings.alpaca, f"{next(iter(languages))}.json").is_file():  # the authors' x-alpacaeval layout
+            problems["alpaca"] = {lang: read_alpaca_file(Path(settings.alpaca, f"{lang}.json"), lang)
+                                  for lang in languages}
         else:  # records in --prompts' format: the run's dominant language, and those to evaluate
             records = load_prompts(settings.alpaca, "instruction", {**parse_languages(settings.langs), **languages})
-            problems["alpaca"] = {lang: [{"id": r["id"], "prompt": r[lang], "gold": None} for r in records if lang in r]
-                                  for lang in languages}
+            problems["alpaca"] = {lang: [{"id": r["id"], "prompt": r[lang], "gold": None, "dataset": f"lidr-{lang}"}
+                                         for r in records if lang in r] for lang in languages}
             for lang, items in problems["alpaca"].items():
                 if not items:
                     raise LidrError(f"--eval alpaca: no '{lang}' instructions in "
                                     f"{settings.alpaca or 'the built-in prompts'}; pass --alpaca or --eval-langs")
     return {benchmark: {lang: items[:settings.eval_limit or None] for lang, items in by_lang.items()}
             for benchmark, by_lang in problems.items()}
+
+
+def read_alpaca_file(path: Path, lang: str) -> list[dict]:
+    """One language of X-AlpacaEval as the authors released it: a JSON list of {"id", "dataset",
+    "instruction"}; dataset (AlpacaEval's source subset) is kept for the judge."""
+    if not path.is_file():
+        raise LidrError(f"--alpaca: {path} not found (a folder of <lang>.json files needs one per evaluated language)")
+    records = read_prompt_file(path, "--alpaca")
+    for number, record in enumerate(records, 1):
+        if not isinstance(record, dict) or not isinstance(record.get("instruction"), str):
+            raise LidrError(f"{path}: record {number}: expected an object with an 'instruction' string")
+    return [{"id": str(r.get("id", number)), "prompt": r["instruction"], "gold": None,
+             "dataset": r.get("dataset", f"lidr-{lang}")} for number, r in enumerate(records, 1)]
 
 
 def score(benchmark: str, answer: str, finished: bool, gold, lang: str) -> dict:
@@ -1006,13 +1211,15 @@ def score(benchmark: str, answer: str, finished: bool, gold, lang: str) -> dict:
 
 def evaluate(model, tokenizer, problems: dict, settings: Settings, folder: Path, model_name: str) -> dict:
     """Answer every benchmark's problems with the model as it is, the way step 2 samples (chat
-    template, system prompt, decoding), and score the answers. Writes them all to eval_answers.jsonl,
+    template, system prompt, decoding; --eval-prompt-template, --eval-max-new-tokens), and score the answers. Writes them all to eval_answers.jsonl,
     and alpaca's in AlpacaEval's model_outputs format to alpaca_<lang>.json. Returns
     {benchmark: {lang: {metric: mean over the problems}}}."""
     jobs = [(benchmark, lang, problem) for benchmark, by_lang in problems.items()
             for lang, items in by_lang.items() for problem in items]
-    ids = [chat_prompt_ids(tokenizer, problem["prompt"], settings.system_prompt) for _, _, problem in jobs]
-    answers = generate(model, tokenizer, ids, settings.max_new_tokens, settings.gen_batch_size,
+    eval_template, languages = template(settings, "eval_prompt_template"), parse_languages(settings.eval_langs or settings.langs)
+    ids = [chat_prompt_ids(tokenizer, fill_template(eval_template, problem["prompt"], languages[lang]),
+                           settings.system_prompt) for _, lang, problem in jobs]
+    answers = generate(model, tokenizer, ids, settings.eval_max_new_tokens, settings.gen_batch_size,
                        settings.repetition_penalty, settings.temperature, desc=f"evaluating {model_name}")
     records = [{"benchmark": benchmark, "lang": lang, **problem, "answer": answer.strip(), "finished": finished,
                 "scores": score(benchmark, answer.strip(), finished, problem["gold"], lang)}
@@ -1029,7 +1236,7 @@ def evaluate(model, tokenizer, problems: dict, settings: Settings, folder: Path,
                     metrics[metric] = sum(values) / len(values)
             if benchmark == "alpaca":
                 outputs = [{"instruction": r["prompt"], "output": r["answer"], "generator": model_name,
-                            "dataset": f"lidr-{lang}"} for r in scored]
+                            "dataset": r["dataset"]} for r in scored]
                 write_atomic(folder / f"alpaca_{lang}.json", json.dumps(outputs, ensure_ascii=False, indent=1))
     return results
 
@@ -1170,6 +1377,7 @@ def record_run(out: Path, settings: Settings, command: list[str]):
         write_atomic(out / "settings.json", json.dumps({
             "settings": dataclasses.asdict(settings),
             "command": [sys.executable, *command],
+            "templates": {name: template(settings, name) for name in TEMPLATES if getattr(settings, name)},
             "lidr_sha256": code_hash,
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "transformers": transformers.__version__, "datasets": datasets.__version__},
@@ -1180,12 +1388,12 @@ def record_run(out: Path, settings: Settings, command: list[str]):
         log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} lidr_sha256={code_hash[:12]} {' '.join(command)}\n")
 
 
-def summary_table(history: list[dict], langs: list[str]) -> str:
+def summary_table(history: list[dict], langs: list[str], recipe: str) -> str:
     """Per iteration and language: pairs built and skipped, failed translations into the
     language, and the last epoch's training metrics over that language's pairs."""
     header = (f"{'iter':>4} {'lang':>4} {'pairs':>6} {'skipped':>7} {'failed_tr':>9} {'loss':>7} "
               f"{'reward_acc':>10} {'margin':>7} {'logp_chosen':>11} {'nll':>6}")
-    rows = [header, "-" * len(header)]
+    rows = [f"pairs built by --recipe {recipe}", header, "-" * len(header)]
     for iteration, metrics in enumerate(history, 1):
         for lang in langs:
             counts = metrics["counts"][lang]
@@ -1195,10 +1403,11 @@ def summary_table(history: list[dict], langs: list[str]) -> str:
                        if trained else f"{'-':>7} {'-':>10} {'-':>7} {'-':>11} {'-':>6}")
             rows.append(f"{iteration:>4} {lang:>4} {counts['pairs']:>6} {sum(counts.values()) - counts['pairs']:>7} "
                         f"{metrics['translation_failures'][lang]:>9} {numbers}")
-    rows.append("skipped: pairs not built (a prompt or translation failed, an answer was empty or hit the "
-                "token cap, or chosen == rejected; by reason in metrics.json); failed_tr: translations into the "
-                "language with no parseable span. The dominant language has a pair per other language. "
-                "logp_chosen: summed over the answer; nll: per token.")
+    rows.append("skipped: pairs not built, by reason in metrics.json (a prompt or translation failed, an answer "
+                "was empty or hit the token cap, chosen == rejected; with --recipe scripts only failed translations, "
+                "and the dominant language's pairs against all but the last language: overwritten); failed_tr: "
+                "translations into the language with no parseable span. logp_chosen: summed over the answer; "
+                "nll: per token.")
     return "\n".join(rows)
 
 
@@ -1235,11 +1444,12 @@ def lidr_iteration(model, tokenizer, prompts: list[dict], languages: dict[str, s
     prompt_translations = stage(folder / "prompt_translations.jsonl", lambda: translate(
         model, tokenizer, prompt_translation_requests(prompts, langs), languages, settings, "translating prompts"))
     prompts = stage(folder / "prompts.jsonl", lambda: fill_prompts(prompts, prompt_translations, langs))
-    responses = stage(folder / "responses.jsonl", lambda: sample_responses(model, tokenizer, prompts, langs, settings))
+    responses = stage(folder / "responses.jsonl", lambda: sample_responses(model, tokenizer, prompts, languages,
+                                                                           settings))
     translations = stage(folder / "translations.jsonl", lambda: translate(
-        model, tokenizer, translation_requests(prompts, responses, langs, settings.pairing), languages, settings,
-        "self-translating"))
-    built, counts = build_pairs(prompts, responses, translations, langs, settings.pairing)
+        model, tokenizer, translation_requests(prompts, responses, langs, settings.pairing, settings.recipe),
+        languages, settings, "self-translating"))
+    built, counts = build_pairs(prompts, responses, translations, langs, settings.pairing, settings.recipe)
     pairs = stage(folder / "pairs.jsonl", lambda: built)  # train on exactly what the folder holds
     failures = failed_translations_into(prompt_translations + translations, langs)
     trained = train_on_pairs(model, tokenizer, pairs, settings, folder / "train_log.jsonl")
@@ -1264,7 +1474,7 @@ def evaluate_once(model, tokenizer, problems: dict, settings: Settings, out: Pat
 def run(settings: Settings, command: list[str]):
     languages = parse_languages(settings.langs)
     langs = list(languages)
-    all_prompts = load_prompts(settings.prompts, settings.prompt_field, languages)
+    all_prompts = load_prompts(settings.prompts, settings.prompt_field, languages, settings.translation_tasks)
     problems = eval_problems(settings)
     settings = resolve(settings)
     out = Path(settings.out)
@@ -1274,10 +1484,11 @@ def run(settings: Settings, command: list[str]):
     optim = plan_training_memory(config, n_params, settings, device_memory(settings.device))
     settings = dataclasses.replace(settings, optim=optim)
     check_resumable(out, settings)
-    if settings.model == "tiny" and (settings.prompts != "toy" or settings.system_prompt
-                                     or set(filter(None, settings.eval.split(","))) - {"toy"}):
-        print("warning: the toy model knows only the toy world's words: other prompts, system turns and "
-              "benchmarks reach it as <|unk|> tokens")
+    toy_inputs_only = (settings.prompts == "toy" and not settings.system_prompt and set(settings.eval.split(",")) <= {"", "toy"}
+                       and not any(getattr(settings, name) for name in TEMPLATES))
+    if settings.model == "tiny" and not toy_inputs_only:
+        print("warning: the toy model knows only the toy world's words and its translation request: other "
+              "prompts, templates, system turns and benchmarks reach it as <|unk|> tokens")
     # the toy world's M0, pre-trained once and kept next to the run folders (not when resuming from M_t)
     toy_m0 = toy_model(out.parent, settings.seed, langs) if start_model == "tiny" else None
     transformers.set_seed(settings.seed)
@@ -1289,7 +1500,8 @@ def run(settings: Settings, command: list[str]):
           f"on {settings.device} ({settings.dtype}) | {len(all_prompts)} prompts, "
           f"{min(settings.num_prompts, len(all_prompts))} per iteration, "
           f"{sum(p['translation_task'] for p in all_prompts)} translation tasks | "
-          f"langs {','.join(langs)} | pairing {settings.pairing}")
+          f"langs {','.join(langs)} | pairing {settings.pairing} | recipe {settings.recipe} | translation request: "
+          f"{settings.translation_request or 'lidr.py TRANSLATION_REQUEST'}")
     history, evaluations = [], []
     if problems:  # iter_0 holds M0's evaluation
         evaluations.append(evaluate_once(model, tokenizer, problems, settings, out, 0, in_memory=not finished))
@@ -1314,10 +1526,10 @@ def run(settings: Settings, command: list[str]):
             (folder / "eval.json").unlink(missing_ok=True)  # only there if an earlier M_t was deleted: stale
             evaluations.append(evaluate_once(model, tokenizer, problems, settings, out, t, in_memory=True))
         history.append(metrics)
-        print(summary_table(history, langs))
+        print(summary_table(history, langs, settings.recipe))
         if problems:
             print(eval_table(evaluations, langs[0]))
-    summary = summary_table(history, langs) + ("\n\n" + eval_table(evaluations, langs[0]) if problems else "")
+    summary = summary_table(history, langs, settings.recipe) + ("\n\n" + eval_table(evaluations, langs[0]) if problems else "")
     write_atomic(out / "summary.txt", summary + "\n")
     if finished == list(range(1, settings.iters + 1)):
         print(summary)

@@ -5,6 +5,8 @@ import ctypes
 import gc
 import json
 import math
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -183,8 +185,8 @@ def test_parse_translation(generated, expected):
 PROMPTS = [{"id": "p1", "translation_task": False, "en": "Hi?", "de": "Hallo?", "fr": "Salut ?"},
            {"id": "p2", "translation_task": True, "en": "Translate 'cat' into German.",
             "de": "Übersetze 'cat' ins Deutsche.", "fr": "Traduis 'cat' en allemand."}]
-RESPONSES = [{"id": p, "lang": lang, "response": f"{p}-{lang}", "finished": True}
-             for p in ("p1", "p2") for lang in ("en", "de", "fr")]
+RESPONSES = [{"id": prompt["id"], "lang": lang, "prompt": prompt[lang], "response": f"{prompt['id']}-{lang}",
+              "finished": True} for prompt in PROMPTS for lang in ("en", "de", "fr")]
 
 
 def fake_translations(requests, fail=()):
@@ -193,12 +195,12 @@ def fake_translations(requests, fail=()):
 
 
 def test_dominant_pairs_follow_the_paper():
-    requests = lidr.translation_requests(PROMPTS, RESPONSES, ["en", "de", "fr"], "dominant")
+    requests = lidr.translation_requests(PROMPTS, RESPONSES, ["en", "de", "fr"], "dominant", "lidr")
     directions = {(r["id"], r["source_lang"], r["target_lang"]) for r in requests}
     assert ("p2", "en", "de") not in directions, "a translation task's English answer is never translated"
     assert {("p1", "en", "de"), ("p1", "de", "en"), ("p1", "en", "fr"), ("p1", "fr", "en")} <= directions
     translations = fake_translations(requests, fail={("p1", "fr", "en")})
-    pairs, counts = lidr.build_pairs(PROMPTS, RESPONSES, translations, ["en", "de", "fr"], "dominant")
+    pairs, counts = lidr.build_pairs(PROMPTS, RESPONSES, translations, ["en", "de", "fr"], "dominant", "lidr")
     by_key = {(p["id"], p["lang"], p["other_lang"]): p for p in pairs}
     assert by_key["p1", "en", "de"] == {"prompt": "Hi?", "chosen": "p1-en", "rejected": "T[p1-de->en]",
                                         "id": "p1", "lang": "en", "kind": "own>translated", "other_lang": "de"}
@@ -211,14 +213,14 @@ def test_dominant_pairs_follow_the_paper():
     assert ("p1", "en", "fr") not in by_key, "a failed translation must drop its pair"
     # English keeps its pairs against every language (the released scripts kept only the last)
     assert counts["en"] == {"pairs": 3, "no_prompt": 0, "unfinished": 0, "empty": 0, "translation_failed": 1,
-                            "identical": 0}
+                            "identical": 0, "overwritten": 0}
     assert counts["de"]["pairs"] == 2 and counts["fr"]["pairs"] == 2
 
 
 def test_ranked_pairs_cover_every_two_languages():
     langs = ["en", "de", "fr"]
-    requests = lidr.translation_requests(PROMPTS[:1], RESPONSES, langs, "ranked")
-    pairs, counts = lidr.build_pairs(PROMPTS[:1], RESPONSES, fake_translations(requests), langs, "ranked")
+    requests = lidr.translation_requests(PROMPTS[:1], RESPONSES, langs, "ranked", "lidr")
+    pairs, counts = lidr.build_pairs(PROMPTS[:1], RESPONSES, fake_translations(requests), langs, "ranked", "lidr")
     kinds = {(p["lang"], p["other_lang"], p["kind"]) for p in pairs}
     assert kinds == {("en", "de", "own>translated"), ("de", "en", "translated>own"),
                      ("en", "fr", "own>translated"), ("fr", "en", "translated>own"),
@@ -234,14 +236,14 @@ def test_skipped_pairs_are_counted_by_reason():
     responses = [{"id": "p1", "lang": "en", "response": "same", "finished": True},
                  {"id": "p1", "lang": "de", "response": "", "finished": True},   # empty answer
                  {"id": "p1", "lang": "fr", "response": "same", "finished": True}]  # no es: prompt untranslated
-    requests = lidr.translation_requests(prompts, responses, langs, "dominant")
+    requests = lidr.translation_requests(prompts, responses, langs, "dominant", "lidr")
     assert {(r["source_lang"], r["target_lang"]) for r in requests} == {("en", "fr"), ("fr", "en")}, \
         "empty answers and missing prompts are not sent for translation"
     translations = [{**r, "translation": "same"} for r in requests]
-    pairs, counts = lidr.build_pairs(prompts, responses, translations, langs, "dominant")
+    pairs, counts = lidr.build_pairs(prompts, responses, translations, langs, "dominant", "lidr")
     assert pairs == []
     assert counts["en"] == {"pairs": 0, "no_prompt": 1, "unfinished": 0, "empty": 1, "translation_failed": 0,
-                            "identical": 1}
+                            "identical": 1, "overwritten": 0}
     assert counts["de"]["empty"] == 1 and counts["fr"]["identical"] == 1 and counts["es"]["no_prompt"] == 1
 
 
@@ -263,11 +265,62 @@ def test_failed_translations_are_counted_per_target_language():
 
 def test_unfinished_answers_are_neither_translated_nor_paired():
     responses = [dict(r, finished=r["lang"] != "fr") for r in RESPONSES]
-    requests = lidr.translation_requests(PROMPTS[:1], responses, ["en", "de", "fr"], "dominant")
+    requests = lidr.translation_requests(PROMPTS[:1], responses, ["en", "de", "fr"], "dominant", "lidr")
     assert {(r["source_lang"], r["target_lang"]) for r in requests} == {("en", "de"), ("de", "en")}
-    pairs, counts = lidr.build_pairs(PROMPTS[:1], responses, fake_translations(requests), ["en", "de", "fr"], "dominant")
+    pairs, counts = lidr.build_pairs(PROMPTS[:1], responses, fake_translations(requests), ["en", "de", "fr"],
+                                     "dominant", "lidr")
     assert counts["fr"]["unfinished"] == 1 and counts["en"]["unfinished"] == 1, "an answer that hit the cap"
     assert {(p["lang"], p["other_lang"]) for p in pairs} == {("en", "de"), ("de", "en")}
+
+
+def test_both_recipes_build_the_pairs_their_rules_give():
+    """The same answers and translations through --recipe lidr and --recipe scripts, against pairs
+    worked out by hand from lidr's rules and from the authors' utils/preprocess_dpo_format_dataset.py."""
+    langs = ["en", "de", "fr"]
+    prompts = [{"id": "p1", "translation_task": False, "en": "Hi?", "de": "Hallo?", "fr": "Salut ?"},
+               {"id": "p2", "translation_task": True, "en": "Say 'cat' in French.", "de": "Sag 'cat' auf Französisch.",
+                "fr": "Dis 'cat' en français."},
+               {"id": "p3", "translation_task": False, "en": "Count.", "de": "Zähle.", "fr": "Compte."}]
+    answers = {("p1", "en"): "A", ("p1", "de"): "B", ("p1", "fr"): "C", ("p2", "en"): "X", ("p2", "de"): "Y",
+               ("p2", "fr"): "Z", ("p3", "en"): "E", ("p3", "de"): "", ("p3", "fr"): "E"}
+    responses = [{"id": i, "lang": lang, "prompt": next(p[lang] for p in prompts if p["id"] == i), "response": text,
+                  "finished": (i, lang) != ("p3", "de")} for (i, lang), text in answers.items()]
+    special = {("p1", "fr", "en"): None,  # failed
+               ("p3", "en", "fr"): "E"}   # the translation equals fr's own answer
+
+    def translated(requests):
+        return [{**r, "translation": special.get((r["id"], r["source_lang"], r["target_lang"]),
+                                                 f"T[{r['source']}>{r['target_lang']}]")} for r in requests]
+
+    def pair_table(pairs):
+        return {(p["id"], p["lang"], p["other_lang"]): (p["chosen"], p["rejected"], p["kind"]) for p in pairs}
+
+    lidr_requests = lidr.translation_requests(prompts, responses, langs, "dominant", "lidr")
+    pairs, counts = lidr.build_pairs(prompts, responses, translated(lidr_requests), langs, "dominant", "lidr")
+    assert pair_table(pairs) == {
+        ("p1", "en", "de"): ("A", "T[B>en]", "own>translated"), ("p1", "de", "en"): ("T[A>de]", "B", "translated>own"),
+        ("p1", "fr", "en"): ("T[A>fr]", "C", "translated>own"),  # only the pair needing the failed one is dropped
+        ("p2", "en", "de"): ("X", "Y", "own>untranslated"), ("p2", "de", "en"): ("X", "Y", "untranslated>own"),
+        ("p2", "en", "fr"): ("X", "Z", "own>untranslated"), ("p2", "fr", "en"): ("X", "Z", "untranslated>own"),
+        ("p3", "en", "fr"): ("E", "T[E>en]", "own>translated")}  # p3-de unfinished; p3-fr: chosen == rejected
+    assert counts["en"]["translation_failed"] == 1 and counts["fr"]["identical"] == 1
+    assert counts["de"]["unfinished"] == 1 and counts["en"]["overwritten"] == 0
+
+    scripts_requests = lidr.translation_requests(prompts, responses, langs, "dominant", "scripts")
+    assert len(scripts_requests) == 12, "the scripts translate every answer, translation tasks' and unfinished ones too"
+    pairs, counts = lidr.build_pairs(prompts, responses, translated(scripts_requests), langs, "dominant", "scripts")
+    assert pair_table(pairs) == {
+        ("p1", "de", "en"): ("T[A>de]", "B", "translated>own"),  # p1-fr: both pairs dropped, p1-en-de overwritten
+        ("p2", "en", "fr"): ("X", "T[Z>en]", "own>translated"),  # a translation task's English pair, as usual
+        ("p2", "de", "en"): ("X", "Y", "untranslated>own"), ("p2", "fr", "en"): ("X", "Z", "untranslated>own"),
+        ("p3", "en", "fr"): ("E", "T[E>en]", "own>translated"),
+        ("p3", "de", "en"): ("T[E>de]", "", "translated>own"),  # unfinished and empty: kept
+        ("p3", "fr", "en"): ("E", "E", "translated>own")}  # chosen == rejected: kept
+    assert counts["en"] == {"pairs": 2, "no_prompt": 0, "unfinished": 0, "empty": 0, "translation_failed": 1,
+                            "identical": 0, "overwritten": 3}, "only the last language's English pairs survive"
+    assert counts["fr"]["translation_failed"] == 1 and counts["de"]["pairs"] == 3
+    assert lidr.parse_translation("</translated>", empty_fails=False) == "", "the scripts' pattern matches nothing"
+    assert lidr.parse_translation("</translated>") is None
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -305,11 +358,62 @@ def test_prompt_sources(tmp_path):
     folder.mkdir()
     (folder / "train.jsonl").write_text('{"instruction": "Add them.", "input": "1 2"}\n{"instruction": "Hi."}\n')
     records = lidr.load_prompts(str(folder), "instruction", lidr.parse_languages("en,de"))
-    assert [r["en"] for r in records] == ["Add them.\n\n1 2", "Hi."] and records[0]["id"] == "0"
+    assert [r["en"] for r in records] == ["Add them.\n1 2", "Hi."], "an input joined as the scripts join it"
+    assert records[0]["id"] == "0"
     listed = tmp_path / "prompts.json"
     listed.write_text(json.dumps([{"id": "a", "en": "Hi", "de": "Hallo", "translation_task": True}]))
     assert lidr.load_prompts(str(listed), "instruction", lidr.parse_languages("en,de")) == [
         {"id": "a", "translation_task": True, "en": "Hi", "de": "Hallo"}]
+
+
+def write_language_folder(folder: Path, records_by_lang: dict):
+    folder.mkdir(parents=True, exist_ok=True)
+    for lang, records in records_by_lang.items():
+        write(folder / f"{lang}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    return str(folder)
+
+
+def test_the_authors_per_language_folders_are_read_as_released(tmp_path):
+    first = write_language_folder(tmp_path / "id_0_2", {
+        "en": [{"id": "alpagasus-0", "instruction": "Add them.", "input": "1, 2"},
+               {"id": "alpagasus-1", "instruction": "Translate 'hi' into French.", "output": "ignored"}],
+        "de": [{"id": "alpagasus-1", "instruction": "Übersetze 'hi' ins Französische."},  # order need not match
+               {"id": "alpagasus-0", "instruction": "Addiere sie.\n1, 2"}]})
+    second = write_language_folder(tmp_path / "id_2_3", {  # GSM8K's layout: ids carry the language code
+        "en": [{"id": "engsm8k_0", "instruction": "2 + 2?", "answer": "", "final_answer": "4"}],
+        "de": [{"id": "degsm8k_0", "instruction": "2 + 2?", "answer": "", "final_answer": "4"}]})
+    tasks = write(tmp_path / "instruction_about_translate.jsonl",
+                  json.dumps({"prompt": "...", "reponse": "...", "id": "alpagasus-0"}) + "\n")
+    records = lidr.load_prompts(f"{first},{second}", "instruction", lidr.parse_languages("en,de"), tasks)
+    assert records == [
+        {"id": "alpagasus-0", "translation_task": True, "en": "Add them.\n1, 2", "de": "Addiere sie.\n1, 2"},
+        {"id": "alpagasus-1", "translation_task": False, "en": "Translate 'hi' into French.",
+         "de": "Übersetze 'hi' ins Französische."},
+        {"id": "gsm8k_0", "translation_task": False, "en": "2 + 2?", "de": "2 + 2?"}], \
+        "folders in order, joined by id, the hand list instead of the pattern"
+    assert [r["id"] for r in lidr.prompts_for_iteration(records, 2, 2)] == ["gsm8k_0", "alpagasus-0"]
+
+
+def test_prompt_templates_come_from_the_authors_files_without_running_them(tmp_path, monkeypatch):
+    write(tmp_path / "inference.py", 'raise SystemExit("this file must never run")\n'
+          'PROMPT_PREFIX = (\n    "Answer in {language}.\\n"\n    "Q: {question}\\nA:"\n)\n')
+    write(tmp_path / "trans_prompts.py", 'TRANS_INSTRUCTION = "Into {lang}, please: " + "<sentence>{text}</sentence>"\n')
+    settings = lidr.parse_settings(["--model", "tiny", "--prompt-template", str(tmp_path / "inference.py"),
+                                    "--translation-request", str(tmp_path / "trans_prompts.py")])
+    asked = []
+
+    def generate(model, tokenizer, prompts, *args, **kwargs):
+        asked.extend(tokenizer.decode(ids) for ids in prompts)
+        return [("Hm.</translated>", True)] * len(prompts)
+    monkeypatch.setattr(lidr, "generate", generate)
+    model, tokenizer = tiny_model()
+    responses = lidr.sample_responses(model, tokenizer, [{"id": "a", "en": "2 + 2?", "de": "2 + 2?"}],
+                                      lidr.parse_languages("en,de"), settings)
+    assert responses[1]["prompt"] == "Answer in German.\nQ: 2 + 2?\nA:", "the pair's prompt is what was asked"
+    assert "Answer in German.\nQ: 2 + 2?\nA:<|eot_id|>" in asked[1]
+    request = {"id": "a", "source_lang": "en", "target_lang": "de", "source": "Four."}
+    lidr.translate(model, tokenizer, [request], lidr.parse_languages("en,de"), settings, "test")
+    assert "Into German, please: <sentence>Four.</sentence>" in asked[2]
 
 
 # ------------------------------------------------------------------------ training
@@ -370,7 +474,7 @@ def test_answers_are_sampled_with_the_system_prompt_and_the_penalty(monkeypatch)
     monkeypatch.setattr(lidr, "generate", lambda *args, **kwargs: calls.append(args) or [("Hi", True)])
     model, tokenizer = tiny_model()
     settings = lidr.Settings(repetition_penalty=1.3, system_prompt="Be brief.")
-    lidr.sample_responses(model, tokenizer, [{"id": "a", "en": "Hello"}], ["en", "de"], settings)
+    lidr.sample_responses(model, tokenizer, [{"id": "a", "en": "Hello"}], lidr.parse_languages("en,de"), settings)
     prompt_ids, penalty = calls[0][2][0], calls[0][5]
     assert penalty == 1.3 and "Be brief." in tokenizer.decode(prompt_ids)
 
@@ -669,6 +773,24 @@ def test_mgsm_problems_answers_and_scores(tmp_path, monkeypatch):
     assert [a["scores"]["accuracy"] for a in answers if a["lang"] == "en"] == [1.0, 0.0, 1.0]
 
 
+def test_the_authors_mgsm_and_x_alpacaeval_files_are_read_as_released(tmp_path, monkeypatch):
+    write(tmp_path / "mgsm_en.jsonl", '{"query": "Janet has 16 eggs and eats 3. How many are left?", "response": "13"}\n')
+    write(tmp_path / "de.json", json.dumps([{"id": 1, "dataset": "helpful_base", "instruction": "Wer ist Larry Page?"}]))
+    write(tmp_path / "en.json", json.dumps([{"id": 1, "dataset": "helpful_base", "instruction": "Who is Larry Page?"}]))
+    settings = lidr.parse_settings(["--model", "tiny", "--langs", "en,de", "--eval", "mgsm,alpaca", "--eval-langs", "en",
+                                    "--mgsm", str(tmp_path), "--alpaca", str(tmp_path)])
+    problems = lidr.eval_problems(settings)
+    assert [(p["prompt"], p["gold"]) for p in problems["mgsm"]["en"]] == [
+        ("Janet has 16 eggs and eats 3. How many are left?", 13)]
+    fake_generate(monkeypatch, {"Janet": "16 - 3 = 13", "Larry": "A founder of Google."})
+    model, tokenizer = tiny_model()
+    results = lidr.evaluate(model, tokenizer, problems, settings, tmp_path, "tiny-M0")
+    assert results["mgsm"]["en"] == {"accuracy": 1.0}
+    assert json.loads((tmp_path / "alpaca_en.json").read_text()) == [
+        {"instruction": "Who is Larry Page?", "output": "A founder of Google.", "generator": "tiny-M0",
+         "dataset": "helpful_base"}], "the record's dataset is kept for the judge"
+
+
 def fake_generate(monkeypatch, answers: dict):
     """lidr.generate answering each prompt with the text written for the question it contains."""
     def generate(model, tokenizer, prompts, *args, **kwargs):
@@ -705,7 +827,7 @@ def test_eval_table_shows_every_model_and_the_mean_of_the_weaker_languages():
 
 @pytest.mark.parametrize("argv, message", [
     (["--eval", "mmlu"], "--eval must be a comma-separated list of toy, mgsm, alpaca"),
-    (["--eval", "mgsm", "--mgsm", "{empty}"], "mgsm_en.tsv not found"),
+    (["--eval", "mgsm", "--mgsm", "{empty}"], "no mgsm_en.tsv or mgsm_en.jsonl in"),
     (["--eval", "mgsm", "--mgsm", "{badtsv}"], "mgsm_en.tsv:2: expected a question, a tab and a number"),
     (["--eval", "toy", "--langs", "en,ja"], "the toy world has only en,es,ru,de,fr"),
     (["--langs", "de,en"], "the toy world has only en,es,ru,de,fr, English first"),
@@ -728,6 +850,7 @@ def test_bad_eval_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, 
 
 # ------------------------------------------------------------------------ bad input
 def write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
     return str(path)
 
@@ -749,6 +872,14 @@ BAD_INPUTS = [
     (["--epochs", "two"], "invalid int value"),
     (["--micro-batch-size", "9", "--batch-size", "4"], "--micro-batch-size"),
     (["--model", "{nomodel}"], "try --model tiny"),
+    (["--prompts", "{nolang}", "--langs", "en,de,fr"], "nolang/fr.jsonl not found"),
+    (["--prompts", "{noid}", "--langs", "en,de"], "noid/de.jsonl:2: the record has no 'id'"),
+    (["--prompts", "{badids}", "--langs", "en,de"], "the ids of"),
+    (["--translation-tasks", "{bad}"], "bad.jsonl:2: not valid JSON"),
+    (["--prompt-template", "{notemplate}"], "the template must hold {question}"),
+    (["--translation-request", "{noconstant}"], "no TRANS_INSTRUCTION = '...' string in it"),
+    (["--recipe", "scripts", "--pairing", "ranked"], "--recipe scripts pairs the dominant language"),
+    (["--recipe", "authors"], "--recipe must be lidr or scripts"),
 ]
 
 
@@ -759,6 +890,15 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, argv,
              "notobject": write(tmp_path / "notobject.jsonl", '\n\n[1]\n'),
              "flag": write(tmp_path / "flag.jsonl", '{"id": "q1", "en": "Hi", "translation_task": "false"}\n'),
              "nomodel": str(tmp_path / "no_such_model"), "file": write(tmp_path / "file.txt", "mine")}
+    files["nolang"] = write_language_folder(tmp_path / "nolang", {"en": [{"id": 1, "instruction": "Hi"}],
+                                                                  "de": [{"id": 1, "instruction": "Hallo"}]})
+    files["noid"] = write_language_folder(tmp_path / "noid", {"en": [{"id": 1, "instruction": "Hi"}],
+                                                              "de": [{"id": 1, "instruction": "Hallo"},
+                                                                     {"instruction": "Tschüss"}]})
+    files["badids"] = write_language_folder(tmp_path / "badids", {"en": [{"id": 1, "instruction": "Hi"}],
+                                                                  "de": [{"id": 2, "instruction": "Hallo"}]})
+    files["notemplate"] = write(tmp_path / "template.txt", "Answer in {language}.")
+    files["noconstant"] = write(tmp_path / "trans_prompts.py", "PRIMER = '<translated>'\n")
     (tmp_path / "binary.jsonl").write_bytes(b"\xff\xfe{}\n")
     files["binary"] = str(tmp_path / "binary.jsonl")
     (tmp_path / "folder.jsonl").mkdir()
@@ -796,6 +936,75 @@ def test_bad_input_from_the_command_line_has_no_traceback(tmp_path):
                             capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip() == "lidr: error: --langs: 'de' is listed twice"
+
+
+# ------------------------------------------------------------------------ the paper's runs
+def readme_paper_commands() -> list[list[str]]:
+    """The commands of the README's "The paper's runs", as argument lists (so README and test can't drift)."""
+    section = (ROOT / "README.md").read_text().split("## The paper's runs", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```bash\n(.*?)```", section, re.DOTALL)
+    return [shlex.split(block.replace("\\\n", " "))[2:] for block in blocks if block.startswith("python lidr.py")]
+
+
+def stand_in_for_the_authors_repository(root: Path):
+    """Their data layout, a few records per file; stand-in wordings (theirs are read from their files)."""
+    langs, eval_langs = ["en", "es", "ru", "de", "fr"], ["en", "es", "ru", "de", "fr", "ja", "sw", "th", "zh", "bn"]
+    for folder, ids in (("id_0_1000", [0, 1]), ("id_1000_2000", [1000])):
+        write_language_folder(root / "data/alpagasus/subset" / folder, {
+            lang: [{"id": f"alpagasus-{i}", "instruction": f"[{lang}] instruction {i}"} for i in ids] for lang in langs})
+    write_language_folder(root / "data/gsm8k/train", {
+        lang: [{"id": f"{lang}gsm8k_{i}", "instruction": f"[{lang}] {i} + 2?", "answer": "", "final_answer": str(i + 2)}
+               for i in range(2)] for lang in langs})
+    write(root / "process_data/alpagasus/translate/instruction_about_translate.jsonl",
+          json.dumps({"prompt": "Translate ...", "reponse": "...", "output": "", "id": "alpagasus-1"}) + "\n")
+    write(root / "utils/trans_prompts.py", 'TRANS_INSTRUCTION = "Stand-in: <sentence>{text}</sentence> into {lang}."\n')
+    write(root / "utils/inference.py", "from vllm import LLM  # not installed: the file must not run\n"
+                                       'PROMPT_PREFIX = ("Stand-in, in {language}:\\n" "{question}\\n")\n')
+    for lang in eval_langs:
+        write_language_folder(root / "data/MGSM", {f"mgsm_{lang}": [{"query": f"[{lang}] 3 + 4?", "response": "7"}]})
+    for lang in langs:
+        write(root / f"data/x-alpacaeval/data/{lang}.json",
+              json.dumps([{"id": 1, "dataset": "helpful_base", "instruction": f"[{lang}] Who is Larry Page?"}]))
+
+
+class FirstAnswer(Exception):
+    pass
+
+
+@pytest.mark.parametrize("run, first_prompt, loaded", [
+    ("general", "[en] Who is Larry Page?", "3 prompts, 3 per iteration, 1 translation tasks"),
+    ("arithmetic", "Stand-in, in English:\n[en] 3 + 4?\n", "2 prompts, 2 per iteration, 0 translation tasks")])
+def test_the_readme_paper_runs_start_on_the_authors_layout(tmp_path, monkeypatch, capsys, run, first_prompt, loaded):
+    """Each README command's argument checking and data loading, on stand-in folders in the authors'
+    layout next to a lidr checkout, with the model swapped for a tiny one, up to the first answer."""
+    stand_in_for_the_authors_repository(tmp_path / "Language-Imbalance-Driven-Rewarding")
+    model, tokenizer = tiny_model()
+    model.save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    (tmp_path / "lidr").mkdir()
+    monkeypatch.chdir(tmp_path / "lidr")
+    asked = []
+
+    def generate(model, tokenizer, prompts, *args, **kwargs):
+        asked.extend(tokenizer.decode(ids) for ids in prompts)
+        raise FirstAnswer
+    monkeypatch.setattr(lidr, "generate", generate)
+    argv = dict(zip(("general", "arithmetic"), readme_paper_commands()))[run]
+    assert argv[argv.index("--model") + 1] == "meta-llama/Meta-Llama-3-8B-Instruct"
+    with pytest.raises(FirstAnswer):
+        lidr.main([*argv, "--model", str(tmp_path / "tiny")])
+    assert loaded in capsys.readouterr().out
+    assert first_prompt + "<|eot_id|>" in asked[0], asked[0]
+    assert json.loads(Path(argv[argv.index("--out") + 1], "settings.json").read_text())["settings"]["recipe"] == "scripts"
+
+
+@pytest.mark.parametrize("cuda, model", [(True, "meta-llama/Meta-Llama-3-8B-Instruct"), (False, "tiny")])
+def test_model_auto_is_the_paper_model_on_a_gpu_and_the_toy_world_elsewhere(monkeypatch, capsys, cuda, model):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    settings = lidr.parse_settings(["--iters", "2"])
+    assert settings.model == model and settings.lr == (5e-7 if cuda else lidr.TINY_DEFAULTS["lr"])
+    said = capsys.readouterr().out.strip().splitlines()
+    assert len(said) == 1 and said[0].startswith("--model auto:") and "--model" in said[0][14:], said
 
 
 # ------------------------------------------------------------------------ end to end
