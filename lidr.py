@@ -21,8 +21,8 @@ file it was checked against: README, Departures; --recipe scripts undoes the dat
   - A failed translation drops only the pair that needs it (the scripts drop both of the prompt
     and language); answers that hit --max-new-tokens, empty answers and pairs with chosen ==
     rejected are skipped and counted (the scripts keep them).
-  - Translation-task prompts: a hand list (--translation-tasks, as the authors did), a flag in the
-    record, or a pattern ("translate ... into French"); their answers are not translated at all.
+  - Translation-task prompts: a flag in the record, a hand list (--translation-tasks, as the
+    authors did), or a pattern ("translate ... into French"); their answers are not translated.
   - The translation request is lidr's own wording (--translation-request reads the authors' from
     their utils/trans_prompts.py); prompts are tokenised once, without the doubled BOS that the
     scripts' vLLM calls produced.
@@ -89,7 +89,7 @@ class Settings:
     recipe: str = setting("lidr", "lidr: this kit's pipeline; scripts: the authors' released data pipeline step "
                                   "for step: a failed translation drops both pairs of its prompt and language, only "
                                   "the last language's English pairs are kept, no answer is skipped as unfinished, "
-                                  "empty or identical (README: Departures)")
+                                  "empty or identical, an empty translation is kept (README: Departures)")
     # step 1: prompts
     prompts: str = setting("", "a .jsonl/.json file; a folder of <lang>.jsonl files, one per language, records "
                                "joined by id (the authors' data/alpagasus/subset/id_0_1000), or several such folders, "
@@ -150,8 +150,9 @@ class Settings:
     eval_langs: str = setting("", "languages to evaluate, as in --langs; empty = --langs")
     eval_limit: int = setting(0, "most problems per benchmark and language; 0 = all")
     eval_max_new_tokens: int = setting(2048, "evaluation answer length cap (the scripts' evaluation: 2048)")
-    eval_prompt_template: str = setting("", "--prompt-template for evaluation questions (the authors' arithmetic "
-                                            "evaluation can prefix MGSM's questions the same way); empty = as written")
+    eval_prompt_template: str = setting("", "--prompt-template's format, for the questions of every benchmark in "
+                                            "--eval (the authors' arithmetic evaluation can prefix MGSM's questions "
+                                            "so); empty = as written")
     mgsm: str = setting("juletxara/mgsm", "MGSM's problems: a hub dataset id, or a folder of mgsm_<lang>.tsv "
                                           "(question<TAB>answer) or mgsm_<lang>.jsonl ({query, response}: the "
                                           "authors' data/MGSM) files")
@@ -166,6 +167,12 @@ class Settings:
 TINY_DEFAULTS = dict(prompts="toy", eval="toy", num_prompts=300, system_prompt="", repetition_penalty=1.0,
                      max_new_tokens=48, translation_max_new_tokens=64, eval_max_new_tokens=48, lr=1e-4, batch_size=8,
                      micro_batch_size=8, max_len=512)
+
+# Prompt wordings a run can take from a file: flag -> (the constant read from a .py file, the
+# placeholders the template must hold, those it may hold besides).
+TEMPLATES = {"prompt_template": ("PROMPT_PREFIX", {"question"}, {"language"}),
+             "eval_prompt_template": ("PROMPT_PREFIX", {"question"}, {"language"}),
+             "translation_request": ("TRANS_INSTRUCTION", {"text"}, {"lang", "source", "target"})}
 
 # What a resumed run may change: the folder's own name, the number of iterations (to extend a
 # run), and settings that change how fast a run goes, and its results only by float rounding.
@@ -201,7 +208,7 @@ def parse_settings(argv: list[str]) -> Settings:
         parser.add_argument("--" + f.name.replace("_", "-"), type=f.type,
                             help=f"{f.metadata['help']} [default: {f.default!r}{tiny}]")
     given = vars(parser.parse_args(argv))  # only the flags on the command line (SUPPRESS)
-    if given.get("model", "auto") == "auto":
+    if given.get("model", "auto") == "auto":  # resolved (and said) here: it decides the tiny defaults
         given["model"] = choose_model(given.get("device", "auto"))
     preset = TINY_DEFAULTS if given.get("model") == "tiny" else {}
     settings = Settings(**{**preset, **given})
@@ -221,7 +228,8 @@ def choose_model(device: str) -> str:
     if device != "cpu" and torch.cuda.is_available():
         print(f"--model auto: a CUDA GPU is visible, so the paper's model {PAPER_MODEL}; --model tiny runs the toy world")
         return PAPER_MODEL
-    print(f"--model auto: no CUDA GPU is visible, so the toy world (--model tiny, README: The toy world); "
+    why = "--device cpu" if device == "cpu" else "no CUDA GPU is visible"
+    print(f"--model auto: {why}, so the toy world (--model tiny, README: The toy world); "
           f"--model {PAPER_MODEL} runs the paper's model")
     return "tiny"
 
@@ -327,7 +335,7 @@ def load_prompts(source: str, prompt_field: str, languages: dict[str, str], tran
         records, where = toy_prompts(), "toy prompts"
     elif source.endswith((".json", ".jsonl")) or os.path.isfile(source):
         records, where = read_prompt_file(Path(source)), source
-    elif "," in source or Path(source, f"{dominant}.jsonl").is_file():
+    elif "," in source or any(Path(source, f"{lang}.jsonl").is_file() for lang in langs):
         records, where = read_language_folders(source.split(","), prompt_field, langs), source
     else:
         records, where = read_prompt_dataset(source, prompt_field, langs), source
@@ -337,6 +345,7 @@ def load_prompts(source: str, prompt_field: str, languages: dict[str, str], tran
         if not isinstance(record, dict):
             raise LidrError(f"{where}: record {number}: expected a JSON object per prompt")
         line = record.get("_line", number)  # a .jsonl file's own line number, for error messages
+        where = record.get("_where", where)  # the file of a per-language folder's record
         if not isinstance(record.get("translation_task", False), bool):
             raise LidrError(f"{where}:{line}: translation_task must be true or false")
         prompt_id = str(record.get("id", f"p{number}"))
@@ -384,11 +393,13 @@ def read_prompt_file(path: Path, flag: str = "--prompts") -> list[dict]:
 def read_language_folders(folders: list[str], prompt_field: str, langs: list[str]) -> list[dict]:
     """The authors' layout: in each folder one <lang>.jsonl per language of langs, records
     {"id", prompt_field, maybe "input", other fields ignored}, joined across languages by id, in the
-    dominant file's order; where every id of a file starts with its language code (their GSM8K
-    files: "degsm8k_0"), the code is dropped for the join. Folders are read one after the other,
+    dominant file's order; where every id of every file starts with the file's language code
+    (their GSM8K files: "degsm8k_0"), the codes are dropped for the join. Folders are read one after the other,
     so with 1,000 prompts in each, iteration t takes the t-th folder, as the authors did."""
     records = []
     for folder in folders:
+        if not folder.strip():
+            raise LidrError(f"--prompts: an empty folder name in the list '{','.join(folders)}'")
         by_lang = {}  # lang -> {id: (text, line)}
         for lang in langs:
             path = Path(folder) / f"{lang}.jsonl"
@@ -397,18 +408,18 @@ def read_language_folders(folders: list[str], prompt_field: str, langs: list[str
                                 f"for each language of --langs)")
             by_lang[lang] = {}
             for record in read_prompt_file(path):
-                line, text = record["_line"], record.get(prompt_field)
+                line, text, extra = record["_line"], record.get(prompt_field), record.get("input") or ""
                 if "id" not in record:
                     raise LidrError(f"{path}:{line}: the record has no 'id' (records are joined across languages by id)")
-                if not isinstance(text, str) or not text.strip():
-                    raise LidrError(f"{path}:{line}: no '{prompt_field}' text")
-                if record.get("input"):  # how the scripts join an Alpaca-style input to its instruction
-                    text += "\n" + record["input"]
+                if not isinstance(text, str) or not text.strip() or not isinstance(extra, str):
+                    raise LidrError(f"{path}:{line}: '{prompt_field}' (and 'input', if any) must be text")
                 if str(record["id"]) in by_lang[lang]:
                     raise LidrError(f"{path}:{line}: id '{record['id']}' appears twice")
-                by_lang[lang][str(record["id"])] = (text, line)
-            if by_lang[lang] and all(prompt_id.startswith(lang) for prompt_id in by_lang[lang]):
-                by_lang[lang] = {prompt_id[len(lang):]: value for prompt_id, value in by_lang[lang].items()}
+                # a non-empty input follows its instruction after a newline, as the scripts join them
+                by_lang[lang][str(record["id"])] = (text + "\n" + extra if extra else text, line)
+        if all(ids and all(prompt_id.startswith(lang) for prompt_id in ids) for lang, ids in by_lang.items()):
+            by_lang = {lang: {prompt_id[len(lang):]: value for prompt_id, value in ids.items()}
+                       for lang, ids in by_lang.items()}
         dominant = by_lang[langs[0]]
         for lang in langs[1:]:
             missing, extra = dominant.keys() - by_lang[lang].keys(), by_lang[lang].keys() - dominant.keys()
@@ -417,7 +428,8 @@ def read_language_folders(folders: list[str], prompt_field: str, langs: list[str
                 raise LidrError(f"--prompts: the ids of {Path(folder) / f'{lang}.jsonl'} don't match those of "
                                 f"{Path(folder) / f'{langs[0]}.jsonl'} ({len(missing)} missing, {len(extra)} extra; "
                                 f"e.g. {example})")
-        records += [{"id": prompt_id, "_line": line, **{lang: by_lang[lang][prompt_id][0] for lang in langs}}
+        records += [{"id": prompt_id, "_line": line, "_where": str(Path(folder) / f"{langs[0]}.jsonl"),
+                     **{lang: by_lang[lang][prompt_id][0] for lang in langs}}
                     for prompt_id, (_, line) in dominant.items()]
     return records
 
@@ -426,9 +438,11 @@ def read_translation_tasks(path: Path) -> set[str]:
     """--translation-tasks: the ids of a JSONL file's records (the authors' list also holds the
     prompt and its answers; only the id is read)."""
     ids = set()
-    for record in read_prompt_file(path, "--translation-tasks"):
+    for number, record in enumerate(read_prompt_file(path, "--translation-tasks"), 1):
         if not isinstance(record, dict) or "id" not in record:
-            raise LidrError(f"{path}:{record.get('_line', 1)}: the record has no 'id'")
+            record = record if isinstance(record, dict) else {}
+            where = f"{path}:{record['_line']}" if "_line" in record else f"{path}: record {number}"
+            raise LidrError(f"{where}: expected a record with an 'id'")
         ids.add(str(record["id"]))
     return ids
 
@@ -460,13 +474,6 @@ def prompts_for_iteration(prompts: list[dict], iteration: int, num_prompts: int)
     return [prompts[((iteration - 1) * n + i) % len(prompts)] for i in range(n)]
 
 
-# Prompt wordings a run can take from a file: flag -> (the constant read from a .py file, the
-# placeholder the template must hold, those it may hold).
-TEMPLATES = {"prompt_template": ("PROMPT_PREFIX", "question", {"language"}),
-             "eval_prompt_template": ("PROMPT_PREFIX", "question", {"language"}),
-             "translation_request": ("TRANS_INSTRUCTION", "text", {"lang", "source", "target"})}
-
-
 def template(settings: Settings, name: str) -> str:
     """The template that the flag `name` points to, '' if none. A .py file gives its string
     constant, read with ast so that nothing in the file runs (the authors' utils/inference.py and
@@ -474,26 +481,33 @@ def template(settings: Settings, name: str) -> str:
     path = getattr(settings, name)
     if not path:
         return ""
-    where, (constant, required, optional) = f"--{name.replace('_', '-')} {path}", TEMPLATES[name]
+    constant, required, optional = TEMPLATES[name]
+    where = f"--{name.replace('_', '-')} {path}"
     try:
         text = Path(path).read_text(encoding="utf-8")
         tree = ast.parse(text) if path.endswith(".py") else None
     except (OSError, UnicodeDecodeError, SyntaxError, ValueError) as error:
         raise LidrError(f"{where}: cannot read it: {first_line(error)}") from None
     if tree:
-        assigned = {target.id: node.value for node in tree.body if isinstance(node, (ast.Assign, ast.AnnAssign))
-                    for target in getattr(node, "targets", [getattr(node, "target", None)]) if isinstance(target, ast.Name)}
-        text = string_literal(assigned[constant]) if constant in assigned else None
-        if text is None:
-            raise LidrError(f"{where}: no {constant} = '...' string in it")
+        values = []  # the values given to the constant at the top level of the file
+        for node in tree.body:
+            targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+            if any(isinstance(target, ast.Name) and target.id == constant for target in targets):
+                values.append(string_literal(node.value) if isinstance(node, (ast.Assign, ast.AnnAssign)) else None)
+        if len(values) != 1 or values[0] is None:
+            raise LidrError(f"{where}: expected one plain {constant} = '...' string in it")
+        text = values[0]
+    allowed = ", ".join(f"{{{field}}}" for field in sorted(required | optional))
     try:
         fields = {field for _, field, _, _ in string.Formatter().parse(text) if field is not None}
-    except ValueError as error:
-        raise LidrError(f"{where}: not a template ({error})") from None
-    if required not in fields or not fields <= {required} | optional:
-        raise LidrError(f"{where}: the template must hold {{{required}}} and may hold "
-                        f"{', '.join(f'{{{f}}}' for f in sorted(optional))} (it holds {sorted(fields)}; "
-                        f"double other braces)")
+        text.format(**dict.fromkeys(required | optional, ""))  # fails on any other field, nested ones too
+    except (ValueError, KeyError, IndexError) as error:
+        raise LidrError(f"{where}: the template can hold only {allowed} ({type(error).__name__}: {error}); "
+                        f"write a brace that is no placeholder twice") from None
+    if not required <= fields:
+        raise LidrError(f"{where}: the template has no {' or '.join(f'{{{f}}}' for f in sorted(required))}")
+    if name == "translation_request" and not fields & {"lang", "target"}:
+        raise LidrError(f"{where}: the request must name the target language, with {{lang}} or {{target}}")
     return text
 
 
@@ -708,14 +722,18 @@ def compared_answers(prompts: list[dict], responses: list[dict], langs: list[str
     """(prompt record, stronger answer, weaker answer, why not) for every prompt and compared
     pair of languages. why not is None when both answers can be compared, else the reason to skip:
     no_prompt (the prompt could not be translated into a language), and under --recipe lidr
-    unfinished (an answer hit the token cap) or empty; the scripts compare whatever was answered."""
+    unfinished (an answer hit the token cap) or empty."""
     answers = {(r["id"], r["lang"]): r for r in responses}
     for prompt in prompts:
         for stronger_lang, weaker_lang in stronger_weaker_languages(langs, pairing):
             stronger, weaker = answers.get((prompt["id"], stronger_lang)), answers.get((prompt["id"], weaker_lang))
-            why_not = ("no_prompt" if stronger is None or weaker is None else None if recipe == "scripts"
-                       else "unfinished" if not (stronger["finished"] and weaker["finished"])
-                       else "empty" if not (stronger["response"] and weaker["response"]) else None)
+            if stronger is None or weaker is None:
+                why_not = "no_prompt"
+            elif recipe == "scripts":  # the scripts compare whatever was answered
+                why_not = None
+            else:
+                why_not = ("unfinished" if not (stronger["finished"] and weaker["finished"])
+                           else "empty" if not (stronger["response"] and weaker["response"]) else None)
             yield prompt, stronger or {"lang": stronger_lang}, weaker or {"lang": weaker_lang}, why_not
 
 
@@ -754,8 +772,9 @@ def build_pairs(prompts: list[dict], responses: list[dict], translations: list[d
     --recipe lidr skips a pair when its answers can't be compared (compared_answers), a
     translation it needs failed, or chosen == rejected. --recipe scripts does what the authors'
     utils/preprocess_dpo_format_dataset.py does: both pairs are dropped when either translation
-    failed, nothing else is skipped, and only the English pairs against the last language are
-    kept (their loop writes one English file per language, each over the last: "overwritten").
+    failed, unfinished, empty and identical answers are kept, and only the English pairs against
+    the last language are kept (their loop writes one English file per language, each over the
+    last: "overwritten").
     Returns the pairs and, per language, counts of "pairs" built and of each reason to skip."""
     translated = {(t["id"], t["source_lang"], t["target_lang"]): t["translation"] for t in translations}
     # "pairs" built, or why not: compared_answers' reasons first, then this function's own
@@ -773,27 +792,31 @@ def build_pairs(prompts: list[dict], responses: list[dict], translations: list[d
                           "id": answer["id"], "lang": lang, "kind": kind, "other_lang": other_lang})
 
     for prompt, stronger, weaker, why_not in compared_answers(prompts, responses, langs, pairing, recipe):
-        high, low = stronger["lang"], weaker["lang"]
+        stronger_lang, weaker_lang = stronger["lang"], weaker["lang"]
         if why_not:
-            counts[high][why_not] += 1
-            counts[low][why_not] += 1
+            counts[stronger_lang][why_not] += 1
+            counts[weaker_lang][why_not] += 1
             continue
-        back_translated = translated.get((prompt["id"], low, high))
-        forward_translated = translated.get((prompt["id"], high, low))
-        if recipe == "scripts" and (back_translated is None or forward_translated is None):
-            counts[high]["translation_failed"] += 1
-            counts[low]["translation_failed"] += 1
-            continue
-        if recipe == "scripts" and low != langs[-1]:
-            counts[high]["overwritten"] += 1
-        elif prompt["translation_task"] and recipe == "lidr":
-            add(stronger, "own>untranslated", low, stronger["response"], weaker["response"])
+        back_translated = translated.get((prompt["id"], weaker_lang, stronger_lang))
+        forward_translated = translated.get((prompt["id"], stronger_lang, weaker_lang))
+        if recipe == "scripts":
+            kept_english = weaker_lang == langs[-1]  # the English pair the scripts' last file write keeps
+            if back_translated is None or forward_translated is None:  # either failed: both pairs dropped
+                counts[stronger_lang]["translation_failed" if kept_english else "overwritten"] += 1
+                counts[weaker_lang]["translation_failed"] += 1
+                continue
+            if kept_english:
+                add(stronger, "own>translated", weaker_lang, stronger["response"], back_translated)
+            else:
+                counts[stronger_lang]["overwritten"] += 1
+        elif prompt["translation_task"]:
+            add(stronger, "own>untranslated", weaker_lang, stronger["response"], weaker["response"])
         else:
-            add(stronger, "own>translated", low, stronger["response"], back_translated)
+            add(stronger, "own>translated", weaker_lang, stronger["response"], back_translated)
         if prompt["translation_task"]:  # translating the answer of a translation task would corrupt it
-            add(weaker, "untranslated>own", high, stronger["response"], weaker["response"])
+            add(weaker, "untranslated>own", stronger_lang, stronger["response"], weaker["response"])
         else:
-            add(weaker, "translated>own", high, forward_translated, weaker["response"])
+            add(weaker, "translated>own", stronger_lang, forward_translated, weaker["response"])
     return pairs, counts
 
 
@@ -1131,6 +1154,8 @@ def read_mgsm(source: str, lang: str) -> list[dict]:
             if not isinstance(record.get("query"), str) or gold is None:
                 raise LidrError(f"{path}:{record['_line']}: expected {{\"query\": question, \"response\": number}}")
             problems.append({"id": f"mgsm-{lang}-{record['_line']}", "prompt": record["query"].strip(), "gold": gold})
+        if not problems:
+            raise LidrError(f"{path}: no problems in it")
         return problems
     path = Path(source) / f"mgsm_{lang}.tsv"
     if not Path(source).is_dir():
@@ -1172,17 +1197,17 @@ def eval_problems(settings: Settings) -> dict[str, dict[str, list[dict]]]:
             problems["toy"] = {lang: toy_eval_problems(lang) for lang in languages}
         elif benchmark == "mgsm":
             problems["mgsm"] = {lang: read_mgsm(settings.mgsm, lang) for lang in languages}
-        elif settings.alpaca and Path(settings.alpaca, f"{next(iter(languages))}.json").is_file():  # the authors' x-alpacaeval layout
+        elif settings.alpaca and any(Path(settings.alpaca, f"{lang}.json").is_file() for lang in languages):
             problems["alpaca"] = {lang: read_alpaca_file(Path(settings.alpaca, f"{lang}.json"), lang)
-                                  for lang in languages}
+                                  for lang in languages}  # the authors' X-AlpacaEval layout
         else:  # records in --prompts' format: the run's dominant language, and those to evaluate
             records = load_prompts(settings.alpaca, "instruction", {**parse_languages(settings.langs), **languages})
             problems["alpaca"] = {lang: [{"id": r["id"], "prompt": r[lang], "gold": None, "dataset": f"lidr-{lang}"}
                                          for r in records if lang in r] for lang in languages}
-            for lang, items in problems["alpaca"].items():
-                if not items:
-                    raise LidrError(f"--eval alpaca: no '{lang}' instructions in "
-                                    f"{settings.alpaca or 'the built-in prompts'}; pass --alpaca or --eval-langs")
+        for lang, items in problems.get("alpaca", {}).items():
+            if not items:
+                raise LidrError(f"--eval alpaca: no '{lang}' instructions in "
+                                f"{settings.alpaca or 'the built-in prompts'}; pass --alpaca or --eval-langs")
     return {benchmark: {lang: items[:settings.eval_limit or None] for lang, items in by_lang.items()}
             for benchmark, by_lang in problems.items()}
 
@@ -1216,7 +1241,8 @@ def evaluate(model, tokenizer, problems: dict, settings: Settings, folder: Path,
     {benchmark: {lang: {metric: mean over the problems}}}."""
     jobs = [(benchmark, lang, problem) for benchmark, by_lang in problems.items()
             for lang, items in by_lang.items() for problem in items]
-    eval_template, languages = template(settings, "eval_prompt_template"), parse_languages(settings.eval_langs or settings.langs)
+    eval_template = template(settings, "eval_prompt_template")
+    languages = parse_languages(settings.eval_langs or settings.langs)
     ids = [chat_prompt_ids(tokenizer, fill_template(eval_template, problem["prompt"], languages[lang]),
                            settings.system_prompt) for _, lang, problem in jobs]
     answers = generate(model, tokenizer, ids, settings.eval_max_new_tokens, settings.gen_batch_size,
@@ -1352,10 +1378,16 @@ def check_resumable(out: Path, settings: Settings):
     """Before anything is loaded: --out must be new, or a run folder made with these settings."""
     settings_path = out / "settings.json"
     if settings_path.exists():
-        recorded = json.loads(settings_path.read_text())["settings"]
+        run_record = json.loads(settings_path.read_text())
+        recorded = run_record["settings"]
+        # settings added to lidr after the folder was made: what that run did instead
+        recorded = {**dataclasses.asdict(Settings()), **(TINY_DEFAULTS if recorded["model"] == "tiny" else {}),
+                    "eval_max_new_tokens": recorded["max_new_tokens"], **recorded}
         changed = [f"--{name.replace('_', '-')} {recorded.get(name)!r} -> {value!r}"
                    for name, value in dataclasses.asdict(settings).items()
                    if name not in RESUMABLE_CHANGES and recorded.get(name) != value]
+        changed += [f"the text of --{name.replace('_', '-')}" for name in TEMPLATES
+                    if run_record.get("templates", {}).get(name, "") != template(settings, name)]
         if changed:
             raise LidrError(f"{out} was made with other settings ({'; '.join(changed)}); "
                             f"pass another --out, or the same settings to resume it")
@@ -1404,8 +1436,9 @@ def summary_table(history: list[dict], langs: list[str], recipe: str) -> str:
             rows.append(f"{iteration:>4} {lang:>4} {counts['pairs']:>6} {sum(counts.values()) - counts['pairs']:>7} "
                         f"{metrics['translation_failures'][lang]:>9} {numbers}")
     rows.append("skipped: pairs not built, by reason in metrics.json (a prompt or translation failed, an answer "
-                "was empty or hit the token cap, chosen == rejected; with --recipe scripts only failed translations, "
-                "and the dominant language's pairs against all but the last language: overwritten); failed_tr: "
+                "was empty or hit the token cap, chosen == rejected; with --recipe scripts only missing prompts, "
+                "failed translations, and the dominant language's pairs against all but the last language: "
+                "overwritten); failed_tr: "
                 "translations into the language with no parseable span. logp_chosen: summed over the answer; "
                 "nll: per token.")
     return "\n".join(rows)
@@ -1484,7 +1517,8 @@ def run(settings: Settings, command: list[str]):
     optim = plan_training_memory(config, n_params, settings, device_memory(settings.device))
     settings = dataclasses.replace(settings, optim=optim)
     check_resumable(out, settings)
-    toy_inputs_only = (settings.prompts == "toy" and not settings.system_prompt and set(settings.eval.split(",")) <= {"", "toy"}
+    toy_inputs_only = (settings.prompts == "toy" and not settings.system_prompt
+                       and set(settings.eval.split(",")) <= {"", "toy"}
                        and not any(getattr(settings, name) for name in TEMPLATES))
     if settings.model == "tiny" and not toy_inputs_only:
         print("warning: the toy model knows only the toy world's words and its translation request: other "

@@ -414,6 +414,11 @@ def test_prompt_templates_come_from_the_authors_files_without_running_them(tmp_p
     request = {"id": "a", "source_lang": "en", "target_lang": "de", "source": "Four."}
     lidr.translate(model, tokenizer, [request], lidr.parse_languages("en,de"), settings, "test")
     assert "Into German, please: <sentence>Four.</sentence>" in asked[2]
+    lidr.record_run(tmp_path / "run", settings, ["lidr.py"])
+    lidr.check_resumable(tmp_path / "run", settings)  # same settings, same wording: resumable
+    write(tmp_path / "trans_prompts.py", 'TRANS_INSTRUCTION = "Now into {lang}: {text}"\n')
+    with pytest.raises(lidr.LidrError, match="the text of --translation-request"):
+        lidr.check_resumable(tmp_path / "run", settings)
 
 
 # ------------------------------------------------------------------------ training
@@ -876,8 +881,13 @@ BAD_INPUTS = [
     (["--prompts", "{noid}", "--langs", "en,de"], "noid/de.jsonl:2: the record has no 'id'"),
     (["--prompts", "{badids}", "--langs", "en,de"], "the ids of"),
     (["--translation-tasks", "{bad}"], "bad.jsonl:2: not valid JSON"),
-    (["--prompt-template", "{notemplate}"], "the template must hold {question}"),
-    (["--translation-request", "{noconstant}"], "no TRANS_INSTRUCTION = '...' string in it"),
+    (["--prompt-template", "{notemplate}"], "the template has no {question}"),
+    (["--prompt-template", "{badfield}"], "the template can hold only {language}, {question}"),
+    (["--translation-request", "{notarget}"], "must name the target language"),
+    (["--translation-request", "{noconstant}"], "expected one plain TRANS_INSTRUCTION = '...' string in it"),
+    (["--translation-tasks", "{idlist}"], "idlist.json: record 1: expected a record with an 'id'"),
+    (["--prompts", "{nolang},", "--langs", "en,de"], "an empty folder name"),
+    (["--prompts", "{nodominant}", "--langs", "en,de"], "nodominant/en.jsonl not found"),
     (["--recipe", "scripts", "--pairing", "ranked"], "--recipe scripts pairs the dominant language"),
     (["--recipe", "authors"], "--recipe must be lidr or scripts"),
 ]
@@ -895,9 +905,13 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, argv,
     files["noid"] = write_language_folder(tmp_path / "noid", {"en": [{"id": 1, "instruction": "Hi"}],
                                                               "de": [{"id": 1, "instruction": "Hallo"},
                                                                      {"instruction": "Tschüss"}]})
+    files["nodominant"] = write_language_folder(tmp_path / "nodominant", {"de": [{"id": 1, "instruction": "Hallo"}]})
     files["badids"] = write_language_folder(tmp_path / "badids", {"en": [{"id": 1, "instruction": "Hi"}],
                                                                   "de": [{"id": 2, "instruction": "Hallo"}]})
     files["notemplate"] = write(tmp_path / "template.txt", "Answer in {language}.")
+    files["badfield"] = write(tmp_path / "nested.txt", "{question:{width}}")
+    files["notarget"] = write(tmp_path / "request.txt", "Translate: {text}")
+    files["idlist"] = write(tmp_path / "idlist.json", '["alpagasus-19"]')
     files["noconstant"] = write(tmp_path / "trans_prompts.py", "PRIMER = '<translated>'\n")
     (tmp_path / "binary.jsonl").write_bytes(b"\xff\xfe{}\n")
     files["binary"] = str(tmp_path / "binary.jsonl")
