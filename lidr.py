@@ -52,6 +52,7 @@ import shutil
 import string
 import sys
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -189,6 +190,12 @@ LANGUAGE_NAMES = {
 
 class LidrError(Exception):
     """Bad input: main() prints it as one line and exits with code 2, without a traceback."""
+    exit_code = 2
+
+
+class RunFault(LidrError):
+    """A fault during the run (training diverged): one line, exit code 1; nothing of it is saved."""
+    exit_code = 1
 
 
 def first_line(error: Exception) -> str:
@@ -212,6 +219,8 @@ def parse_settings(argv: list[str]) -> Settings:
         given["model"] = choose_model(given.get("device", "auto"))
     preset = TINY_DEFAULTS if given.get("model") == "tiny" else {}
     settings = Settings(**{**preset, **given})
+    for name in ("langs", "eval_langs", "eval"):  # "en, de" and "en,de" are one setting
+        setattr(settings, name, ",".join(item.strip() for item in getattr(settings, name).split(",")))
     if "micro_batch_size" not in given:  # a default must never clash with the user's --batch-size
         settings.micro_batch_size = min(settings.micro_batch_size, settings.batch_size)
     check_settings(settings)
@@ -263,6 +272,9 @@ def check_settings(settings: Settings):
         "eval_limit": (settings.eval_limit >= 0, ">= 0"),
         "eval_max_new_tokens": (settings.eval_max_new_tokens >= 1, ">= 1"),
     }
+    for f in dataclasses.fields(Settings):
+        if f.type is float and not math.isfinite(getattr(settings, f.name)):  # float() reads "inf" and "nan" too
+            rules[f.name] = (False, "a finite number")
     for name, (holds, expected) in rules.items():
         if not holds:
             raise LidrError(f"--{name.replace('_', '-')} must be {expected} (got {getattr(settings, name)})")
@@ -352,7 +364,10 @@ def load_prompts(source: str, prompt_field: str, languages: dict[str, str], tran
         if prompt_id in seen:
             raise LidrError(f"{where}:{line}: id '{prompt_id}' appears twice")
         seen.add(prompt_id)
-        text = {lang: record[lang] for lang in langs if isinstance(record.get(lang), str) and record[lang].strip()}
+        for lang in langs:
+            if lang in record and not isinstance(record[lang], str):  # never replaced by a translation unasked
+                raise LidrError(f"{where}:{line}: '{lang}' must be text (leave it out for the model to translate)")
+        text = {lang: record[lang] for lang in langs if record.get(lang, "").strip()}
         if dominant not in text:
             raise LidrError(f"{where}:{line}: prompt '{prompt_id}' has no '{dominant}' text "
                             f"(the dominant language, first in --langs)")
@@ -460,6 +475,8 @@ def read_prompt_dataset(name: str, prompt_field: str, langs: list[str]) -> list[
     records = []
     for index, row in enumerate(table):
         text = row[prompt_field]
+        if not isinstance(text, str) or not isinstance(row.get("input") or "", str):
+            raise LidrError(f"--prompts: dataset '{name}', row {index}: '{prompt_field}' (and 'input') must be text")
         if row.get("input"):  # Alpaca keeps a task's input in its own column; the scripts join it so
             text += "\n" + row["input"]
         records.append({"id": str(row.get("id", index)), **{lang: row[lang] for lang in langs[1:] if row.get(lang)},
@@ -1050,6 +1067,11 @@ def train(model, pairs: list[TokenizedPair], ref_chosen_logps, ref_rejected_logp
                 grad_norm = torch.nn.utils.clip_grad_norm_(masters, settings.max_grad_norm)
                 line = {"step": bar.n + 1, "epoch": epoch + 1, **{k: v.mean().item() for k, v in metrics.items()},
                         "optim/lr": schedule.get_last_lr()[0], "optim/grad_norm": grad_norm.item()}
+                if not all(map(math.isfinite, (line["loss/total"], line["optim/grad_norm"]))):
+                    # one step would make every weight NaN: stop before M_t is saved or trained on
+                    raise RunFault(f"training diverged at step {line['step']}: loss {line['loss/total']}, gradient "
+                                   f"norm {line['optim/grad_norm']}; nothing of this iteration's training was "
+                                   f"saved: lower --lr (now {settings.lr}) and run again with another --out")
                 optimizer.step()
                 schedule.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -1057,7 +1079,7 @@ def train(model, pairs: list[TokenizedPair], ref_chosen_logps, ref_rejected_logp
                     with torch.no_grad():
                         for master, param in zip(masters, params):
                             param.copy_(round_stochastically(master) if param.dtype == torch.bfloat16 else master)
-                log.write(json.dumps(line) + "\n")
+                log.write(to_json(line) + "\n")
                 log.flush()
                 bar.set_postfix_str(f"loss {line['loss/total']:.4f} acc {line['rewards/accuracies']:.2f} "
                                     f"margin {line['rewards/margins']:.3f} nll {line['loss/nll']:.3f}")
@@ -1173,13 +1195,20 @@ def read_mgsm(source: str, lang: str) -> list[dict]:
     if not path.is_file():
         raise LidrError(f"--mgsm: no mgsm_{lang}.tsv or mgsm_{lang}.jsonl in {source} "
                         f"(MGSM has en,es,fr,de,ru,zh,ja,th,sw,bn,te)")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise LidrError(f"--mgsm: cannot read {path}: {first_line(error)}") from None
     problems = []
-    rows = csv.reader(path.read_text(encoding="utf-8").splitlines(), delimiter="\t")  # MGSM quotes some questions
-    for row in filter(None, rows):  # blank lines are skipped
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        # one row per line (MGSM quotes some questions): an unclosed quote can't swallow the next lines
+        row = next(csv.reader([line], delimiter="\t"))
         gold = last_number(row[-1]) if len(row) == 2 else None
         if gold is None or not row[0].strip():
-            raise LidrError(f"{path}:{rows.line_num}: expected a question, a tab and a number")
-        problems.append({"id": f"mgsm-{lang}-{rows.line_num}", "prompt": row[0].strip(), "gold": gold})
+            raise LidrError(f"{path}:{number}: expected a question, a tab and a number")
+        problems.append({"id": f"mgsm-{lang}-{number}", "prompt": row[0].strip(), "gold": gold})
     return problems
 
 
@@ -1263,7 +1292,7 @@ def evaluate(model, tokenizer, problems: dict, settings: Settings, folder: Path,
             if benchmark == "alpaca":
                 outputs = [{"instruction": r["prompt"], "output": r["answer"], "generator": model_name,
                             "dataset": r["dataset"]} for r in scored]
-                write_atomic(folder / f"alpaca_{lang}.json", json.dumps(outputs, ensure_ascii=False, indent=1))
+                write_atomic(folder / f"alpaca_{lang}.json", to_json(outputs, indent=1))
     return results
 
 
@@ -1348,22 +1377,35 @@ def write_atomic(path: Path, text: str):
     os.replace(temp, path)
 
 
+def to_json(value, **options) -> str:
+    """Strict JSON (a NaN or infinity is an error, never a bare NaN that other readers reject)."""
+    return json.dumps(value, ensure_ascii=False, allow_nan=False, **options)
+
+
 def write_jsonl(path: Path, records: list[dict]):
-    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    write_atomic(path, "".join(to_json(r) + "\n" for r in records))
 
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-def stage(path: Path, compute) -> list[dict]:
-    """Resume: reuse a finished stage's artifact, else compute it and write it."""
+def stage(path: Path, compute, seed: int) -> list[dict]:
+    """Resume: reuse a finished stage's artifact, else compute it and write it. The stage draws its
+    random numbers (sampling at --temperature > 0) from a seed of its own, so a stage redone after
+    an interruption gives what the uninterrupted run gave."""
     if path.exists():
         tqdm.write(f"reusing {path}")
         return read_jsonl(path)
+    torch.manual_seed(stage_seed(seed, path))
     records = compute()
     write_jsonl(path, records)
     return records
+
+
+def stage_seed(seed: int, path: Path) -> int:
+    """A seed for each (--seed, iteration, stage): the artifact's folder and name say which."""
+    return zlib.crc32(f"{seed}/{path.parent.name}/{path.name}".encode())
 
 
 def save_model(model, tokenizer, path: Path):
@@ -1374,8 +1416,9 @@ def save_model(model, tokenizer, path: Path):
     os.replace(temp, path)
 
 
-def check_resumable(out: Path, settings: Settings):
-    """Before anything is loaded: --out must be new, or a run folder made with these settings."""
+def check_resumable(out: Path, settings: Settings, inputs_sha256: dict[str, str]):
+    """Before anything is loaded: --out must be new, or a run folder made with these settings and
+    inputs (the prompts and evaluation problems as read, by content: a file edited since counts)."""
     settings_path = out / "settings.json"
     if settings_path.exists():
         run_record = json.loads(settings_path.read_text())
@@ -1388,6 +1431,8 @@ def check_resumable(out: Path, settings: Settings):
                    if name not in RESUMABLE_CHANGES and recorded.get(name) != value]
         changed += [f"the text of --{name.replace('_', '-')}" for name in TEMPLATES
                     if run_record.get("templates", {}).get(name, "") != template(settings, name)]
+        changed += [f"the {name} read" for name, digest in inputs_sha256.items()  # folders made before: unchecked
+                    if run_record.get("inputs_sha256", {}).get(name, digest) != digest]
         if changed:
             raise LidrError(f"{out} was made with other settings ({'; '.join(changed)}); "
                             f"pass another --out, or the same settings to resume it")
@@ -1395,7 +1440,7 @@ def check_resumable(out: Path, settings: Settings):
         raise LidrError(f"--out {out} exists and is not a lidr run folder; pass another --out")
 
 
-def record_run(out: Path, settings: Settings, command: list[str]):
+def record_run(out: Path, settings: Settings, command: list[str], inputs_sha256: dict[str, str]):
     """A run folder says how it was made: settings, command, versions, hardware and the code;
     commands.log adds each invocation, with the hash of the code that ran it."""
     source = Path(__file__).read_bytes()
@@ -1406,10 +1451,11 @@ def record_run(out: Path, settings: Settings, command: list[str]):
     else:
         out.mkdir(parents=True, exist_ok=True)
         device = settings.device
-        write_atomic(out / "settings.json", json.dumps({
+        write_atomic(out / "settings.json", to_json({
             "settings": dataclasses.asdict(settings),
             "command": [sys.executable, *command],
             "templates": {name: template(settings, name) for name in TEMPLATES if getattr(settings, name)},
+            "inputs_sha256": inputs_sha256,
             "lidr_sha256": code_hash,
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "transformers": transformers.__version__, "datasets": datasets.__version__},
@@ -1475,15 +1521,16 @@ def lidr_iteration(model, tokenizer, prompts: list[dict], languages: dict[str, s
     if a previous run finished it. Returns the iteration's metrics."""
     langs = list(languages)
     prompt_translations = stage(folder / "prompt_translations.jsonl", lambda: translate(
-        model, tokenizer, prompt_translation_requests(prompts, langs), languages, settings, "translating prompts"))
-    prompts = stage(folder / "prompts.jsonl", lambda: fill_prompts(prompts, prompt_translations, langs))
+        model, tokenizer, prompt_translation_requests(prompts, langs), languages, settings, "translating prompts"), settings.seed)
+    prompts = stage(folder / "prompts.jsonl", lambda: fill_prompts(prompts, prompt_translations, langs),
+                    settings.seed)
     responses = stage(folder / "responses.jsonl", lambda: sample_responses(model, tokenizer, prompts, languages,
-                                                                           settings))
+                                                                           settings), settings.seed)
     translations = stage(folder / "translations.jsonl", lambda: translate(
         model, tokenizer, translation_requests(prompts, responses, langs, settings.pairing, settings.recipe),
-        languages, settings, "self-translating"))
+        languages, settings, "self-translating"), settings.seed)
     built, counts = build_pairs(prompts, responses, translations, langs, settings.pairing, settings.recipe)
-    pairs = stage(folder / "pairs.jsonl", lambda: built)  # train on exactly what the folder holds
+    pairs = stage(folder / "pairs.jsonl", lambda: built, settings.seed)  # train on exactly what the folder holds
     failures = failed_translations_into(prompt_translations + translations, langs)
     trained = train_on_pairs(model, tokenizer, pairs, settings, folder / "train_log.jsonl")
     return {"counts": counts, "translation_failures": failures, "train": trained}
@@ -1499,8 +1546,9 @@ def evaluate_once(model, tokenizer, problems: dict, settings: Settings, out: Pat
         raise LidrError(f"{folder / 'eval.json'} is missing and M{t} is not the model being resumed; "
                         f"to redo it, move the later iter_* folders out of {out}")
     folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(stage_seed(settings.seed, folder / "eval.json"))  # as a stage: resumed == uninterrupted
     results = evaluate(model, tokenizer, problems, settings, folder, f"{Path(settings.model).name}-lidr-M{t}")
-    write_atomic(folder / "eval.json", json.dumps(results, indent=2))
+    write_atomic(folder / "eval.json", to_json(results, indent=2))
     return results
 
 
@@ -1516,7 +1564,9 @@ def run(settings: Settings, command: list[str]):
     config, n_params = model_shape(start_model)
     optim = plan_training_memory(config, n_params, settings, device_memory(settings.device))
     settings = dataclasses.replace(settings, optim=optim)
-    check_resumable(out, settings)
+    inputs_sha256 = {name: hashlib.sha256(to_json(records).encode()).hexdigest()
+                     for name, records in (("prompts", all_prompts), ("evaluation problems", problems))}
+    check_resumable(out, settings, inputs_sha256)
     toy_inputs_only = (settings.prompts == "toy" and not settings.system_prompt
                        and set(settings.eval.split(",")) <= {"", "toy"}
                        and not any(getattr(settings, name) for name in TEMPLATES))
@@ -1527,7 +1577,7 @@ def run(settings: Settings, command: list[str]):
     toy_m0 = toy_model(out.parent, settings.seed, langs) if start_model == "tiny" else None
     transformers.set_seed(settings.seed)
     model, tokenizer = load_model(str(toy_m0 or start_model), settings.device, settings.dtype, settings.system_prompt)
-    record_run(out, settings, command)  # only now: bad input above has written nothing
+    record_run(out, settings, command, inputs_sha256)  # only now: bad input above has written nothing
     if toy_m0:  # which cached M0 the run started from, and how it was made
         shutil.copy(toy_m0 / "toy_recipe.json", out / "toy_recipe.json")
     print(f"run folder {out} | {settings.model}: {sum(p.numel() for p in model.parameters()):,} parameters "
@@ -1554,7 +1604,7 @@ def run(settings: Settings, command: list[str]):
                                  languages, settings, folder)
         if metrics["train"] is None:
             tqdm.write(f"no pairs to train on in iteration {t}: M{t} = M{t - 1}")
-        write_atomic(folder / "metrics.json", json.dumps(metrics, indent=2))
+        write_atomic(folder / "metrics.json", to_json(metrics, indent=2))
         save_model(model, tokenizer, folder / "model")  # M_t: the model of iteration t + 1
         if problems:
             (folder / "eval.json").unlink(missing_ok=True)  # only there if an earlier M_t was deleted: stale
@@ -1576,7 +1626,7 @@ def main(argv: list[str] | None = None) -> int:
         run(parse_settings(command[1:]), command)
     except LidrError as error:
         print(f"lidr: error: {error}", file=sys.stderr)
-        return 2
+        return error.exit_code
     return 0
 
 
@@ -1885,7 +1935,7 @@ def toy_model(root: Path, seed: int, langs) -> Path:
     shutil.rmtree(folder, ignore_errors=True)  # a cache that a crash left without its recipe
     save_model(model.eval(), tokenizer, folder)
     record = {"m0": str(folder.resolve()), "seed": seed, "langs": list(langs), **TOY_RECIPE}
-    write_atomic(folder / "toy_recipe.json", json.dumps(record, indent=2))
+    write_atomic(folder / "toy_recipe.json", to_json(record, indent=2))
     return folder
 
 

@@ -414,11 +414,11 @@ def test_prompt_templates_come_from_the_authors_files_without_running_them(tmp_p
     request = {"id": "a", "source_lang": "en", "target_lang": "de", "source": "Four."}
     lidr.translate(model, tokenizer, [request], lidr.parse_languages("en,de"), settings, "test")
     assert "Into German, please: <sentence>Four.</sentence>" in asked[2]
-    lidr.record_run(tmp_path / "run", settings, ["lidr.py"])
-    lidr.check_resumable(tmp_path / "run", settings)  # same settings, same wording: resumable
+    lidr.record_run(tmp_path / "run", settings, ["lidr.py"], {})
+    lidr.check_resumable(tmp_path / "run", settings, {})  # same settings, same wording: resumable
     write(tmp_path / "trans_prompts.py", 'TRANS_INSTRUCTION = "Now into {lang}: {text}"\n')
     with pytest.raises(lidr.LidrError, match="the text of --translation-request"):
-        lidr.check_resumable(tmp_path / "run", settings)
+        lidr.check_resumable(tmp_path / "run", settings, {})
 
 
 # ------------------------------------------------------------------------ training
@@ -834,6 +834,7 @@ def test_eval_table_shows_every_model_and_the_mean_of_the_weaker_languages():
     (["--eval", "mmlu"], "--eval must be a comma-separated list of toy, mgsm, alpaca"),
     (["--eval", "mgsm", "--mgsm", "{empty}"], "no mgsm_en.tsv or mgsm_en.jsonl in"),
     (["--eval", "mgsm", "--mgsm", "{badtsv}"], "mgsm_en.tsv:2: expected a question, a tab and a number"),
+    (["--eval", "mgsm", "--mgsm", "{unclosed}"], "mgsm_en.tsv:1: expected a question, a tab and a number"),
     (["--eval", "toy", "--langs", "en,ja"], "the toy world has only en,es,ru,de,fr"),
     (["--langs", "de,en"], "the toy world has only en,es,ru,de,fr, English first"),
     (["--eval-langs", "en,xx"], "--eval-langs: unknown language code 'xx'"),
@@ -846,7 +847,9 @@ def test_bad_eval_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, 
     (tmp_path / "empty").mkdir()
     (tmp_path / "badtsv").mkdir()
     write(tmp_path / "badtsv" / "mgsm_en.tsv", "What is 1 + 1?\t2\nno answer here\n")
-    argv = [a.format(empty=tmp_path / "empty", badtsv=tmp_path / "badtsv") for a in argv]
+    write(tmp_path / "unclosed" / "mgsm_en.tsv", '"What is 1 + 1?\t2\nWhat is 2 + 2?"\t4\n')  # merged by csv before
+    argv = [a.format(empty=tmp_path / "empty", badtsv=tmp_path / "badtsv", unclosed=tmp_path / "unclosed")
+            for a in argv]
     assert lidr.main(["--model", "tiny", "--out", str(tmp_path / "run"), *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
@@ -890,6 +893,9 @@ BAD_INPUTS = [
     (["--prompts", "{nodominant}", "--langs", "en,de"], "nodominant/en.jsonl not found"),
     (["--recipe", "scripts", "--pairing", "ranked"], "--recipe scripts pairs the dominant language"),
     (["--recipe", "authors"], "--recipe must be lidr or scripts"),
+    (["--lr", "inf"], "--lr must be a finite number"),
+    (["--beta", "nan"], "--beta must be a finite number"),
+    (["--prompts", "{notext}"], "notext.jsonl:1: 'de' must be text"),
 ]
 
 
@@ -905,6 +911,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, argv,
     files["noid"] = write_language_folder(tmp_path / "noid", {"en": [{"id": 1, "instruction": "Hi"}],
                                                               "de": [{"id": 1, "instruction": "Hallo"},
                                                                      {"instruction": "Tschüss"}]})
+    files["notext"] = write(tmp_path / "notext.jsonl", '{"id": "q1", "en": "Hi", "de": 5}\n')
     files["nodominant"] = write_language_folder(tmp_path / "nodominant", {"de": [{"id": 1, "instruction": "Hallo"}]})
     files["badids"] = write_language_folder(tmp_path / "badids", {"en": [{"id": 1, "instruction": "Hi"}],
                                                                   "de": [{"id": 2, "instruction": "Hallo"}]})
@@ -1165,6 +1172,49 @@ def test_resume_with_other_settings_is_refused(steered_run, capsys, monkeypatch)
     assert lidr.main([*STEERED_RUN, "--model", str(model_path), "--out", str(run), "--beta", "0.5"]) == 2
     assert "--beta 0.1 -> 0.5" in capsys.readouterr().err
     assert (run / "commands.log").read_text() == log, "a refused run writes nothing into the folder"
+
+
+# ------------------------------------------------------------------------ faults: nothing lost, nothing silently wrong
+def test_a_diverging_run_stops_before_anything_is_saved(steered_run, tmp_path, monkeypatch, capsys):
+    _, model_path, _ = steered_run
+    shutil.copy(model_path.parent / "prompts.jsonl", tmp_path / "prompts.jsonl")
+    monkeypatch.chdir(tmp_path)
+    code = lidr.main([*STEERED_RUN, "--model", str(model_path), "--out", "run", "--lr", "1e9"])
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bars
+    assert code == 1 and error.startswith("lidr: error: training diverged at step 2: loss nan"), error
+    assert "lower --lr" in error
+    assert not (tmp_path / "run/iter_1/model").exists() and not (tmp_path / "run/iter_1/metrics.json").exists(), \
+        "a diverged M1 must never be saved, nor reused by a later run"
+    for written in (tmp_path / "run").rglob("*.json*"):
+        json.loads(written.read_text()) if written.suffix == ".json" else lidr.read_jsonl(written)  # strict JSON
+    with pytest.raises(ValueError):
+        lidr.to_json({"loss": float("nan")})
+
+
+def test_a_stage_redone_after_a_kill_samples_what_the_uninterrupted_run_sampled(steered_run, tmp_path, monkeypatch,
+                                                                               capsys):
+    """At --temperature > 0 each stage draws from its own seed, so redoing it gives the same answers."""
+    _, model_path, _ = steered_run
+    shutil.copy(model_path.parent / "prompts.jsonl", tmp_path / "prompts.jsonl")
+    monkeypatch.chdir(tmp_path)
+    argv = [*STEERED_RUN, "--model", str(model_path), "--iters", "1", "--temperature", "1.0"]
+    assert lidr.main([*argv, "--out", "whole"]) == 0
+    shutil.copytree("whole", "killed")
+    for stage_file in ("responses.jsonl", "translations.jsonl", "pairs.jsonl", "metrics.json", "train_log.jsonl",
+                       "eval.json", "eval_answers.jsonl"):  # killed during sampling: the stages after it redone
+        (tmp_path / "killed/iter_1" / stage_file).unlink()
+    shutil.rmtree("killed/iter_1/model")
+    assert lidr.main([*argv, "--out", "killed"]) == 0
+    for stage_file in ("responses.jsonl", "translations.jsonl", "pairs.jsonl", "eval_answers.jsonl"):
+        assert (tmp_path / "killed/iter_1" / stage_file).read_text() == (tmp_path / "whole/iter_1" / stage_file).read_text()
+    write(tmp_path / "prompts.jsonl", (tmp_path / "prompts.jsonl").read_text().replace("Australia", "Austria"))
+    capsys.readouterr()
+    assert lidr.main([*argv, "--out", "whole"]) == 2, "a prompts file edited since the run began"
+    assert "the prompts read" in capsys.readouterr().err
+
+
+def test_the_same_languages_written_two_ways_are_one_setting():
+    assert lidr.parse_settings(["--model", "tiny", "--langs", "en, de ,fr"]).langs == "en,de,fr"
 
 
 # ------------------------------------------------------------------------ the toy world
