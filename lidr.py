@@ -40,6 +40,7 @@ import argparse
 import ast
 import csv
 import dataclasses
+import fcntl
 import hashlib
 import inspect
 import json
@@ -48,7 +49,9 @@ import os
 import platform
 import random
 import re
+import shlex
 import shutil
+import signal
 import string
 import sys
 import time
@@ -246,6 +249,7 @@ def choose_model(device: str) -> str:
 def check_settings(settings: Settings):
     rules = {  # setting: (holds?, what it must be)
         "iters": (settings.iters >= 1, ">= 1"),
+        "seed": (0 <= settings.seed < 2**32, "in [0, 2**32)"),  # numpy's seeds, which transformers.set_seed sets
         "num_prompts": (settings.num_prompts >= 1, ">= 1"),
         "max_new_tokens": (settings.max_new_tokens >= 1, ">= 1"),
         "translation_max_new_tokens": (settings.translation_max_new_tokens >= 1, ">= 1"),
@@ -278,6 +282,11 @@ def check_settings(settings: Settings):
     for name, (holds, expected) in rules.items():
         if not holds:
             raise LidrError(f"--{name.replace('_', '-')} must be {expected} (got {getattr(settings, name)})")
+    if settings.device != "auto":
+        try:
+            torch.device(settings.device)
+        except RuntimeError:
+            raise LidrError(f"--device {settings.device}: not a device; use auto, cpu, cuda or cuda:N") from None
     if settings.device.startswith("cuda") and not torch.cuda.is_available():
         raise LidrError(f"--device {settings.device}: no CUDA GPU is visible; use --device cpu")
     if settings.recipe == "scripts" and settings.pairing != "dominant":
@@ -1340,6 +1349,12 @@ def device_memory(device: str) -> int:
 def plan_training_memory(config, n_params: int, settings: Settings, available: int) -> str:
     """Print the training memory estimate next to the device's memory (available bytes) and return
     the optimizer to use; when it cannot fit, refuse with the flags that would make it fit."""
+    missing = [name for name in ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size",
+                                 "num_attention_heads") if not getattr(config, name, None)]
+    if missing:
+        raise LidrError(f"model '{settings.model}': its config has no {', '.join(missing)}, which the memory plan "
+                        f"reads (decoder configs in the Llama style have them)")
+
     def total(trial: Settings) -> int:
         return sum(training_memory(config, n_params, trial, trial.optim, trial.gradient_checkpointing).values())
 
@@ -1372,9 +1387,14 @@ def plan_training_memory(config, n_params: int, settings: Settings, available: i
 # ------------------------------------------------------------------------ run folder
 def write_atomic(path: Path, text: str):
     """Write to a temp file, then rename: a crash never leaves a half-written artifact behind."""
-    temp = path.with_name(path.name + ".tmp")
+    temp = temp_path(path)
     temp.write_text(text, encoding="utf-8")
     os.replace(temp, path)
+
+
+def temp_path(path: Path) -> Path:
+    """A temp name beside path that no other process uses; a leftover one is ignored (*.tmp)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
 def to_json(value, **options) -> str:
@@ -1409,8 +1429,8 @@ def stage_seed(seed: int, path: Path) -> int:
 
 
 def save_model(model, tokenizer, path: Path):
-    temp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(temp, ignore_errors=True)  # left by a run that died while saving
+    temp = temp_path(path)
+    shutil.rmtree(temp, ignore_errors=True)  # left by a dead process that had our pid
     model.save_pretrained(temp)
     tokenizer.save_pretrained(temp)
     os.replace(temp, path)
@@ -1421,8 +1441,14 @@ def check_resumable(out: Path, settings: Settings, inputs_sha256: dict[str, str]
     inputs (the prompts and evaluation problems as read, by content: a file edited since counts)."""
     settings_path = out / "settings.json"
     if settings_path.exists():
-        run_record = json.loads(settings_path.read_text())
-        recorded = run_record["settings"]
+        try:
+            run_record = json.loads(settings_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            run_record = None
+        recorded = run_record.get("settings") if isinstance(run_record, dict) else None
+        if not isinstance(recorded, dict) or not {"model", "max_new_tokens"} <= recorded.keys():
+            raise LidrError(f"--out {out}: its settings.json is not a lidr run's (another tool's, or cut short); "
+                            f"pass another --out")
         # settings added to lidr after the folder was made: what that run did instead
         recorded = {**dataclasses.asdict(Settings()), **(TINY_DEFAULTS if recorded["model"] == "tiny" else {}),
                     "eval_max_new_tokens": recorded["max_new_tokens"], **recorded}
@@ -1436,8 +1462,31 @@ def check_resumable(out: Path, settings: Settings, inputs_sha256: dict[str, str]
         if changed:
             raise LidrError(f"{out} was made with other settings ({'; '.join(changed)}); "
                             f"pass another --out, or the same settings to resume it")
-    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
+    elif out.exists() and (not out.is_dir() or any(not leftover(entry) for entry in out.iterdir())):
         raise LidrError(f"--out {out} exists and is not a lidr run folder; pass another --out")
+
+
+def leftover(entry: Path) -> bool:
+    """What a process that died before writing settings.json may leave: never a reason to refuse."""
+    return entry.name == "run.lock" or entry.name.endswith(".tmp")
+
+
+def lock_run_folder(out: Path, command: list[str]):
+    """An exclusive lock on the run folder, held while the returned file is open (the OS drops it
+    when the process dies): a second process on the same folder (the command started twice, a
+    sweep writing into one --out) stops at once, naming the holder, instead of mixing two runs."""
+    out.mkdir(parents=True, exist_ok=True)
+    lock = open(out / "run.lock", "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        raise LidrError(f"{out} is in use by another lidr process ({lock.read().strip() or 'unknown'}); "
+                        f"wait for it to end, or pass another --out") from None
+    lock.truncate(0)
+    lock.write(f"pid {os.getpid()} on {platform.node()}: {shlex.join(command)}\n")
+    lock.flush()
+    return lock
 
 
 def record_run(out: Path, settings: Settings, command: list[str], inputs_sha256: dict[str, str]):
@@ -1567,6 +1616,9 @@ def run(settings: Settings, command: list[str]):
     inputs_sha256 = {name: hashlib.sha256(to_json(records).encode()).hexdigest()
                      for name, records in (("prompts", all_prompts), ("evaluation problems", problems))}
     check_resumable(out, settings, inputs_sha256)
+    nearest = next(folder for folder in (out, *out.parents) if folder.exists())
+    if not nearest.is_dir() or not os.access(nearest, os.W_OK):  # before minutes of work, not after
+        raise LidrError(f"--out {out}: cannot write into {nearest}")
     toy_inputs_only = (settings.prompts == "toy" and not settings.system_prompt
                        and set(settings.eval.split(",")) <= {"", "toy"}
                        and not any(getattr(settings, name) for name in TEMPLATES))
@@ -1577,6 +1629,7 @@ def run(settings: Settings, command: list[str]):
     toy_m0 = toy_model(out.parent, settings.seed, langs) if start_model == "tiny" else None
     transformers.set_seed(settings.seed)
     model, tokenizer = load_model(str(toy_m0 or start_model), settings.device, settings.dtype, settings.system_prompt)
+    run_folder_lock = lock_run_folder(out, command)  # held until run() returns: one process per folder
     record_run(out, settings, command, inputs_sha256)  # only now: bad input above has written nothing
     if toy_m0:  # which cached M0 the run started from, and how it was made
         shutil.copy(toy_m0 / "toy_recipe.json", out / "toy_recipe.json")
@@ -1622,12 +1675,46 @@ def run(settings: Settings, command: list[str]):
 
 def main(argv: list[str] | None = None) -> int:
     command = sys.argv if argv is None else ["lidr.py", *argv]
+    settings = None
+    on_sigterm = signal.signal(signal.SIGTERM, raise_terminated)
     try:
-        run(parse_settings(command[1:]), command)
+        settings = parse_settings(command[1:])
+        run(settings, command)
     except LidrError as error:
         print(f"lidr: error: {error}", file=sys.stderr)
         return error.exit_code
+    except OSError as error:  # a full disk, a folder that became read-only: during the run, after the checks
+        print(f"lidr: error: cannot write {error.filename or 'a file'}: {error.strerror or error}", file=sys.stderr)
+        return 1
+    except (KeyboardInterrupt, Terminated) as interrupt:  # every finished stage is already on disk, whole
+        out = Path(resolve(settings).out) if settings else None
+        print(f"lidr: interrupted; {finished_work(out)}; to resume, run the same command: "
+              f"python {shlex.join(command)}", file=sys.stderr)
+        return 143 if isinstance(interrupt, Terminated) else 130
+    finally:
+        signal.signal(signal.SIGTERM, on_sigterm)
     return 0
+
+
+class Terminated(Exception):
+    """SIGTERM (a job scheduler's stop), raised where the run is, as Ctrl-C raises KeyboardInterrupt."""
+
+
+def raise_terminated(signum, frame):
+    raise Terminated
+
+
+def finished_work(out: Path | None) -> str:
+    """What an interrupted run leaves for the next one to reuse, in a few words."""
+    if out is None or not (out / "settings.json").exists():
+        return "nothing was finished"
+    t = 1
+    while (out / f"iter_{t}" / "model").exists():
+        t += 1
+    stages = sorted(path.name for path in (out / f"iter_{t}").glob("*.json*") if not leftover(path))
+    kept = ([f"M1 to M{t - 1}" if t > 2 else "M1"] if t > 1 else []) + ([f"iteration {t}'s {', '.join(stages)}"]
+                                                                       if stages else [])
+    return f"{out} keeps " + (" and ".join(kept) or "its settings only")
 
 
 # ------------------------------------------------------------------------ built-in prompts
@@ -1931,11 +2018,19 @@ def toy_model(root: Path, seed: int, langs) -> Path:
         optimizer.zero_grad()
         schedule.step()
         bar.set_postfix_str(f"loss {loss.item():.3f}")
+    # Built whole in a private folder, then renamed into place: two runs pre-training the same M0 at
+    # once never see or delete a half-written one; the second to finish uses the first's.
     root.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(folder, ignore_errors=True)  # a cache that a crash left without its recipe
-    save_model(model.eval(), tokenizer, folder)
+    building = temp_path(folder)
+    save_model(model.eval(), tokenizer, building)
     record = {"m0": str(folder.resolve()), "seed": seed, "langs": list(langs), **TOY_RECIPE}
-    write_atomic(folder / "toy_recipe.json", to_json(record, indent=2))
+    write_atomic(building / "toy_recipe.json", to_json(record, indent=2))
+    if folder.exists() and not (folder / "toy_recipe.json").exists():
+        shutil.rmtree(folder)  # left incomplete by an older lidr
+    try:
+        os.rename(building, folder)
+    except OSError:  # another run's M0 is in place
+        shutil.rmtree(building)
     return folder
 
 

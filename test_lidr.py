@@ -5,9 +5,11 @@ import ctypes
 import gc
 import json
 import math
+import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -894,6 +896,11 @@ BAD_INPUTS = [
     (["--recipe", "scripts", "--pairing", "ranked"], "--recipe scripts pairs the dominant language"),
     (["--recipe", "authors"], "--recipe must be lidr or scripts"),
     (["--lr", "inf"], "--lr must be a finite number"),
+    (["--device", "gpu"], "--device gpu: not a device"),
+    (["--seed", "-1"], "--seed must be in [0, 2**32)"),
+    (["--out", "{file}/run"], "cannot write into"),
+    (["--out", "{otherrun}"], "its settings.json is not a lidr run's"),
+    (["--model", "{gpt2}"], "its config has no intermediate_size"),
     (["--beta", "nan"], "--beta must be a finite number"),
     (["--prompts", "{notext}"], "notext.jsonl:1: 'de' must be text"),
 ]
@@ -911,6 +918,9 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, argv,
     files["noid"] = write_language_folder(tmp_path / "noid", {"en": [{"id": 1, "instruction": "Hi"}],
                                                               "de": [{"id": 1, "instruction": "Hallo"},
                                                                      {"instruction": "Tschüss"}]})
+    files["otherrun"] = str(Path(write(tmp_path / "otherrun" / "settings.json", '{"settings": {"model"')).parent)
+    files["gpt2"] = str(tmp_path / "gpt2")
+    transformers.GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16).save_pretrained(files["gpt2"])
     files["notext"] = write(tmp_path / "notext.jsonl", '{"id": "q1", "en": "Hi", "de": 5}\n')
     files["nodominant"] = write_language_folder(tmp_path / "nodominant", {"de": [{"id": 1, "instruction": "Hallo"}]})
     files["badids"] = write_language_folder(tmp_path / "badids", {"en": [{"id": 1, "instruction": "Hi"}],
@@ -1139,10 +1149,11 @@ def test_run_records_the_command_it_was_given(steered_run):
 
 def test_resumed_run_reuses_finished_stages(steered_run):
     run, model_path, _ = steered_run
-    # commands.log gains a line per invocation; summary.txt is the table, redrawn from metrics.json
+    # commands.log gains a line per invocation, run.lock names its holder; summary.txt is the table,
+    # redrawn from metrics.json
     def artifacts():
         return {p: p.stat().st_mtime_ns for p in run.rglob("*")
-                if p.is_file() and p.name not in ("commands.log", "summary.txt")}
+                if p.is_file() and p.name not in ("commands.log", "run.lock", "summary.txt")}
     before = artifacts()
     argv = [*STEERED_RUN, "--model", str(model_path), "--out", str(run)]
     output = run_lidr(*argv, cwd=run.parent)
@@ -1211,6 +1222,41 @@ def test_a_stage_redone_after_a_kill_samples_what_the_uninterrupted_run_sampled(
     capsys.readouterr()
     assert lidr.main([*argv, "--out", "whole"]) == 2, "a prompts file edited since the run began"
     assert "the prompts read" in capsys.readouterr().err
+
+
+def test_a_second_process_on_a_run_folder_stops_naming_the_first(steered_run, tmp_path, monkeypatch, capsys):
+    _, model_path, _ = steered_run
+    shutil.copy(model_path.parent / "prompts.jsonl", tmp_path / "prompts.jsonl")
+    monkeypatch.chdir(tmp_path)
+    argv = [*STEERED_RUN, "--model", str(model_path), "--iters", "1", "--out", "run"]
+    first = lidr.lock_run_folder(tmp_path / "run", ["lidr.py", "--the-first-one"])
+    write(tmp_path / "run" / ".settings.json.4242.tmp", "{")  # left by a process killed while writing
+    assert lidr.main(argv) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "run is in use by another lidr process (pid" in error and "lidr.py --the-first-one" in error, error
+    assert not (tmp_path / "run" / "settings.json").exists(), "the second process wrote nothing"
+    first.close()  # the first process ends; its leftover temp file must not block the folder
+    assert lidr.main(argv) == 0 and (tmp_path / "run" / "iter_1" / "model").exists()
+
+
+@pytest.mark.parametrize("interrupt, code", [("sigint", 130), ("sigterm", 143)])
+def test_an_interrupt_says_what_was_finished_and_how_to_resume(steered_run, tmp_path, monkeypatch, capsys,
+                                                               interrupt, code):
+    _, model_path, _ = steered_run
+    shutil.copy(model_path.parent / "prompts.jsonl", tmp_path / "prompts.jsonl")
+    monkeypatch.chdir(tmp_path)
+
+    def interrupted_training(*args, **kwargs):  # Ctrl-C, or a scheduler's SIGTERM, during training
+        if interrupt == "sigint":
+            raise KeyboardInterrupt
+        os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(lidr, "train", interrupted_training)
+    argv = [*STEERED_RUN, "--model", str(model_path), "--out", "run"]
+    assert lidr.main(argv) == code
+    said = capsys.readouterr().err.strip().splitlines()[-1]
+    assert said.startswith("lidr: interrupted; run keeps iteration 1's pairs.jsonl, prompt_translations.jsonl"), said
+    assert said.endswith("to resume, run the same command: python " + shlex.join(["lidr.py", *argv]))
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or code == 130, "main restores the SIGTERM handler"
 
 
 def test_the_same_languages_written_two_ways_are_one_setting():
