@@ -673,6 +673,28 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, ba
     return answers
 
 
+def drop_untrainable_prompts(prompts: list[dict], tokenizer, languages: dict[str, str],
+                             settings: Settings) -> tuple[list[dict], dict[str, int]]:
+    """Prompts whose chat-formatted tokens fill --max-len can never be trained on (tokenize_pair
+    would drop their pairs): leave them out before any generation, which they would only slow or
+    blow up (one 100,000-character prompt's prefill alone needs tens of GB). A too-long dominant
+    prompt drops its record, another language's is set to None (never translated instead).
+    Returns the prompts kept and how many were too long, per language."""
+    prompt_template = template(settings, "prompt_template")
+    too_long_per_lang, kept = dict.fromkeys(languages, 0), []
+    for prompt in prompts:
+        too_long = {lang for lang in languages if prompt.get(lang) and settings.max_len <= len(chat_prompt_ids(
+            tokenizer, fill_template(prompt_template, prompt[lang], languages[lang]), settings.system_prompt))}
+        for lang in too_long:
+            too_long_per_lang[lang] += 1
+        if next(iter(languages)) not in too_long:
+            kept.append({**prompt, **dict.fromkeys(too_long)})
+    if any(too_long_per_lang.values()):
+        tqdm.write(f"warning: prompts longer than --max-len {settings.max_len} tokens, left out: "
+                   + ", ".join(f"{lang} {n}" for lang, n in too_long_per_lang.items() if n))
+    return kept, too_long_per_lang
+
+
 def sample_responses(model, tokenizer, prompts: list[dict], languages: dict[str, str], settings: Settings) -> list[dict]:
     """Step 2: M_{t-1} answers every prompt in its own language. With --prompt-template each prompt
     is asked inside that template (the authors' arithmetic run asks for an answer in the language
@@ -747,7 +769,8 @@ def stronger_weaker_languages(langs: list[str], pairing: str) -> list[tuple[str,
 def compared_answers(prompts: list[dict], responses: list[dict], langs: list[str], pairing: str, recipe: str):
     """(prompt record, stronger answer, weaker answer, why not) for every prompt and compared
     pair of languages. why not is None when both answers can be compared, else the reason to skip:
-    no_prompt (the prompt could not be translated into a language), and under --recipe lidr
+    no_prompt (the prompt could not be translated into a language, or was longer than --max-len
+    allows: drop_untrainable_prompts), and under --recipe lidr
     unfinished (an answer hit the token cap) or empty."""
     answers = {(r["id"], r["lang"]): r for r in responses}
     for prompt in prompts:
@@ -1569,6 +1592,7 @@ def lidr_iteration(model, tokenizer, prompts: list[dict], languages: dict[str, s
     """One LIDR iteration, M_{t-1} -> M_t, in place on `model`; each stage's artifact is reused
     if a previous run finished it. Returns the iteration's metrics."""
     langs = list(languages)
+    prompts, prompts_too_long = drop_untrainable_prompts(prompts, tokenizer, languages, settings)
     prompt_translations = stage(folder / "prompt_translations.jsonl", lambda: translate(
         model, tokenizer, prompt_translation_requests(prompts, langs), languages, settings, "translating prompts"), settings.seed)
     prompts = stage(folder / "prompts.jsonl", lambda: fill_prompts(prompts, prompt_translations, langs),
@@ -1582,7 +1606,8 @@ def lidr_iteration(model, tokenizer, prompts: list[dict], languages: dict[str, s
     pairs = stage(folder / "pairs.jsonl", lambda: built, settings.seed)  # train on exactly what the folder holds
     failures = failed_translations_into(prompt_translations + translations, langs)
     trained = train_on_pairs(model, tokenizer, pairs, settings, folder / "train_log.jsonl")
-    return {"counts": counts, "translation_failures": failures, "train": trained}
+    return {"counts": counts, "translation_failures": failures, "prompts_too_long": prompts_too_long,
+            "train": trained}
 
 
 def evaluate_once(model, tokenizer, problems: dict, settings: Settings, out: Path, t: int, in_memory: bool) -> dict:

@@ -1259,6 +1259,20 @@ def test_an_interrupt_says_what_was_finished_and_how_to_resume(steered_run, tmp_
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or code == 130, "main restores the SIGTERM handler"
 
 
+def test_prompts_too_long_to_train_on_are_left_out_before_sampling(capsys):
+    """A 100,000-character prompt once drove sampling to 21 GB: what --max-len can't train on is never sampled."""
+    model, tokenizer = tiny_model()
+    settings = lidr.Settings(max_len=300)
+    prompts = [{"id": "a", "en": "Short?", "de": "x" * 100_000}, {"id": "b", "en": "y" * 400, "de": "Kurz?"},
+               {"id": "c", "en": "Hi?"}]
+    kept, too_long = lidr.drop_untrainable_prompts(prompts, tokenizer, lidr.parse_languages("en,de"), settings)
+    assert kept == [{"id": "a", "en": "Short?", "de": None}, {"id": "c", "en": "Hi?"}], \
+        "a too-long language is never sampled nor replaced by a translation; a too-long dominant one drops the record"
+    assert too_long == {"en": 1, "de": 1} and "left out: en 1, de 1" in capsys.readouterr().out
+    assert lidr.prompt_translation_requests(kept, ["en", "de"]) == [
+        {"id": "c", "source_lang": "en", "target_lang": "de", "source": "Hi?"}]
+
+
 def test_the_same_languages_written_two_ways_are_one_setting():
     assert lidr.parse_settings(["--model", "tiny", "--langs", "en, de ,fr"]).langs == "en,de,fr"
 
