@@ -1888,6 +1888,7 @@ TOY_TEMPLATES = {  # (gets more, gives away, answer)
 # M0 translated half its Russian wrong (README: The toy world).
 TOY_RECIPE = dict(largest_number=12, eval_problems=200, weak_examples=1000, weak_careless=0.6,  # the world
                   hidden_size=128, layers=4, steps=1200, batch_size=64, lr=3e-3)  # M0 and its pre-training
+TOY_PROGRESS_STEPS = 100  # pre-training steps between saves of its progress (not part of the recipe)
 
 
 def check_toy_languages(languages: dict[str, str], flag: str):
@@ -2032,8 +2033,23 @@ def toy_model(root: Path, seed: int, langs) -> Path:
     optimizer = torch.optim.AdamW(model.parameters(), lr=TOY_RECIPE["lr"], betas=(0.9, 0.98), weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, 0.05))
     rng = random.Random(seed)
-    bar = tqdm(range(steps), desc=f"pre-training the toy M0 (once, kept in {folder})", unit="step")
-    for _ in bar:
+    # Progress is saved every TOY_PROGRESS_STEPS steps: an interrupted pre-training goes on from there,
+    # to the same M0 as an uninterrupted one (model, optimizer, schedule and batch order restored).
+    progress, start = root / f".{folder.name}.progress.pt", 0
+    if progress.exists():
+        saved = torch.load(progress, weights_only=False)
+        for part, state in ((model, "model"), (optimizer, "optimizer"), (schedule, "schedule")):
+            part.load_state_dict(saved[state])
+        rng.setstate(saved["rng"])
+        start = saved["step"]
+    bar = tqdm(range(start, steps), initial=start, total=steps, unit="step",
+               desc=f"pre-training the toy M0 (once, kept in {folder})")
+    for step in bar:
+        if step > start and step % TOY_PROGRESS_STEPS == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                        "schedule": schedule.state_dict(), "rng": rng.getstate()}, temp_path(progress))
+            os.replace(temp_path(progress), progress)
         input_ids, attention_mask, labels = collate(rng.choices(sequences, k=batch_size), tokenizer.pad_token_id)
         logps, lengths = sequence_logps(model, input_ids, attention_mask, labels)
         loss = -logps.sum() / lengths.sum()  # mean NLL per answer token
@@ -2056,6 +2072,7 @@ def toy_model(root: Path, seed: int, langs) -> Path:
         os.rename(building, folder)
     except OSError:  # another run's M0 is in place
         shutil.rmtree(building)
+    progress.unlink(missing_ok=True)
     return folder
 
 

@@ -1273,6 +1273,29 @@ def test_prompts_too_long_to_train_on_are_left_out_before_sampling(capsys):
         {"id": "c", "source_lang": "en", "target_lang": "de", "source": "Hi?"}]
 
 
+def test_an_interrupted_toy_pretraining_goes_on_to_the_same_m0(tmp_path, monkeypatch):
+    monkeypatch.setitem(lidr.TOY_RECIPE, "steps", 6)
+    monkeypatch.setitem(lidr.TOY_RECIPE, "batch_size", 4)
+    monkeypatch.setattr(lidr, "TOY_PROGRESS_STEPS", 2)
+    whole = lidr.toy_model(tmp_path / "whole", 0, ["en", "de"])
+    clip, calls = torch.nn.utils.clip_grad_norm_, []
+
+    def interrupted_at_step_5(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return clip(*args, **kwargs)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", interrupted_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        lidr.toy_model(tmp_path / "killed", 0, ["en", "de"])
+    assert [p.name for p in (tmp_path / "killed").iterdir()] == [f".{whole.name}.progress.pt"]
+    resumed = lidr.toy_model(tmp_path / "killed", 0, ["en", "de"])
+    assert len(calls) == 5 + 2, "the resumed pre-training ran only the steps after the saved progress"
+    weights = [AutoModelForCausalLM.from_pretrained(folder).state_dict() for folder in (whole, resumed)]
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+    assert [p.name for p in (tmp_path / "killed").iterdir()] == [whole.name], "progress removed once M0 is in place"
+
+
 def test_the_same_languages_written_two_ways_are_one_setting():
     assert lidr.parse_settings(["--model", "tiny", "--langs", "en, de ,fr"]).langs == "en,de,fr"
 
