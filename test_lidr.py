@@ -1296,6 +1296,27 @@ def test_an_interrupted_toy_pretraining_goes_on_to_the_same_m0(tmp_path, monkeyp
     assert [p.name for p in (tmp_path / "killed").iterdir()] == [whole.name], "progress removed once M0 is in place"
 
 
+@pytest.mark.parametrize("kill_after", ["iter_1/responses.jsonl", "iter_1/model"])
+def test_a_run_killed_at_a_stage_boundary_resumes_to_the_uninterrupted_result(steered_run, tmp_path, kill_after):
+    """SIGKILL (no chance to clean up) right after a stage's artifact appears, then the same command."""
+    whole, model_path, _ = steered_run
+    shutil.copy(model_path.parent / "prompts.jsonl", tmp_path / "prompts.jsonl")
+    argv = [sys.executable, str(ROOT / "lidr.py"), *STEERED_RUN, "--model", str(model_path), "--out", "run"]
+    process = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (tmp_path / "run" / kill_after).exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    process.kill()
+    assert process.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (tmp_path / "run" / "iter_2" / "model").exists()
+    run_lidr(*argv[2:], cwd=tmp_path)
+    for artifact in ("iter_1/pairs.jsonl", "iter_2/pairs.jsonl", "iter_2/eval.json", "summary.txt"):
+        assert (tmp_path / "run" / artifact).read_text() == (whole / artifact).read_text(), artifact
+    weights = [AutoModelForCausalLM.from_pretrained(run / "iter_2" / "model").state_dict()
+               for run in (whole, tmp_path / "run")]
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+
+
 def test_the_same_languages_written_two_ways_are_one_setting():
     assert lidr.parse_settings(["--model", "tiny", "--langs", "en, de ,fr"]).langs == "en,de,fr"
 
