@@ -218,6 +218,9 @@ def parse_settings(argv: list[str]) -> Settings:
         parser.add_argument("--" + f.name.replace("_", "-"), type=f.type,
                             help=f"{f.metadata['help']} [default: {f.default!r}{tiny}]")
     given = vars(parser.parse_args(argv))  # only the flags on the command line (SUPPRESS)
+    for name, value in given.items():  # argparse reads "--iters=--" as an empty list
+        if isinstance(value, list):
+            raise LidrError(f"--{name.replace('_', '-')}: expected a value, got '--'")
     if given.get("model", "auto") == "auto":  # resolved (and said) here: it decides the tiny defaults
         given["model"] = choose_model(given.get("device", "auto"))
     preset = TINY_DEFAULTS if given.get("model") == "tiny" else {}
@@ -248,13 +251,13 @@ def choose_model(device: str) -> str:
 
 def check_settings(settings: Settings):
     rules = {  # setting: (holds?, what it must be)
-        "iters": (settings.iters >= 1, ">= 1"),
-        "seed": (0 <= settings.seed < 2**32, "in [0, 2**32)"),  # numpy's seeds, which transformers.set_seed sets
+        "iters": (1 <= settings.iters <= 1000, "between 1 and 1000"),
+        "seed": (settings.seed >= 0, ">= 0"),  # numpy's seeds, which transformers.set_seed sets, are unsigned
         "num_prompts": (settings.num_prompts >= 1, ">= 1"),
         "max_new_tokens": (settings.max_new_tokens >= 1, ">= 1"),
         "translation_max_new_tokens": (settings.translation_max_new_tokens >= 1, ">= 1"),
-        "repetition_penalty": (settings.repetition_penalty > 0, "> 0"),
-        "temperature": (settings.temperature >= 0, ">= 0"),
+        "repetition_penalty": (settings.repetition_penalty >= 0.01, ">= 0.01"),
+        "temperature": (settings.temperature == 0 or settings.temperature >= 0.01, "0 (greedy) or >= 0.01"),
         "gen_batch_size": (settings.gen_batch_size >= 0, ">= 0"),
         "recipe": (settings.recipe in ("lidr", "scripts"), "lidr or scripts"),
         "pairing": (settings.pairing in ("dominant", "ranked"), "dominant or ranked"),
@@ -279,14 +282,18 @@ def check_settings(settings: Settings):
     for f in dataclasses.fields(Settings):
         if f.type is float and not math.isfinite(getattr(settings, f.name)):  # float() reads "inf" and "nan" too
             rules[f.name] = (False, "a finite number")
+        if f.type is int and getattr(settings, f.name) >= 2**31:  # beyond any real size, and torch's indices
+            rules[f.name] = (False, "below 2**31")
     for name, (holds, expected) in rules.items():
         if not holds:
             raise LidrError(f"--{name.replace('_', '-')} must be {expected} (got {getattr(settings, name)})")
     if settings.device != "auto":
         try:
-            torch.device(settings.device)
+            kind = torch.device(settings.device).type
         except RuntimeError:
-            raise LidrError(f"--device {settings.device}: not a device; use auto, cpu, cuda or cuda:N") from None
+            kind = None
+        if kind not in ("cpu", "cuda"):  # the memory plan and the optimizers know these two
+            raise LidrError(f"--device {settings.device}: use auto, cpu, cuda or cuda:N")
     if settings.device.startswith("cuda") and not torch.cuda.is_available():
         raise LidrError(f"--device {settings.device}: no CUDA GPU is visible; use --device cpu")
     if settings.recipe == "scripts" and settings.pairing != "dominant":
@@ -294,6 +301,8 @@ def check_settings(settings: Settings):
                         "--pairing ranked); pass --recipe lidr for it")
     for name in TEMPLATES:
         template(settings, name)  # a template that can't be read or filled fails here, before any work
+    if settings.model == "tiny":
+        check_toy_languages(parse_languages(settings.langs), "--model tiny")
     if len(parse_languages(settings.langs)) < 2:
         raise LidrError(f"--langs needs at least two languages, dominant first (got '{settings.langs}')")
     if settings.eval_langs:
@@ -377,6 +386,8 @@ def load_prompts(source: str, prompt_field: str, languages: dict[str, str], tran
             if lang in record and not isinstance(record[lang], str):  # never replaced by a translation unasked
                 raise LidrError(f"{where}:{line}: '{lang}' must be text (leave it out for the model to translate)")
         text = {lang: record[lang] for lang in langs if record.get(lang, "").strip()}
+        if not all(map(is_unicode, text.values())):  # JSON's \ud800 escapes decode to what no file can hold
+            raise LidrError(f"{where}:{line}: the text is not valid Unicode (a lone surrogate)")
         if dominant not in text:
             raise LidrError(f"{where}:{line}: prompt '{prompt_id}' has no '{dominant}' text "
                             f"(the dominant language, first in --langs)")
@@ -386,6 +397,14 @@ def load_prompts(source: str, prompt_field: str, languages: dict[str, str], tran
     if not prompts:
         raise LidrError(f"{where}: no prompts")
     return prompts
+
+
+def is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def read_prompt_file(path: Path, flag: str = "--prompts") -> list[dict]:
@@ -398,6 +417,8 @@ def read_prompt_file(path: Path, flag: str = "--prompts") -> list[dict]:
             records = json.loads(content)
         except json.JSONDecodeError as error:
             raise LidrError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from None
+        except RecursionError:
+            raise LidrError(f"{path}: nested too deep to be a list of records") from None
         if not isinstance(records, list):
             raise LidrError(f"{path}: expected a JSON list of prompt records")
         return records
@@ -408,6 +429,8 @@ def read_prompt_file(path: Path, flag: str = "--prompts") -> list[dict]:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
                 raise LidrError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+            except RecursionError:
+                raise LidrError(f"{path}:{number}: nested too deep to be a record") from None
             if not isinstance(record, dict):
                 raise LidrError(f"{path}:{number}: expected a JSON object per prompt")
             records.append({**record, "_line": number})
@@ -512,21 +535,27 @@ def template(settings: Settings, name: str) -> str:
     try:
         text = Path(path).read_text(encoding="utf-8")
         tree = ast.parse(text) if path.endswith(".py") else None
-    except (OSError, UnicodeDecodeError, SyntaxError, ValueError) as error:
+    except (OSError, UnicodeDecodeError, SyntaxError, ValueError, RecursionError, MemoryError) as error:
         raise LidrError(f"{where}: cannot read it: {first_line(error)}") from None
     if tree:
         values = []  # the values given to the constant at the top level of the file
         for node in tree.body:
             targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
             if any(isinstance(target, ast.Name) and target.id == constant for target in targets):
-                values.append(string_literal(node.value) if isinstance(node, (ast.Assign, ast.AnnAssign)) else None)
+                try:
+                    values.append(string_literal(node.value) if isinstance(node, (ast.Assign, ast.AnnAssign)) else None)
+                except RecursionError:  # thousands of strings joined with +
+                    values.append(None)
         if len(values) != 1 or values[0] is None:
             raise LidrError(f"{where}: expected one plain {constant} = '...' string in it")
         text = values[0]
     allowed = ", ".join(f"{{{field}}}" for field in sorted(required | optional))
     try:
-        fields = {field for _, field, _, _ in string.Formatter().parse(text) if field is not None}
-        text.format(**dict.fromkeys(required | optional, ""))  # fails on any other field, nested ones too
+        parsed = list(string.Formatter().parse(text))
+        fields = {field for _, field, _, _ in parsed if field is not None}
+        if any(spec or conversion for _, _, spec, conversion in parsed):
+            raise ValueError("a placeholder with a format spec or conversion, such as {question:>9}")
+        text.format(**dict.fromkeys(required | optional, "text"))  # fails on any other field
     except (ValueError, KeyError, IndexError) as error:
         raise LidrError(f"{where}: the template can hold only {allowed} ({type(error).__name__}: {error}); "
                         f"write a brace that is no placeholder twice") from None
@@ -1205,7 +1234,7 @@ def read_mgsm(source: str, lang: str) -> list[dict]:
         problems = []
         for record in read_prompt_file(path, "--mgsm"):
             gold = last_number(str(record.get("response", "")))
-            if not isinstance(record.get("query"), str) or gold is None:
+            if not isinstance(record.get("query"), str) or gold is None or not math.isfinite(gold):
                 raise LidrError(f"{path}:{record['_line']}: expected {{\"query\": question, \"response\": number}}")
             problems.append({"id": f"mgsm-{lang}-{record['_line']}", "prompt": record["query"].strip(), "gold": gold})
         if not problems:
@@ -1236,9 +1265,12 @@ def read_mgsm(source: str, lang: str) -> list[dict]:
         if not line.strip():
             continue
         # one row per line (MGSM quotes some questions): an unclosed quote can't swallow the next lines
-        row = next(csv.reader([line], delimiter="\t"))
+        try:
+            row = next(csv.reader([line], delimiter="\t"))
+        except csv.Error:  # a question longer than csv's field limit
+            row = []
         gold = last_number(row[-1]) if len(row) == 2 else None
-        if gold is None or not row[0].strip():
+        if gold is None or not math.isfinite(gold) or not row[0].strip():
             raise LidrError(f"{path}:{number}: expected a question, a tab and a number")
         problems.append({"id": f"mgsm-{lang}-{number}", "prompt": row[0].strip(), "gold": gold})
     return problems
@@ -1280,8 +1312,9 @@ def read_alpaca_file(path: Path, lang: str) -> list[dict]:
         raise LidrError(f"--alpaca: {path} not found (a folder of <lang>.json files needs one per evaluated language)")
     records = read_prompt_file(path, "--alpaca")
     for number, record in enumerate(records, 1):
-        if not isinstance(record, dict) or not isinstance(record.get("instruction"), str):
-            raise LidrError(f"{path}: record {number}: expected an object with an 'instruction' string")
+        if not isinstance(record, dict) or not isinstance(record.get("instruction"), str) \
+                or not isinstance(record.get("dataset", ""), str):
+            raise LidrError(f"{path}: record {number}: expected an object with an 'instruction' (and 'dataset') string")
     return [{"id": str(r.get("id", number)), "prompt": r["instruction"], "gold": None,
              "dataset": r.get("dataset", f"lidr-{lang}")} for number, r in enumerate(records, 1)]
 
@@ -1339,8 +1372,11 @@ def model_shape(name: str):
         config = AutoConfig.from_pretrained(name)
     except Exception as error:
         raise model_load_error(name, error) from None
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception as error:  # no causal LM for the config (T5), or sizes no model can have
+        raise LidrError(f"model '{name}': its config makes no causal language model ({first_line(error)})") from None
     return config, sum(p.numel() for p in model.parameters())
 
 
@@ -1430,7 +1466,22 @@ def write_jsonl(path: Path, records: list[dict]):
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    return [read_json(path, line) for line in read_text(path).splitlines()]
+
+
+def read_json(path: Path, text: str | None = None):
+    """A run folder's JSON (text: one line of a .jsonl file); a damaged one is one line, not a traceback."""
+    try:
+        return json.loads(read_text(path) if text is None else text)
+    except (ValueError, RecursionError):
+        raise LidrError(f"{path} is damaged (not valid JSON); move it away to have that stage redone") from None
+
+
+def read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise LidrError(f"cannot read {path}: {first_line(error)}") from None
 
 
 def stage(path: Path, compute, seed: int) -> list[dict]:
@@ -1469,7 +1520,8 @@ def check_resumable(out: Path, settings: Settings, inputs_sha256: dict[str, str]
         except (OSError, UnicodeDecodeError, ValueError):
             run_record = None
         recorded = run_record.get("settings") if isinstance(run_record, dict) else None
-        if not isinstance(recorded, dict) or not {"model", "max_new_tokens"} <= recorded.keys():
+        if not isinstance(recorded, dict) or not {"model", "max_new_tokens"} <= recorded.keys() or not all(
+                isinstance(run_record.get(part, {}), dict) for part in ("templates", "inputs_sha256")):
             raise LidrError(f"--out {out}: its settings.json is not a lidr run's (another tool's, or cut short); "
                             f"pass another --out")
         # settings added to lidr after the folder was made: what that run did instead
@@ -1518,7 +1570,7 @@ def record_run(out: Path, settings: Settings, command: list[str], inputs_sha256:
     source = Path(__file__).read_bytes()
     code_hash = hashlib.sha256(source).hexdigest()
     if (out / "settings.json").exists():
-        if json.loads((out / "settings.json").read_text())["lidr_sha256"] != code_hash:
+        if read_json(out / "settings.json").get("lidr_sha256") != code_hash:
             print(f"warning: lidr.py changed since {out} was made (see commands.log); lidr.py there is the original")
     else:
         out.mkdir(parents=True, exist_ok=True)
@@ -1615,7 +1667,7 @@ def evaluate_once(model, tokenizer, problems: dict, settings: Settings, out: Pat
     `model` is M_t, so that a missing evaluation can be redone."""
     folder = out / f"iter_{t}"
     if (folder / "eval.json").exists():
-        return json.loads((folder / "eval.json").read_text())
+        return read_json(folder / "eval.json")
     if not in_memory:
         raise LidrError(f"{folder / 'eval.json'} is missing and M{t} is not the model being resumed; "
                         f"to redo it, move the later iter_* folders out of {out}")
@@ -1672,7 +1724,7 @@ def run(settings: Settings, command: list[str]):
         folder = out / f"iter_{t}"
         if t in finished:
             tqdm.write(f"reusing {folder}")
-            history.append(json.loads((folder / "metrics.json").read_text()))
+            history.append(read_json(folder / "metrics.json"))
             if problems:  # a run stopped between saving M_t and evaluating it: M_t is the model loaded
                 evaluations.append(evaluate_once(model, tokenizer, problems, settings, out, t, t == finished[-1]))
             continue

@@ -876,7 +876,7 @@ BAD_INPUTS = [
     (["--out", "{file}"], "is not a lidr run folder"),
     (["--langs", "en,xx"], "unknown language code 'xx'"),
     (["--langs", "en"], "at least two languages"),
-    (["--iters", "0"], "--iters must be >= 1"),
+    (["--iters", "0"], "--iters must be between 1 and 1000"),
     (["--lr", "-0.001"], "--lr must be > 0"),
     (["--beta", "0"], "--beta must be > 0"),
     (["--epochs", "two"], "invalid int value"),
@@ -896,8 +896,8 @@ BAD_INPUTS = [
     (["--recipe", "scripts", "--pairing", "ranked"], "--recipe scripts pairs the dominant language"),
     (["--recipe", "authors"], "--recipe must be lidr or scripts"),
     (["--lr", "inf"], "--lr must be a finite number"),
-    (["--device", "gpu"], "--device gpu: not a device"),
-    (["--seed", "-1"], "--seed must be in [0, 2**32)"),
+    (["--device", "gpu"], "--device gpu: use auto, cpu, cuda or cuda:N"),
+    (["--seed", "-1"], "--seed must be >= 0"),
     (["--out", "{file}/run"], "cannot write into"),
     (["--out", "{otherrun}"], "its settings.json is not a lidr run's"),
     (["--model", "{gpt2}"], "its config has no intermediate_size"),
@@ -1315,6 +1315,60 @@ def test_a_run_killed_at_a_stage_boundary_resumes_to_the_uninterrupted_result(st
     weights = [AutoModelForCausalLM.from_pretrained(run / "iter_2" / "model").state_dict()
                for run in (whole, tmp_path / "run")]
     assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+
+
+HOSTILE_INPUTS = [  # found by fuzzing the command line and the input files; each was a traceback or a hang
+    (["--iters=--"], "--iters: expected a value, got '--'"),
+    (["--langs", "en,zh", "--eval", ""], "--model tiny: the toy world has only"),
+    (["--device", "mps"], "--device mps: use auto, cpu, cuda or cuda:N"),
+    (["--temperature", "1e-300"], "--temperature must be 0 (greedy) or >= 0.01"),
+    (["--batch-size", "99999999999999999999999"], "--batch-size must be below 2**31"),
+    (["--iters", "99999999999999999999999"], "--iters must be below 2**31"),
+    (["--iters", "5000"], "--iters must be between 1 and 1000"),
+    (["--prompts", "{deep}"], "nested too deep"),
+    (["--prompts", "{surrogate}"], "surrogate.jsonl:1: the text is not valid Unicode"),
+    (["--eval", "alpaca", "--alpaca", "{nandataset}"], "expected an object with an 'instruction' (and 'dataset') string"),
+    (["--eval", "mgsm", "--mgsm", "{hugegold}"], "mgsm_en.tsv:1: expected a question, a tab and a number"),
+    (["--eval", "mgsm", "--mgsm", "{longquestion}"], "mgsm_en.tsv:1: expected a question, a tab and a number"),
+    (["--prompt-template", "{manyplus}"], "expected one plain PROMPT_PREFIX"),
+    (["--prompt-template", "{spec}"], "a placeholder with a format spec or conversion"),
+    (["--model", "{t5}"], "its config makes no causal language model"),
+    (["--out", "{listtemplates}"], "its settings.json is not a lidr run's"),
+]
+
+
+@pytest.mark.parametrize("argv, message", HOSTILE_INPUTS, ids=[" ".join(a)[:40] for a, _ in HOSTILE_INPUTS])
+def test_hostile_input_is_one_line_exit_2(tmp_path, capsys, argv, message):
+    files = {"deep": write(tmp_path / "deep.json", "[" * 100_000 + "]" * 100_000),
+             "surrogate": write(tmp_path / "surrogate.jsonl", '{"en": "\\ud800"}\n'),
+             "nandataset": str(Path(write(tmp_path / "nan" / "en.json", '[{"id": 1, "dataset": NaN, "instruction": "hi"}]'))
+                               .parent),
+             "hugegold": str(Path(write(tmp_path / "huge" / "mgsm_en.tsv", "q\t" + "9" * 400 + "\n")).parent),
+             "longquestion": str(Path(write(tmp_path / "long" / "mgsm_en.tsv", "q" * 200_000 + "\t4\n")).parent),
+             "manyplus": write(tmp_path / "inference.py", "PROMPT_PREFIX = '{question}'" + " + 'a'" * 2000 + "\n"),
+             "spec": write(tmp_path / "spec.txt", "{question:{language}}"),
+             "listtemplates": str(Path(write(tmp_path / "listrun" / "settings.json", json.dumps(
+                 {"settings": {"model": "tiny", "max_new_tokens": 48}, "templates": []}))).parent),
+             "t5": str(tmp_path / "t5")}
+    transformers.T5Config(d_model=8, d_ff=8, num_layers=1, num_heads=1, vocab_size=16).save_pretrained(files["t5"])
+    argv = [a.format(**files) for a in argv]
+    defaults = {"--model": "tiny", "--out": str(tmp_path / "run")}
+    code = lidr.main([*(x for flag, value in defaults.items() if flag not in argv for x in (flag, value)), *argv])
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and len(error.splitlines()) == 1 and message in error, error
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_damaged_artifact_in_a_run_folder_is_one_line(steered_run, tmp_path, monkeypatch, capsys):
+    run, model_path, _ = steered_run
+    shutil.copytree(run, tmp_path / "run", ignore=shutil.ignore_patterns("run.lock"))
+    shutil.copy(model_path.parent / "prompts.jsonl", tmp_path / "prompts.jsonl")
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path / "run" / "iter_1" / "metrics.json", "{garbage")
+    assert lidr.main([*STEERED_RUN, "--model", str(model_path), "--out", "run"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error == f"lidr: error: run/iter_1/metrics.json is damaged (not valid JSON); move it away to have that " \
+                    f"stage redone", error
 
 
 def test_the_same_languages_written_two_ways_are_one_setting():
