@@ -934,15 +934,19 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, argv,
     files["binary"] = str(tmp_path / "binary.jsonl")
     (tmp_path / "folder.jsonl").mkdir()
     files["folder"] = str(tmp_path / "folder.jsonl")
+    refused_in_one_line(tmp_path, capsys, [a.format(**files) for a in argv], message)
+    assert (tmp_path / "file.txt").read_text() == "mine"
+
+
+def refused_in_one_line(tmp_path, capsys, argv, message):
+    """lidr.main on the toy model (unless argv names --model/--out): one error line, exit 2, no run folder."""
     out = tmp_path / "run"
-    argv = [a.format(**files) for a in argv]
     defaults = {"--model": "tiny", "--out": str(out)}
     code = lidr.main([*(x for flag, value in defaults.items() if flag not in argv for x in (flag, value)), *argv])
     error = capsys.readouterr().err.strip()
     assert code == 2
     assert len(error.splitlines()) == 1 and error.startswith("lidr: error:") and message in error, error
     assert not out.exists(), "bad input must not create the run folder"
-    assert (tmp_path / "file.txt").read_text() == "mine"
 
 
 def test_a_chat_template_without_system_turns_gets_one_line(tmp_path, capsys):
@@ -1351,12 +1355,7 @@ def test_hostile_input_is_one_line_exit_2(tmp_path, capsys, argv, message):
                  {"settings": {"model": "tiny", "max_new_tokens": 48}, "templates": []}))).parent),
              "t5": str(tmp_path / "t5")}
     transformers.T5Config(d_model=8, d_ff=8, num_layers=1, num_heads=1, vocab_size=16).save_pretrained(files["t5"])
-    argv = [a.format(**files) for a in argv]
-    defaults = {"--model": "tiny", "--out": str(tmp_path / "run")}
-    code = lidr.main([*(x for flag, value in defaults.items() if flag not in argv for x in (flag, value)), *argv])
-    error = capsys.readouterr().err.strip()
-    assert code == 2 and len(error.splitlines()) == 1 and message in error, error
-    assert not (tmp_path / "run").exists()
+    refused_in_one_line(tmp_path, capsys, [a.format(**files) for a in argv], message)
 
 
 def test_a_damaged_artifact_in_a_run_folder_is_one_line(steered_run, tmp_path, monkeypatch, capsys):
