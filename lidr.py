@@ -1761,7 +1761,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lidr: error: {error}", file=sys.stderr)
         return error.exit_code
     except OSError as error:  # a full disk, a folder that became read-only: during the run, after the checks
-        print(f"lidr: error: cannot write {error.filename or 'a file'}: {error.strerror or error}", file=sys.stderr)
+        print(f"lidr: error: {error.strerror or error}: {error.filename or 'a file of the run'}", file=sys.stderr)
         return 1
     except (KeyboardInterrupt, Terminated) as interrupt:  # every finished stage is already on disk, whole
         out = Path(resolve(settings).out) if settings else None

@@ -1370,6 +1370,14 @@ def test_a_damaged_artifact_in_a_run_folder_is_one_line(steered_run, tmp_path, m
                     f"stage redone", error
 
 
+def test_a_full_disk_during_the_run_is_one_line_naming_the_file(monkeypatch, capsys):
+    def run_on_a_full_disk(settings, command):
+        raise OSError(28, "No space left on device", "runs/x/iter_1/model")
+    monkeypatch.setattr(lidr, "run", run_on_a_full_disk)
+    assert lidr.main(["--model", "tiny"]) == 1
+    assert capsys.readouterr().err == "lidr: error: No space left on device: runs/x/iter_1/model\n"
+
+
 def test_the_same_languages_written_two_ways_are_one_setting():
     assert lidr.parse_settings(["--model", "tiny", "--langs", "en, de ,fr"]).langs == "en,de,fr"
 
