@@ -1297,10 +1297,10 @@ def eval_problems(settings: Settings) -> dict[str, dict[str, list[dict]]]:
             records = load_prompts(settings.alpaca, "instruction", {**parse_languages(settings.langs), **languages})
             problems["alpaca"] = {lang: [{"id": r["id"], "prompt": r[lang], "gold": None, "dataset": f"lidr-{lang}"}
                                          for r in records if lang in r] for lang in languages}
-        for lang, items in problems.get("alpaca", {}).items():
-            if not items:
-                raise LidrError(f"--eval alpaca: no '{lang}' instructions in "
-                                f"{settings.alpaca or 'the built-in prompts'}; pass --alpaca or --eval-langs")
+    for lang, items in problems.get("alpaca", {}).items():  # either form can lack a language
+        if not items:
+            raise LidrError(f"--eval alpaca: no '{lang}' instructions in "
+                            f"{settings.alpaca or 'the built-in prompts'}; pass --alpaca or --eval-langs")
     return {benchmark: {lang: items[:settings.eval_limit or None] for lang, items in by_lang.items()}
             for benchmark, by_lang in problems.items()}
 
