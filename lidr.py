@@ -54,6 +54,7 @@ import shutil
 import signal
 import string
 import sys
+import tempfile
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -350,7 +351,8 @@ def looks_like_translation_task(text: str, language_names: list[str]) -> bool:
     return re.search(pattern, text, re.IGNORECASE) is not None
 
 
-def load_prompts(source: str, prompt_field: str, languages: dict[str, str], translation_tasks: str = "") -> list[dict]:
+def load_prompts(source: str, prompt_field: str, languages: dict[str, str], translation_tasks: str = "",
+                 flag: str = "--prompts") -> list[dict]:
     """Step 1's prompts, as records {"id": "p1", "translation_task": false, "en": "...", "de": "..."}.
     translation_task is the record's own flag, else whether the hand list translation_tasks (a
     file) has its id, else looks_like_translation_task of the dominant prompt. Languages a record
@@ -364,11 +366,11 @@ def load_prompts(source: str, prompt_field: str, languages: dict[str, str], tran
         check_toy_languages(languages, "--prompts toy")
         records, where = toy_prompts(), "toy prompts"
     elif source.endswith((".json", ".jsonl")) or os.path.isfile(source):
-        records, where = read_prompt_file(Path(source)), source
+        records, where = read_prompt_file(Path(source), flag), source
     elif "," in source or any(Path(source, f"{lang}.jsonl").is_file() for lang in langs):
-        records, where = read_language_folders(source.split(","), prompt_field, langs), source
+        records, where = read_language_folders(source.split(","), prompt_field, langs, flag), source
     else:
-        records, where = read_prompt_dataset(source, prompt_field, langs), source
+        records, where = read_prompt_dataset(source, prompt_field, langs, flag), source
     hand_listed = read_translation_tasks(Path(translation_tasks)) if translation_tasks else None
     prompts, seen = [], set()
     for number, record in enumerate(records, 1):
@@ -437,7 +439,7 @@ def read_prompt_file(path: Path, flag: str = "--prompts") -> list[dict]:
     return records
 
 
-def read_language_folders(folders: list[str], prompt_field: str, langs: list[str]) -> list[dict]:
+def read_language_folders(folders: list[str], prompt_field: str, langs: list[str], flag: str) -> list[dict]:
     """The authors' layout: in each folder one <lang>.jsonl per language of langs, records
     {"id", prompt_field, maybe "input", other fields ignored}, joined across languages by id, in the
     dominant file's order; where every id of every file starts with the file's language code
@@ -446,15 +448,15 @@ def read_language_folders(folders: list[str], prompt_field: str, langs: list[str
     records = []
     for folder in folders:
         if not folder.strip():
-            raise LidrError(f"--prompts: an empty folder name in the list '{','.join(folders)}'")
+            raise LidrError(f"{flag}: an empty folder name in the list '{','.join(folders)}'")
         by_lang = {}  # lang -> {id: (text, line)}
         for lang in langs:
             path = Path(folder) / f"{lang}.jsonl"
             if not path.is_file():
-                raise LidrError(f"--prompts: {path} not found (a folder of per-language prompt files needs one "
+                raise LidrError(f"{flag}: {path} not found (a folder of per-language prompt files needs one "
                                 f"for each language of --langs)")
             by_lang[lang] = {}
-            for record in read_prompt_file(path):
+            for record in read_prompt_file(path, flag):
                 line, text, extra = record["_line"], record.get(prompt_field), record.get("input") or ""
                 if "id" not in record:
                     raise LidrError(f"{path}:{line}: the record has no 'id' (records are joined across languages by id)")
@@ -472,7 +474,7 @@ def read_language_folders(folders: list[str], prompt_field: str, langs: list[str
             missing, extra = dominant.keys() - by_lang[lang].keys(), by_lang[lang].keys() - dominant.keys()
             if missing or extra:
                 example = f"'{sorted(missing)[0]}' missing" if missing else f"'{sorted(extra)[0]}' extra"
-                raise LidrError(f"--prompts: the ids of {Path(folder) / f'{lang}.jsonl'} don't match those of "
+                raise LidrError(f"{flag}: the ids of {Path(folder) / f'{lang}.jsonl'} don't match those of "
                                 f"{Path(folder) / f'{langs[0]}.jsonl'} ({len(missing)} missing, {len(extra)} extra; "
                                 f"e.g. {example})")
         records += [{"id": prompt_id, "_line": line, "_where": str(Path(folder) / f"{langs[0]}.jsonl"),
@@ -494,21 +496,21 @@ def read_translation_tasks(path: Path) -> set[str]:
     return ids
 
 
-def read_prompt_dataset(name: str, prompt_field: str, langs: list[str]) -> list[dict]:
+def read_prompt_dataset(name: str, prompt_field: str, langs: list[str], flag: str) -> list[dict]:
     """A hub dataset (or a local dataset folder): prompt_field holds the dominant prompt, and
     columns named after language codes hold those languages."""
     try:
         table = datasets.load_dataset(name, split="train")
     except Exception as error:
-        raise LidrError(f"--prompts: could not load file or dataset '{name}': {first_line(error)}") from None
+        raise LidrError(f"{flag}: could not load file or dataset '{name}': {first_line(error)}") from None
     if prompt_field not in table.column_names:
-        raise LidrError(f"--prompt-field: dataset '{name}' has no column '{prompt_field}' "
+        raise LidrError(f"{flag}: dataset '{name}' has no column '{prompt_field}' "
                         f"(columns: {', '.join(table.column_names)})")
     records = []
     for index, row in enumerate(table):
         text = row[prompt_field]
         if not isinstance(text, str) or not isinstance(row.get("input") or "", str):
-            raise LidrError(f"--prompts: dataset '{name}', row {index}: '{prompt_field}' (and 'input') must be text")
+            raise LidrError(f"{flag}: dataset '{name}', row {index}: '{prompt_field}' (and 'input') must be text")
         if row.get("input"):  # Alpaca keeps a task's input in its own column; the scripts join it so
             text += "\n" + row["input"]
         records.append({"id": str(row.get("id", index)), **{lang: row[lang] for lang in langs[1:] if row.get(lang)},
@@ -637,32 +639,42 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-def generation_batches(lengths: list[int], max_new_tokens: int, max_batch_size: int, token_budget: int) -> list[list[int]]:
+def generation_batches(lengths: list[int], max_batch_size: int, fits) -> list[list[int]]:
     """Prompt indices grouped into batches, shortest prompts first so a batch needs little padding.
-    A batch grows while its padded size, sequences x (longest prompt + max_new_tokens), fits in
-    token_budget (KV-cache tokens that fit in memory) and its count in max_batch_size."""
+    A batch grows while its count stays within max_batch_size and fits(sequences, longest prompt)
+    says its memory does."""
     batches, batch = [], []
     for i in sorted(range(len(lengths)), key=lengths.__getitem__):  # i is the longest in its batch so far
-        if batch and (len(batch) == max_batch_size or (len(batch) + 1) * (lengths[i] + max_new_tokens) > token_budget):
+        if batch and (len(batch) == max_batch_size or not fits(len(batch) + 1, lengths[i])):
             batches.append(batch)
             batch = []
         batch.append(i)
     return batches + [batch] if batch else batches
 
 
-def kv_cache_token_budget(model) -> int:
-    """How many tokens of KV cache fit in half the memory free now (the other half is headroom
-    for the prefill's activations). Per token: keys and values, in every layer."""
-    config = model.config
+def generation_memory(config, itemsize: int, sequences: int, prompt_len: int, max_new_tokens: int) -> int:
+    """Bytes a generation batch holds at its peak, beyond the weights: the KV cache at full length
+    (keys and values, in every layer), plus the prefill, which pushes every prompt token through a
+    layer at once. There the MLP holds gate, up and their product (3 x intermediate_size per
+    token) beside the residual stream (~4 x hidden_size), and eager attention also writes out the
+    scores and their float32 softmax (2 x heads x prompt_len per token; sdpa's kernels do not). On
+    Llama-3-8B a 2,000-token prompt costs 0.26 GB of KV cache and 0.24 GB in the prefill: a long
+    prompt costs more than its cache. Checked against the peak RSS of one generate call on CPU
+    (2-layer float32 model, 4 prompts of 2,000 tokens, median of 3): sdpa 0.27 GB measured,
+    0.26 GB estimated; eager 1.18 GB measured, 1.29 GB estimated."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    bytes_per_token = 2 * config.num_hidden_layers * kv_heads * head_dim * model.dtype.itemsize
-    if model.device.type == "cuda":  # free in the driver, plus what torch's cache holds unused
-        free = (torch.cuda.mem_get_info(model.device)[0] + torch.cuda.memory_reserved(model.device)
-                - torch.cuda.memory_allocated(model.device))
-    else:
-        free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-    return free // 2 // bytes_per_token
+    kv_cache = 2 * config.num_hidden_layers * kv_heads * head_dim * (prompt_len + max_new_tokens) * itemsize
+    layer = (3 * config.intermediate_size + 4 * config.hidden_size) * itemsize
+    scores = 2 * config.num_attention_heads * prompt_len * 4 if config._attn_implementation == "eager" else 0
+    return sequences * (kv_cache + prompt_len * (layer + scores) + 2 * config.vocab_size * 4)
+
+
+def free_memory(device: torch.device) -> int:
+    if device.type == "cuda":  # free in the driver, plus what torch's cache holds unused
+        return (torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
+                - torch.cuda.memory_allocated(device))
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
 @torch.no_grad()
@@ -670,15 +682,18 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, ba
              repetition_penalty: float, temperature: float, desc: str) -> list[tuple[str, bool]]:
     """(answer, finished) for each token-id prompt, in input order; finished is False when the
     answer hit max_new_tokens before a stop token. batch_size caps the sequences per batch
-    (0: 512 on GPU, 32 on CPU, where larger batches stop paying); the KV cache's memory caps the
-    tokens. HF's generate reuses the KV cache and stops a batch when all its sequences have ended."""
+    (0: 512 on GPU, 32 on CPU, where larger batches stop paying); free memory caps the rest
+    (generation_memory). HF's generate reuses the KV cache and stops a batch when all its sequences have ended."""
     stops = stop_token_ids(model, tokenizer)
     config = GenerationConfig(max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty,
                               do_sample=temperature > 0, temperature=temperature or None,
                               top_k=0, top_p=1.0,  # plain temperature sampling, not the model's own defaults
                               eos_token_id=stops, pad_token_id=stops[0])
     max_batch_size = batch_size or (512 if model.device.type == "cuda" else 32)
-    batches = generation_batches([len(p) for p in prompts], max_new_tokens, max_batch_size, kv_cache_token_budget(model))
+    budget = free_memory(model.device) * 3 // 4  # a quarter left for the allocator's fragmentation
+    fits = lambda sequences, prompt_len: generation_memory(
+        model.config, model.dtype.itemsize, sequences, prompt_len, max_new_tokens) <= budget
+    batches = generation_batches([len(p) for p in prompts], max_batch_size, fits)
     answers = [("", False)] * len(prompts)
     new_tokens_total, start_time = 0, time.perf_counter()
     bar = tqdm(total=len(prompts), desc=desc, unit="seq", leave=False)
@@ -1294,7 +1309,8 @@ def eval_problems(settings: Settings) -> dict[str, dict[str, list[dict]]]:
             problems["alpaca"] = {lang: read_alpaca_file(Path(settings.alpaca, f"{lang}.json"), lang)
                                   for lang in languages}  # the authors' X-AlpacaEval layout
         else:  # records in --prompts' format: the run's dominant language, and those to evaluate
-            records = load_prompts(settings.alpaca, "instruction", {**parse_languages(settings.langs), **languages})
+            records = load_prompts(settings.alpaca, "instruction", {**parse_languages(settings.langs), **languages},
+                                   flag="--alpaca")
             problems["alpaca"] = {lang: [{"id": r["id"], "prompt": r[lang], "gold": None, "dataset": f"lidr-{lang}"}
                                          for r in records if lang in r] for lang in languages}
     for lang, items in problems.get("alpaca", {}).items():  # either form can lack a language
@@ -1447,7 +1463,11 @@ def plan_training_memory(config, n_params: int, settings: Settings, available: i
 def write_atomic(path: Path, text: str):
     """Write to a temp file, then rename: a crash never leaves a half-written artifact behind."""
     temp = temp_path(path)
-    temp.write_text(text, encoding="utf-8")
+    try:
+        temp.write_text(text, encoding="utf-8")
+    except BaseException:  # a full disk: leave no partial file taking the space that is left
+        temp.unlink(missing_ok=True)
+        raise
     os.replace(temp, path)
 
 
@@ -1484,17 +1504,45 @@ def read_text(path: Path) -> str:
         raise LidrError(f"cannot read {path}: {first_line(error)}") from None
 
 
-def stage(path: Path, compute, seed: int) -> list[dict]:
+def stage(path: Path, compute, settings: Settings) -> list[dict]:
     """Resume: reuse a finished stage's artifact, else compute it and write it. The stage draws its
     random numbers (sampling at --temperature > 0) from a seed of its own, so a stage redone after
     an interruption gives what the uninterrupted run gave."""
     if path.exists():
         tqdm.write(f"reusing {path}")
-        return read_jsonl(path)
-    torch.manual_seed(stage_seed(seed, path))
+        records = read_jsonl(path)
+        for line, record in enumerate(records, 1):
+            check_shape(f"{path}:{line}", record, stage_record_shape(path.name, list(parse_languages(settings.langs))))
+        return records
+    torch.manual_seed(stage_seed(settings.seed, path))
     records = compute()
     write_jsonl(path, records)
     return records
+
+
+def stage_record_shape(name: str, langs: list[str]) -> dict:
+    """What each stage's records hold (see check_shape): the fields later stages read."""
+    translation = {"id": str, "source_lang": langs, "target_lang": langs, "source": str, "raw": str,
+                   "translation": str | None}
+    return {"prompt_translations.jsonl": translation, "translations.jsonl": translation,
+            "prompts.jsonl": {"id": str, "translation_task": bool, langs[0]: str, **dict.fromkeys(langs[1:], str | None)},
+            "responses.jsonl": {"id": str, "lang": langs, "prompt": str, "response": str, "finished": bool},
+            "pairs.jsonl": {"prompt": str, "chosen": str, "rejected": str, "id": str, "lang": langs, "kind": str,
+                            "other_lang": langs}}[name]
+
+
+def check_shape(where: str, value, shape, key: str = ""):
+    """A reused artifact must hold what lidr wrote there; one edited by hand, cut short or written
+    by another version is one line naming the file and field, not a KeyError a stage later.
+    shape: a dict of required keys and their shapes, a list of allowed values, or a type."""
+    if isinstance(shape, dict):
+        for name, inner in shape.items():
+            if not isinstance(value, dict) or name not in value:
+                raise LidrError(f"{where}: '{key + name}' is missing; move the file away to have that stage redone")
+            check_shape(where, value[name], inner, f"{key}{name}.")
+    elif not (value in shape if isinstance(shape, list) else isinstance(value, shape)):
+        raise LidrError(f"{where}: '{key.rstrip('.')}' is {value!r:.40}, not what lidr writes there; "
+                        f"move the file away to have that stage redone")
 
 
 def stage_seed(seed: int, path: Path) -> int:
@@ -1505,8 +1553,12 @@ def stage_seed(seed: int, path: Path) -> int:
 def save_model(model, tokenizer, path: Path):
     temp = temp_path(path)
     shutil.rmtree(temp, ignore_errors=True)  # left by a dead process that had our pid
-    model.save_pretrained(temp)
-    tokenizer.save_pretrained(temp)
+    try:
+        model.save_pretrained(temp)
+        tokenizer.save_pretrained(temp)
+    except BaseException:  # a full disk: leave no partial model taking the space that is left
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
     os.replace(temp, path)
 
 
@@ -1646,16 +1698,16 @@ def lidr_iteration(model, tokenizer, prompts: list[dict], languages: dict[str, s
     langs = list(languages)
     prompts, prompts_too_long = drop_untrainable_prompts(prompts, tokenizer, languages, settings)
     prompt_translations = stage(folder / "prompt_translations.jsonl", lambda: translate(
-        model, tokenizer, prompt_translation_requests(prompts, langs), languages, settings, "translating prompts"), settings.seed)
+        model, tokenizer, prompt_translation_requests(prompts, langs), languages, settings, "translating prompts"), settings)
     prompts = stage(folder / "prompts.jsonl", lambda: fill_prompts(prompts, prompt_translations, langs),
-                    settings.seed)
+                    settings)
     responses = stage(folder / "responses.jsonl", lambda: sample_responses(model, tokenizer, prompts, languages,
-                                                                           settings), settings.seed)
+                                                                           settings), settings)
     translations = stage(folder / "translations.jsonl", lambda: translate(
         model, tokenizer, translation_requests(prompts, responses, langs, settings.pairing, settings.recipe),
-        languages, settings, "self-translating"), settings.seed)
+        languages, settings, "self-translating"), settings)
     built, counts = build_pairs(prompts, responses, translations, langs, settings.pairing, settings.recipe)
-    pairs = stage(folder / "pairs.jsonl", lambda: built, settings.seed)  # train on exactly what the folder holds
+    pairs = stage(folder / "pairs.jsonl", lambda: built, settings)  # train on exactly what the folder holds
     failures = failed_translations_into(prompt_translations + translations, langs)
     trained = train_on_pairs(model, tokenizer, pairs, settings, folder / "train_log.jsonl")
     return {"counts": counts, "translation_failures": failures, "prompts_too_long": prompts_too_long,
@@ -1667,7 +1719,10 @@ def evaluate_once(model, tokenizer, problems: dict, settings: Settings, out: Pat
     `model` is M_t, so that a missing evaluation can be redone."""
     folder = out / f"iter_{t}"
     if (folder / "eval.json").exists():
-        return read_json(folder / "eval.json")
+        results = read_json(folder / "eval.json")
+        check_shape(str(folder / "eval.json"), results, {benchmark: dict.fromkeys(by_lang, dict)
+                                                         for benchmark, by_lang in problems.items()})
+        return results
     if not in_memory:
         raise LidrError(f"{folder / 'eval.json'} is missing and M{t} is not the model being resumed; "
                         f"to redo it, move the later iter_* folders out of {out}")
@@ -1694,8 +1749,10 @@ def run(settings: Settings, command: list[str]):
                      for name, records in (("prompts", all_prompts), ("evaluation problems", problems))}
     check_resumable(out, settings, inputs_sha256)
     nearest = next(folder for folder in (out, *out.parents) if folder.exists())
-    if not nearest.is_dir() or not os.access(nearest, os.W_OK):  # before minutes of work, not after
-        raise LidrError(f"--out {out}: cannot write into {nearest}")
+    try:  # before minutes of work, not after; a real file, as permissions don't tell (/proc, a full disk)
+        tempfile.TemporaryFile(dir=nearest).close()
+    except OSError as error:
+        raise LidrError(f"--out {out}: cannot write into {nearest} ({error.strerror or error})") from None
     toy_inputs_only = (settings.prompts == "toy" and not settings.system_prompt
                        and set(settings.eval.split(",")) <= {"", "toy"}
                        and not any(getattr(settings, name) for name in TEMPLATES))
@@ -1724,7 +1781,12 @@ def run(settings: Settings, command: list[str]):
         folder = out / f"iter_{t}"
         if t in finished:
             tqdm.write(f"reusing {folder}")
-            history.append(read_json(folder / "metrics.json"))
+            metrics = read_json(folder / "metrics.json")
+            check_shape(str(folder / "metrics.json"), metrics, {
+                "counts": dict.fromkeys(langs, {"pairs": int}), "translation_failures": dict.fromkeys(langs, int),
+                "train": dict | None})
+            check_shape(str(folder / "metrics.json"), metrics["train"] or {"per_lang": {}}, {"per_lang": dict}, "train.")
+            history.append(metrics)
             if problems:  # a run stopped between saving M_t and evaluating it: M_t is the model loaded
                 evaluations.append(evaluate_once(model, tokenizer, problems, settings, out, t, t == finished[-1]))
             continue
@@ -2088,8 +2150,12 @@ def toy_model(root: Path, seed: int, langs) -> Path:
     # Progress is saved every TOY_PROGRESS_STEPS steps: an interrupted pre-training goes on from there,
     # to the same M0 as an uninterrupted one (model, optimizer, schedule and batch order restored).
     progress, start = root / f".{folder.name}.progress.pt", 0
-    if progress.exists():
-        saved = torch.load(progress, weights_only=False)
+    try:
+        saved = torch.load(progress, weights_only=False) if progress.exists() else None
+    except Exception as error:  # a cache only: start over
+        tqdm.write(f"warning: {progress} is unreadable ({first_line(error)}); pre-training from the start")
+        saved = None
+    if saved:
         for part, state in ((model, "model"), (optimizer, "optimizer"), (schedule, "schedule")):
             part.load_state_dict(saved[state])
         rng.setstate(saved["rng"])
@@ -2099,8 +2165,12 @@ def toy_model(root: Path, seed: int, langs) -> Path:
     for step in bar:
         if step > start and step % TOY_PROGRESS_STEPS == 0:
             root.mkdir(parents=True, exist_ok=True)
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                        "schedule": schedule.state_dict(), "rng": rng.getstate()}, temp_path(progress))
+            try:
+                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                            "schedule": schedule.state_dict(), "rng": rng.getstate()}, temp_path(progress))
+            except RuntimeError as error:  # how torch's writer reports a full disk
+                temp_path(progress).unlink(missing_ok=True)
+                raise OSError(None, f"{first_line(error)} (a full disk?)", str(progress)) from None
             os.replace(temp_path(progress), progress)
         input_ids, attention_mask, labels = collate(rng.choices(sequences, k=batch_size), tokenizer.pad_token_id)
         logps, lengths = sequence_logps(model, input_ids, attention_mask, labels)

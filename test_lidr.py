@@ -675,14 +675,26 @@ def test_round_stochastically_is_exact_on_bf16_values_and_unbiased():
     assert rounded.mean().item() == pytest.approx(1.0 + 2 ** -9, abs=2e-5)
 
 
-def test_generation_batches_respect_count_and_token_budget():
+def test_generation_batches_respect_count_and_memory():
     lengths = [50, 10, 30, 20, 40, 10]
-    batches = lidr.generation_batches(lengths, max_new_tokens=10, max_batch_size=3, token_budget=100)
+    fits = lambda sequences, prompt_len: sequences * (prompt_len + 10) <= 100
+    batches = lidr.generation_batches(lengths, max_batch_size=3, fits=fits)
     assert sorted(i for batch in batches for i in batch) == list(range(6))
     for batch in batches:
-        assert len(batch) <= 3 and len(batch) * (max(lengths[i] for i in batch) + 10) <= 100
+        assert len(batch) <= 3 and fits(len(batch), max(lengths[i] for i in batch))
     assert [lengths[i] for i in batches[0]] == [10, 10, 20], "shortest prompts first"
-    assert lidr.generation_batches([500], 10, 8, token_budget=100) == [[0]], "a prompt too long alone still runs"
+    assert lidr.generation_batches([500], 8, fits) == [[0]], "a prompt too long alone still runs"
+
+
+def test_generation_memory_counts_the_prefill_not_only_the_kv_cache():
+    config = LLAMA3_8B
+    kv_per_token = 2 * 32 * 8 * 128 * 2  # keys and values, 32 layers, 8 KV heads of 128, bf16
+    short, long = (lidr.generation_memory(config, 2, 1, n, 0) for n in (100, 2000))
+    assert long - short > 1900 * kv_per_token * 1.5, "a long prompt's prefill costs more than its cache"
+    assert lidr.generation_memory(config, 2, 8, 2000, 0) == 8 * long
+    config = transformers.LlamaConfig(**{**LLAMA3_8B.to_dict(), "attn_implementation": "eager"})
+    assert lidr.generation_memory(config, 2, 1, 2000, 0) - long == 2000 * 32 * 2000 * 2 * 4, \
+        "eager attention also holds the scores and their float32 softmax"
 
 
 LLAMA3_8B = transformers.LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
@@ -1300,24 +1312,32 @@ def test_an_interrupted_toy_pretraining_goes_on_to_the_same_m0(tmp_path, monkeyp
     assert [p.name for p in (tmp_path / "killed").iterdir()] == [whole.name], "progress removed once M0 is in place"
 
 
-@pytest.mark.parametrize("kill_after", ["iter_1/responses.jsonl", "iter_1/model"])
-def test_a_run_killed_at_a_stage_boundary_resumes_to_the_uninterrupted_result(steered_run, tmp_path, kill_after):
-    """SIGKILL (no chance to clean up) right after a stage's artifact appears, then the same command."""
-    whole, model_path, _ = steered_run
+KILL_POINTS = ["iter_1/prompt_translations.jsonl", "iter_1/prompts.jsonl", "iter_1/responses.jsonl",
+               "iter_1/translations.jsonl", "iter_1/pairs.jsonl", "iter_1/model", "iter_1/eval.json",
+               "iter_2/responses.jsonl", "iter_2/model"]
+
+
+def test_a_run_killed_at_every_stage_boundary_resumes_to_the_uninterrupted_result(steered_run, tmp_path):
+    """SIGKILL (no chance to clean up) right after each stage's artifact appears, then the same command,
+    killed again at the next boundary, and so on; sampling at --temperature 1.0."""
+    _, model_path, _ = steered_run
     shutil.copy(model_path.parent / "prompts.jsonl", tmp_path / "prompts.jsonl")
-    argv = [sys.executable, str(ROOT / "lidr.py"), *STEERED_RUN, "--model", str(model_path), "--out", "run"]
-    process = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (tmp_path / "run" / kill_after).exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    process.kill()
-    assert process.wait() == -signal.SIGKILL, "the run ended before it could be killed"
-    assert not (tmp_path / "run" / "iter_2" / "model").exists()
-    run_lidr(*argv[2:], cwd=tmp_path)
-    for artifact in ("iter_1/pairs.jsonl", "iter_2/pairs.jsonl", "iter_2/eval.json", "summary.txt"):
-        assert (tmp_path / "run" / artifact).read_text() == (whole / artifact).read_text(), artifact
-    weights = [AutoModelForCausalLM.from_pretrained(run / "iter_2" / "model").state_dict()
-               for run in (whole, tmp_path / "run")]
+    argv = [*STEERED_RUN, "--model", str(model_path), "--temperature", "1.0"]
+    run_lidr(*argv, "--out", "whole", cwd=tmp_path)
+    command = [sys.executable, str(ROOT / "lidr.py"), *argv, "--out", "killed"]
+    for kill_after in KILL_POINTS:
+        process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while not (tmp_path / "killed" / kill_after).exists() and process.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        process.kill()
+        assert process.wait() == -signal.SIGKILL, f"the run ended before it could be killed after {kill_after}"
+    run_lidr(*argv, "--out", "killed", cwd=tmp_path)
+    for artifact in ("iter_1/responses.jsonl", "iter_1/pairs.jsonl", "iter_2/responses.jsonl", "iter_2/pairs.jsonl",
+                     "iter_2/eval_answers.jsonl", "summary.txt"):
+        assert (tmp_path / "killed" / artifact).read_text() == (tmp_path / "whole" / artifact).read_text(), artifact
+    weights = [AutoModelForCausalLM.from_pretrained(tmp_path / run / "iter_2" / "model").state_dict()
+               for run in ("whole", "killed")]
     assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
 
 
@@ -1338,6 +1358,8 @@ HOSTILE_INPUTS = [  # found by fuzzing the command line and the input files; eac
     (["--prompt-template", "{spec}"], "a placeholder with a format spec or conversion"),
     (["--model", "{t5}"], "its config makes no causal language model"),
     (["--out", "{listtemplates}"], "its settings.json is not a lidr run's"),
+    (["--out", "/proc/lidr-run"], "--out /proc/lidr-run: cannot write into /proc"),
+    (["--eval", "alpaca", "--alpaca", "{halflayout}"], "--alpaca: {halflayout}/es.jsonl not found"),
 ]
 
 
@@ -1353,21 +1375,35 @@ def test_hostile_input_is_one_line_exit_2(tmp_path, capsys, argv, message):
              "spec": write(tmp_path / "spec.txt", "{question:{language}}"),
              "listtemplates": str(Path(write(tmp_path / "listrun" / "settings.json", json.dumps(
                  {"settings": {"model": "tiny", "max_new_tokens": 48}, "templates": []}))).parent),
-             "t5": str(tmp_path / "t5")}
+             "t5": str(tmp_path / "t5"),
+             "halflayout": str(Path(write(tmp_path / "half" / "en.jsonl", '{"id": 1, "instruction": "hi"}\n')).parent)}
     transformers.T5Config(d_model=8, d_ff=8, num_layers=1, num_heads=1, vocab_size=16).save_pretrained(files["t5"])
-    refused_in_one_line(tmp_path, capsys, [a.format(**files) for a in argv], message)
+    refused_in_one_line(tmp_path, capsys, [a.format(**files) for a in argv], message.format(**files))
 
 
-def test_a_damaged_artifact_in_a_run_folder_is_one_line(steered_run, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("artifact, content, message", [
+    ("iter_1/metrics.json", "{garbage", "run/iter_1/metrics.json is damaged (not valid JSON); move it away"),
+    ("iter_1/metrics.json", "{}", "run/iter_1/metrics.json: 'counts' is missing; move the file away"),
+    ("iter_1/eval.json", '{"alpaca": {"en": {}}}', "run/iter_1/eval.json: 'alpaca.de' is missing"),
+    ("iter_2/prompts.jsonl", '{"id": "a", "translation_task": false}', "run/iter_2/prompts.jsonl:1: 'en' is missing"),
+    ("iter_2/responses.jsonl", '{"id": "a", "lang": "xx", "prompt": "", "response": "", "finished": true}',
+     "run/iter_2/responses.jsonl:1: 'lang' is 'xx', not what lidr writes there"),
+    ("iter_2/pairs.jsonl", "{}", "run/iter_2/pairs.jsonl:1: 'prompt' is missing"),
+])
+def test_a_damaged_artifact_in_a_run_folder_is_one_line(steered_run, tmp_path, monkeypatch, capsys, artifact, content,
+                                                        message):
+    """Not valid JSON, or valid JSON that isn't what lidr wrote there (edited by hand, another version):
+    one line naming the file, line and field, before that file is used."""
     run, model_path, _ = steered_run
     shutil.copytree(run, tmp_path / "run", ignore=shutil.ignore_patterns("run.lock"))
     shutil.copy(model_path.parent / "prompts.jsonl", tmp_path / "prompts.jsonl")
     monkeypatch.chdir(tmp_path)
-    write(tmp_path / "run" / "iter_1" / "metrics.json", "{garbage")
+    if artifact.startswith("iter_2/"):  # iteration 2 unfinished: its stages are read again
+        shutil.rmtree(tmp_path / "run" / "iter_2" / "model")
+    write(tmp_path / "run" / artifact, content + "\n")
     assert lidr.main([*STEERED_RUN, "--model", str(model_path), "--out", "run"]) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert error == f"lidr: error: run/iter_1/metrics.json is damaged (not valid JSON); move it away to have that " \
-                    f"stage redone", error
+    assert error.startswith(f"lidr: error: {message}"), error
 
 
 def test_a_full_disk_during_the_run_is_one_line_naming_the_file(monkeypatch, capsys):
