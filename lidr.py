@@ -499,6 +499,8 @@ def read_translation_tasks(path: Path) -> set[str]:
 def read_prompt_dataset(name: str, prompt_field: str, langs: list[str], flag: str) -> list[dict]:
     """A hub dataset (or a local dataset folder): prompt_field holds the dominant prompt, and
     columns named after language codes hold those languages."""
+    if Path(name).exists():  # a local folder reads in moments: no progress bars printed before a possible error
+        datasets.disable_progress_bars()
     try:
         table = datasets.load_dataset(name, split="train")
     except Exception as error:

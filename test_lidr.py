@@ -1358,6 +1358,7 @@ HOSTILE_INPUTS = [  # found by fuzzing the command line and the input files; eac
     (["--prompt-template", "{spec}"], "a placeholder with a format spec or conversion"),
     (["--model", "{t5}"], "its config makes no causal language model"),
     (["--out", "{listtemplates}"], "its settings.json is not a lidr run's"),
+    (["--prompts", "{textfolder}"], "--prompts: dataset '{textfolder}' has no column 'instruction'"),
     (["--out", "/proc/lidr-run"], "--out /proc/lidr-run: cannot write into /proc"),
     (["--eval", "alpaca", "--alpaca", "{halflayout}"], "--alpaca: {halflayout}/es.jsonl not found"),
 ]
@@ -1376,6 +1377,7 @@ def test_hostile_input_is_one_line_exit_2(tmp_path, capsys, argv, message):
              "listtemplates": str(Path(write(tmp_path / "listrun" / "settings.json", json.dumps(
                  {"settings": {"model": "tiny", "max_new_tokens": 48}, "templates": []}))).parent),
              "t5": str(tmp_path / "t5"),
+             "textfolder": str(Path(write(tmp_path / "text" / "notes.txt", "hello\n")).parent),
              "halflayout": str(Path(write(tmp_path / "half" / "en.jsonl", '{"id": 1, "instruction": "hi"}\n')).parent)}
     transformers.T5Config(d_model=8, d_ff=8, num_layers=1, num_heads=1, vocab_size=16).save_pretrained(files["t5"])
     refused_in_one_line(tmp_path, capsys, [a.format(**files) for a in argv], message.format(**files))
