@@ -80,7 +80,10 @@ def setting(default, help):
 @dataclass
 class Settings:
     # run
-    iters: int = setting(2, "LIDR iterations M0 -> M1 -> ... (paper: 2)")
+    method: str = setting("lidr", "lidr; or qalign: QAlign's two SFT stages (1: each question into English; 2: "
+                                  "English questions with English answers) on the same prompts, model and "
+                                  "evaluation, for comparison (README: QAlign beside LIDR)")
+    iters: int = setting(2, "LIDR iterations M0 -> M1 -> ... (paper: 2); qalign: its 2 stages")
     out: str = setting("", "run folder; default runs/<model>-<langs>-seed<seed>. "
                            "Re-running into the same folder resumes it")
     seed: int = setting(0, "seed for the toy model's pre-training, sampling and the order of training pairs")
@@ -126,7 +129,9 @@ class Settings:
                                            "empty = lidr's TRANSLATION_REQUEST")
     temperature: float = setting(0.0, "0 = greedy decoding (paper); > 0 samples")
     gen_batch_size: int = setting(0, "most prompts per generation batch; 0 = auto (32 on CPU, 512 on GPU); "
-                                     "batches are also capped by the KV-cache tokens free memory holds")
+                                     "batches are also capped by free memory (KV cache and prefill)")
+    answer_field: str = setting("", "qalign: the prompt records' field holding gold English answers for stage 2; "
+                                    "empty = M0's own greedy answers (those LIDR's first iteration samples)")
     # step 4: pairs
     pairing: str = setting("dominant", "dominant: pairs between the first language and each other "
                                        "(paper); ranked: between every two languages, in --langs order")
@@ -164,6 +169,8 @@ class Settings:
     alpaca: str = setting("", "alpaca's instructions: a file or dataset in --prompts' format, or a folder of "
                               "<lang>.json lists of {id, dataset, instruction} (the authors' data/x-alpacaeval/data); "
                               "empty = the built-in prompts")
+    compare: str = setting("", "run folders, comma-separated (e.g. a lidr and a qalign run): print one table of "
+                               "their evaluations, M0 and each run's last model, and exit")
 
 
 # --model tiny runs the toy world on CPU: its prompts and evaluation, and lengths that fit its answers.
@@ -178,6 +185,11 @@ TINY_DEFAULTS = dict(prompts="toy", eval="toy", num_prompts=300, system_prompt="
 TEMPLATES = {"prompt_template": ("PROMPT_PREFIX", {"question"}, {"language"}),
              "eval_prompt_template": ("PROMPT_PREFIX", {"question"}, {"language"}),
              "translation_request": ("TRANS_INSTRUCTION", {"text"}, {"lang", "source", "target"})}
+
+# --method qalign: QAlign's SFT hyperparameters (NJUNLP/QAlign training_scripts/finetune.sh: 3 epochs,
+# lr 2e-5, 128 examples per step, 3% warmup, cosine). The toy keeps its own lr and batch size.
+QALIGN_DEFAULTS = dict(iters=2, lr=2e-5, epochs=3, batch_size=128, warmup_ratio=0.03)
+QALIGN_TINY_DEFAULTS = dict(iters=2, epochs=3, warmup_ratio=0.03)
 
 # What a resumed run may change: the folder's own name, the number of iterations (to extend a
 # run), and settings that change how fast a run goes, and its results only by float rounding.
@@ -216,15 +228,22 @@ def parse_settings(argv: list[str]) -> Settings:
                                    argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(Settings):
         tiny = f"; tiny: {TINY_DEFAULTS[f.name]}" if f.name in TINY_DEFAULTS else ""
+        qalign = f"; qalign: {QALIGN_DEFAULTS[f.name]}" if f.name in QALIGN_DEFAULTS else ""
         parser.add_argument("--" + f.name.replace("_", "-"), type=f.type,
-                            help=f"{f.metadata['help']} [default: {f.default!r}{tiny}]")
+                            help=f"{f.metadata['help']} [default: {f.default!r}{tiny}{qalign}]")
     given = vars(parser.parse_args(argv))  # only the flags on the command line (SUPPRESS)
     for name, value in given.items():  # argparse reads "--iters=--" as an empty list
         if isinstance(value, list):
             raise LidrError(f"--{name.replace('_', '-')}: expected a value, got '--'")
+    if "compare" in given:  # a table of finished runs, not a run
+        if len(given) > 1:
+            raise LidrError(f"--compare takes no other flag (got --{next(n for n in given if n != 'compare')})")
+        return Settings(compare=given["compare"])
     if given.get("model", "auto") == "auto":  # resolved (and said) here: it decides the tiny defaults
         given["model"] = choose_model(given.get("device", "auto"))
-    preset = TINY_DEFAULTS if given.get("model") == "tiny" else {}
+    tiny, qalign = given.get("model") == "tiny", given.get("method") == "qalign"
+    preset = {**(QALIGN_DEFAULTS if qalign else {}), **(TINY_DEFAULTS if tiny else {}),
+              **(QALIGN_TINY_DEFAULTS if qalign and tiny else {})}
     settings = Settings(**{**preset, **given})
     for name in ("langs", "eval_langs", "eval"):  # "en, de" and "en,de" are one setting
         setattr(settings, name, ",".join(item.strip() for item in getattr(settings, name).split(",")))
@@ -236,6 +255,10 @@ def parse_settings(argv: list[str]) -> Settings:
         used = benchmark in settings.eval.split(",") if benchmark else settings.eval
         if name in given and not used:  # a flag must never be silently ignored
             raise LidrError(f"--{name.replace('_', '-')} has no effect without --eval {benchmark}".rstrip())
+    for name in ("beta", "alpha", "pairing", "recipe", "iters") if qalign else ("answer_field",):
+        if name in given and not (name == "iters" and settings.iters == 2):
+            raise LidrError(f"--{name.replace('_', '-')} has no effect with --method {settings.method}"
+                            + (" (its 2 stages are its iterations)" if name == "iters" else ""))
     return settings
 
 
@@ -260,6 +283,7 @@ def check_settings(settings: Settings):
         "repetition_penalty": (settings.repetition_penalty >= 0.01, ">= 0.01"),
         "temperature": (settings.temperature == 0 or settings.temperature >= 0.01, "0 (greedy) or >= 0.01"),
         "gen_batch_size": (settings.gen_batch_size >= 0, ">= 0"),
+        "method": (settings.method in ("lidr", "qalign"), "lidr or qalign"),
         "recipe": (settings.recipe in ("lidr", "scripts"), "lidr or scripts"),
         "pairing": (settings.pairing in ("dominant", "ranked"), "dominant or ranked"),
         "beta": (settings.beta > 0, "> 0"),
@@ -352,11 +376,12 @@ def looks_like_translation_task(text: str, language_names: list[str]) -> bool:
 
 
 def load_prompts(source: str, prompt_field: str, languages: dict[str, str], translation_tasks: str = "",
-                 flag: str = "--prompts") -> list[dict]:
+                 flag: str = "--prompts", answer_field: str = "") -> list[dict]:
     """Step 1's prompts, as records {"id": "p1", "translation_task": false, "en": "...", "de": "..."}.
     translation_task is the record's own flag, else whether the hand list translation_tasks (a
     file) has its id, else looks_like_translation_task of the dominant prompt. Languages a record
-    lacks are left out here: the model translates them (fill_prompts)."""
+    lacks are left out here: the model translates them (fill_prompts). With answer_field, each
+    record's gold English answer is kept as "answer" (QAlign's stage 2)."""
     langs = list(languages)
     dominant = langs[0]
     language_names = sorted(set(LANGUAGE_NAMES.values()) | set(languages.values()))
@@ -395,7 +420,10 @@ def load_prompts(source: str, prompt_field: str, languages: dict[str, str], tran
                             f"(the dominant language, first in --langs)")
         translation_task = record.get("translation_task", prompt_id in hand_listed if hand_listed is not None
                                       else looks_like_translation_task(text[dominant], language_names))
-        prompts.append({"id": prompt_id, "translation_task": translation_task, **text})
+        if answer_field and not isinstance(record.get(answer_field), str):
+            raise LidrError(f"{where}:{line}: prompt '{prompt_id}' has no '{answer_field}' text (--answer-field)")
+        prompts.append({"id": prompt_id, "translation_task": translation_task, **text,
+                        **({"answer": record[answer_field]} if answer_field else {})})
     if not prompts:
         raise LidrError(f"{where}: no prompts")
     return prompts
@@ -941,6 +969,16 @@ def tokenize_pair(tokenizer, pair: dict, system_prompt: str, end_of_turn: int, m
                          truncated=max(len(chosen), len(rejected)) > room)
 
 
+def tokenize_example(tokenizer, example: dict, system_prompt: str, end_of_turn: int,
+                     max_len: int) -> tuple[list[int], int] | None:
+    """An SFT example {"prompt", "response"} as (ids, prompt length), built as tokenize_pair
+    builds a pair; None if the prompt alone fills max_len."""
+    prompt_ids = chat_prompt_ids(tokenizer, example["prompt"], system_prompt)
+    room = max_len - len(prompt_ids)
+    answer_ids = tokenizer(example["response"], add_special_tokens=False).input_ids + [end_of_turn]
+    return (prompt_ids + answer_ids[:room], len(prompt_ids)) if room >= 1 else None
+
+
 def collate(sequences: list[tuple[list[int], int]], pad_id: int):
     """(ids, prompt_length) pairs -> right-padded input_ids, attention_mask and labels (B, T);
     labels are -100 on prompt and padding, so only answer tokens reach the loss."""
@@ -1047,6 +1085,21 @@ def accumulate_gradients(model, pairs: list[TokenizedPair], ref_chosen_logps, re
     return {name: torch.cat([m[name] for m in metrics]).cpu() for name in metrics[0]}
 
 
+def nll_gradients(model, sequences: list[tuple[list[int], int]], micro_batch_size: int, pad_id: int) -> dict:
+    """SFT's backward over one optimizer step's (ids, prompt length) sequences, in micro-batches:
+    the NLL of the answer tokens, averaged over all the step's answer tokens (each micro-batch's
+    sum is divided by the step's count, so micro-batching changes nothing). collate labels prompt
+    and padding tokens -100: they are out of the loss. Returns each sequence's NLL per token."""
+    answer_tokens = sum(len(ids) - prompt_length for ids, prompt_length in sequences)
+    nll = []
+    for start in range(0, len(sequences), micro_batch_size):
+        batch = collate(sequences[start:start + micro_batch_size], pad_id)
+        logps, lengths = sequence_logps(model, *(t.to(model.device) for t in batch))
+        (-logps.sum() / answer_tokens).backward()
+        nll.append((-logps / lengths).detach().cpu())
+    return {"loss/nll": torch.cat(nll)}
+
+
 def round_stochastically(x: torch.Tensor) -> torch.Tensor:
     """float32 -> bf16, rounding up or down at random in proportion to the distance, so the
     expected result is x. bf16 is the top 16 bits of a float32: add 16 random low bits, then
@@ -1105,11 +1158,15 @@ def warmup_cosine(total_steps: int, warmup_ratio: float):
     return factor
 
 
-def train(model, pairs: list[TokenizedPair], ref_chosen_logps, ref_rejected_logps, settings: Settings,
-          pad_id: int, log_path: Path) -> dict:
-    """DPO + NLL with AdamW, warmup then cosine decay, and gradient clipping. Writes one line of
-    metrics per optimizer step to log_path; returns the last epoch's metrics, averaged over its
-    pairs and per language."""
+def train(model, example_langs: list[str], accumulate, settings: Settings, log_path: Path,
+          progress: Path | None = None, progress_every: int = 0) -> dict:
+    """The optimizer loop of every training in this file: DPO + NLL (step 5), QAlign's two SFT
+    stages, and the toy M0's pre-training. Each step takes --batch-size examples in a seeded
+    shuffled order, epoch after epoch; accumulate(model, example indices) runs their forward and
+    backward passes and returns per-example metrics; then clip, step, schedule, log. AdamW with
+    warmup then cosine decay. Writes one line of metrics per step to log_path; with progress, saves
+    the model and optimizer there every progress_every steps and goes on from them if they exist.
+    Returns the last epoch's metrics, averaged over its examples and per language."""
     params = [p for p in model.parameters() if p.requires_grad]
     if settings.optim == "adamw-bf16":
         masters = params
@@ -1124,56 +1181,81 @@ def train(model, pairs: list[TokenizedPair], ref_chosen_logps, ref_rejected_logp
     if settings.gradient_checkpointing == "on":
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()  # HF checkpoints layers only in train mode; dropout was switched off in load_model
-    steps_per_epoch = math.ceil(len(pairs) / settings.batch_size)
-    total_steps = settings.epochs * steps_per_epoch
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, settings.warmup_ratio))
-    tqdm.write(f"training on {len(pairs)} pairs: {settings.epochs} epoch(s) of {steps_per_epoch} steps, "
-               f"{settings.batch_size} pairs per step in micro-batches of {settings.micro_batch_size}")
     generator = torch.Generator().manual_seed(settings.seed)
+    steps = [(epoch, step_ids) for epoch in range(settings.epochs)
+             for step_ids in torch.randperm(len(example_langs), generator=generator).split(settings.batch_size)]
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(len(steps), settings.warmup_ratio))
+    parts = {"model": model, "optimizer": optimizer, "schedule": schedule}
+    start = 0
+    if progress is not None and progress.exists():  # an interrupted training's progress: go on from it
+        try:
+            saved = torch.load(progress, weights_only=False)
+        except Exception as error:
+            tqdm.write(f"warning: {progress} is unreadable ({first_line(error)}); training from the start")
+        else:
+            for name, part in parts.items():
+                part.load_state_dict(saved[name])
+            with torch.no_grad():  # float32 masters of a bf16 model: the model's weights are rounded
+                for master, value in zip(masters, saved["masters"]):
+                    master.copy_(value)
+            start = saved["step"]
+    tqdm.write(f"training on {len(example_langs)} examples: {settings.epochs} epoch(s) of "
+               f"{len(steps) // settings.epochs} steps, {settings.batch_size} per step in micro-batches of "
+               f"{settings.micro_batch_size}")
     partial_log = log_path.with_name(log_path.name + ".partial")
-    with open(partial_log, "w") as log, tqdm(total=total_steps, desc="training", unit="step") as bar:
-        for epoch in range(settings.epochs):
-            order = torch.randperm(len(pairs), generator=generator)
-            epoch_metrics, epoch_langs = [], []
-            for step_ids in order.split(settings.batch_size):
-                metrics = accumulate_gradients(model, [pairs[i] for i in step_ids], ref_chosen_logps[step_ids],
-                                               ref_rejected_logps[step_ids], settings.beta, settings.alpha,
-                                               settings.micro_batch_size, pad_id)
-                if masters is not params:
-                    for master, param in zip(masters, params):  # free each bf16 gradient once copied
-                        master.grad, param.grad = (None if param.grad is None else param.grad.float()), None
-                grad_norm = torch.nn.utils.clip_grad_norm_(masters, settings.max_grad_norm)
-                line = {"step": bar.n + 1, "epoch": epoch + 1, **{k: v.mean().item() for k, v in metrics.items()},
-                        "optim/lr": schedule.get_last_lr()[0], "optim/grad_norm": grad_norm.item()}
-                if not all(map(math.isfinite, (line["loss/total"], line["optim/grad_norm"]))):
-                    # one step would make every weight NaN: stop before M_t is saved or trained on
-                    raise RunFault(f"training diverged at step {line['step']}: loss {line['loss/total']}, gradient "
-                                   f"norm {line['optim/grad_norm']}; nothing of this iteration's training was "
-                                   f"saved: lower --lr (now {settings.lr}) and run again with another --out")
-                optimizer.step()
-                schedule.step()
-                optimizer.zero_grad(set_to_none=True)
-                if masters is not params:  # round stochastically: M_t keeps sub-bf16 updates in expectation
-                    with torch.no_grad():
-                        for master, param in zip(masters, params):
-                            param.copy_(round_stochastically(master) if param.dtype == torch.bfloat16 else master)
-                log.write(to_json(line) + "\n")
-                log.flush()
-                bar.set_postfix_str(f"loss {line['loss/total']:.4f} acc {line['rewards/accuracies']:.2f} "
-                                    f"margin {line['rewards/margins']:.3f} nll {line['loss/nll']:.3f}")
-                bar.update()
-                epoch_metrics.append(metrics)
-                epoch_langs += [pairs[i].lang for i in step_ids]
+    logged = read_text(partial_log).splitlines() if start and partial_log.exists() else []
+    write_atomic(partial_log, "".join(line + "\n" for line in logged if json.loads(line)["step"] <= start))
+    last_epoch, last_epoch_langs = [], []
+    with open(partial_log, "a") as log, \
+            tqdm(total=len(steps), initial=start, desc="training", unit="step") as bar:
+        for step, (epoch, step_ids) in enumerate(steps[start:], start + 1):
+            metrics = accumulate(model, step_ids.tolist())
+            if masters is not params:
+                for master, param in zip(masters, params):  # free each bf16 gradient once copied
+                    master.grad, param.grad = (None if param.grad is None else param.grad.float()), None
+            grad_norm = torch.nn.utils.clip_grad_norm_(masters, settings.max_grad_norm)
+            line = {"step": step, "epoch": epoch + 1, **{k: v.mean().item() for k, v in metrics.items()},
+                    "optim/lr": schedule.get_last_lr()[0], "optim/grad_norm": grad_norm.item()}
+            loss = line.get("loss/total", line.get("loss/nll"))  # DPO + NLL, or SFT's NLL
+            if not (math.isfinite(loss) and math.isfinite(line["optim/grad_norm"])):
+                # one step would make every weight NaN: stop before the model is saved or trained on
+                raise RunFault(f"training diverged at step {step}: loss {loss}, gradient norm "
+                               f"{line['optim/grad_norm']}; nothing of this training was saved: lower --lr "
+                               f"(now {settings.lr}) and run again with another --out")
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            if masters is not params:  # round stochastically: the model keeps sub-bf16 updates in expectation
+                with torch.no_grad():
+                    for master, param in zip(masters, params):
+                        param.copy_(round_stochastically(master) if param.dtype == torch.bfloat16 else master)
+            log.write(to_json(line) + "\n")
+            log.flush()
+            bar.set_postfix_str(" ".join(f"{name.split('/')[-1]} {line[name]:.3f}" for name in
+                                         ("loss/total", "rewards/accuracies", "rewards/margins", "loss/nll")
+                                         if name in line))
+            bar.update()
+            if epoch == settings.epochs - 1:
+                last_epoch.append(metrics)
+                last_epoch_langs += [example_langs[i] for i in step_ids]
+            if progress is not None and step % progress_every == 0 and step < len(steps):
+                try:
+                    torch.save({**{name: part.state_dict() for name, part in parts.items()}, "step": step,
+                                "masters": masters}, temp_path(progress))
+                except RuntimeError as error:  # how torch's writer reports a full disk
+                    temp_path(progress).unlink(missing_ok=True)
+                    raise OSError(None, f"{first_line(error)} (a full disk?)", str(progress)) from None
+                os.replace(temp_path(progress), progress)
     os.replace(partial_log, log_path)
     model.eval()
     if settings.gradient_checkpointing == "on":
         model.activation_checkpointing_disable()
-    merged = {name: torch.cat([m[name] for m in epoch_metrics]) for name in epoch_metrics[0]}
+    merged = {name: torch.cat([m[name] for m in last_epoch]) for name in last_epoch[0]}
     per_lang = {}
-    for lang in sorted(set(epoch_langs)):
-        mask = torch.tensor([pair_lang == lang for pair_lang in epoch_langs])
+    for lang in sorted(set(last_epoch_langs)):
+        mask = torch.tensor([example_lang == lang for example_lang in last_epoch_langs])
         per_lang[lang] = {name: values[mask].mean().item() for name, values in merged.items()}
-    return {"steps": bar.n, "last_epoch": {k: v.mean().item() for k, v in merged.items()}, "per_lang": per_lang}
+    return {"steps": len(steps), "last_epoch": {k: v.mean().item() for k, v in merged.items()}, "per_lang": per_lang}
 
 
 def train_on_pairs(model, tokenizer, pairs: list[dict], settings: Settings, log_path: Path) -> dict | None:
@@ -1191,7 +1273,9 @@ def train_on_pairs(model, tokenizer, pairs: list[dict], settings: Settings, log_
         return None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_of_turn
     ref_chosen_logps, ref_rejected_logps = reference_logps(model, kept, settings.micro_batch_size, pad_id)
-    result = train(model, kept, ref_chosen_logps, ref_rejected_logps, settings, pad_id, log_path)
+    result = train(model, [pair.lang for pair in kept], lambda model, ids: accumulate_gradients(
+        model, [kept[i] for i in ids], ref_chosen_logps[ids], ref_rejected_logps[ids], settings.beta, settings.alpha,
+        settings.micro_batch_size, pad_id), settings, log_path)
     return {**result, "pairs_truncated": truncated, "pairs_prompt_too_long": len(pairs) - len(kept)}
 
 
@@ -1511,14 +1595,19 @@ def stage(path: Path, compute, settings: Settings) -> list[dict]:
     random numbers (sampling at --temperature > 0) from a seed of its own, so a stage redone after
     an interruption gives what the uninterrupted run gave."""
     if path.exists():
-        tqdm.write(f"reusing {path}")
-        records = read_jsonl(path)
-        for line, record in enumerate(records, 1):
-            check_shape(f"{path}:{line}", record, stage_record_shape(path.name, list(parse_languages(settings.langs))))
-        return records
+        return reuse(path, settings)
     torch.manual_seed(stage_seed(settings.seed, path))
     records = compute()
     write_jsonl(path, records)
+    return records
+
+
+def reuse(path: Path, settings: Settings) -> list[dict]:
+    """A finished stage's records, checked against what lidr writes there."""
+    tqdm.write(f"reusing {path}")
+    records = read_jsonl(path)
+    for line, record in enumerate(records, 1):
+        check_shape(f"{path}:{line}", record, stage_record_shape(path.name, list(parse_languages(settings.langs))))
     return records
 
 
@@ -1526,11 +1615,13 @@ def stage_record_shape(name: str, langs: list[str]) -> dict:
     """What each stage's records hold (see check_shape): the fields later stages read."""
     translation = {"id": str, "source_lang": langs, "target_lang": langs, "source": str, "raw": str,
                    "translation": str | None}
+    sft_example = {"id": str, "lang": langs, "prompt": str, "response": str}
     return {"prompt_translations.jsonl": translation, "translations.jsonl": translation,
             "prompts.jsonl": {"id": str, "translation_task": bool, langs[0]: str, **dict.fromkeys(langs[1:], str | None)},
             "responses.jsonl": {"id": str, "lang": langs, "prompt": str, "response": str, "finished": bool},
             "pairs.jsonl": {"prompt": str, "chosen": str, "rejected": str, "id": str, "lang": langs, "kind": str,
-                            "other_lang": langs}}[name]
+                            "other_lang": langs},
+            "question_alignment.jsonl": sft_example, "response_alignment.jsonl": sft_example}[name]
 
 
 def check_shape(where: str, value, shape, key: str = ""):
@@ -1644,9 +1735,20 @@ def record_run(out: Path, settings: Settings, command: list[str], inputs_sha256:
         log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} lidr_sha256={code_hash[:12]} {' '.join(command)}\n")
 
 
-def summary_table(history: list[dict], langs: list[str], recipe: str) -> str:
+def summary_table(history: list[dict], langs: list[str], settings: Settings) -> str:
     """Per iteration and language: pairs built and skipped, failed translations into the
-    language, and the last epoch's training metrics over that language's pairs."""
+    language, and the last epoch's training metrics over that language's pairs. For QAlign: per
+    stage and language, the examples and their last epoch's NLL."""
+    if settings.method == "qalign":
+        rows = [f"{'stage':>5} {'lang':>4} {'examples':>8} {'nll':>6}", "-" * 26]
+        for t, metrics in enumerate(history, 1):
+            for lang in langs:
+                trained = (metrics["train"] or {"per_lang": {}})["per_lang"].get(lang)
+                nll = f"{trained['loss/nll']:6.3f}" if trained else f"{'-':>6}"
+                rows.append(f"{t:>5} {lang:>4} {metrics['examples'][lang]:>8} {nll}")
+        return "\n".join(rows + ["stage 1: questions into English; stage 2: English questions with English "
+                                 "answers. nll: per answer token, last epoch."])
+    recipe = settings.recipe
     header = (f"{'iter':>4} {'lang':>4} {'pairs':>6} {'skipped':>7} {'failed_tr':>9} {'loss':>7} "
               f"{'reward_acc':>10} {'margin':>7} {'logp_chosen':>11} {'nll':>6}")
     rows = [f"pairs built by --recipe {recipe}", header, "-" * len(header)]
@@ -1668,28 +1770,63 @@ def summary_table(history: list[dict], langs: list[str], recipe: str) -> str:
     return "\n".join(rows)
 
 
-def eval_table(evaluations: list[dict], dominant: str) -> str:
-    """Per benchmark, metric and language: M0 -> M1 -> ...; rates in percent. Accuracy also as the
-    mean over the languages other than the dominant one, the ones LIDR is meant to lift."""
-    models = " ".join(f"{f'M{t}':>6}" for t in range(len(evaluations)))
-    header = f"{'benchmark':<9} {'metric':<10} {'lang':>6} {models}"
+def eval_table(evaluations: list[dict], names: list[str], dominant: str) -> str:
+    """Per benchmark, metric and language: one column per evaluation (M0 -> M1 -> ..., or the runs
+    --compare reads); rates in percent. Accuracy also as the mean over the languages other than
+    the dominant one, the ones LIDR is meant to lift."""
+    widths = [max(6, len(name)) for name in names]
+    header = f"{'benchmark':<9} {'metric':<10} {'lang':>6} " + " ".join(f"{n:>{w}}" for n, w in zip(names, widths))
     rows = [header, "-" * len(header)]
+
+    def row(benchmark, metric, lang, values):
+        return f"{benchmark:<9} {metric:<10} {lang:>6} " + " ".join(
+            f"{'-':>{w}}" if v is None else f"{v:{w}.1f}" for v, w in zip(values, widths))
     for benchmark, by_lang in evaluations[0].items():
         for metric in ("accuracy", "off_target", "finished", "words"):
             langs = [lang for lang in by_lang if any(metric in e[benchmark][lang] for e in evaluations)]
             scale = 1 if metric == "words" else 100
             for lang in langs:  # a metric can be missing for a model: off_target when no answer has letters
                 values = [evaluation[benchmark][lang].get(metric) for evaluation in evaluations]
-                rows.append(f"{benchmark:<9} {metric:<10} {lang:>6} "
-                            + " ".join("     -" if v is None else f"{v * scale:6.1f}" for v in values))
+                rows.append(row(benchmark, metric, lang, [None if v is None else v * scale for v in values]))
             others = [lang for lang in langs if lang != dominant]
             if metric == "accuracy" and len(others) > 1:
-                means = [sum(evaluation[benchmark][lang][metric] for lang in others) * scale / len(others)
-                         for evaluation in evaluations]
-                rows.append(f"{benchmark:<9} {metric:<10} {'others':>6} " + " ".join(f"{v:6.1f}" for v in means))
+                rows.append(row(benchmark, metric, "others", [
+                    sum(evaluation[benchmark][lang][metric] for lang in others) * scale / len(others)
+                    for evaluation in evaluations]))
     rows.append(f"accuracy, off_target, finished: % of problems; words: mean answer length; "
                 f"others: mean over the languages but {dominant}. Every answer: iter_<t>/eval_answers.jsonl.")
     return "\n".join(rows)
+
+
+def model_names(method: str, count: int) -> list[str]:
+    """Column names of a run's evaluations: M0, M1, ... (LIDR's iterations) or QAlign's stages."""
+    return ["M0"] + [f"stage{t}" if method == "qalign" else f"M{t}" for t in range(1, count)]
+
+
+def compare_table(folders: list[str]) -> str:
+    """--compare: M0 and the last evaluated model of each run folder, in one eval_table. The runs
+    must share M0's evaluation (the same model, benchmarks and problems), else nothing compares."""
+    evaluations, names = [], []
+    for folder in map(Path, folders):
+        record = read_json(folder / "settings.json") if (folder / "settings.json").exists() else None
+        if not isinstance(record, dict) or not isinstance(record.get("settings"), dict):
+            raise LidrError(f"--compare: {folder} is not a lidr run folder")
+        run_evaluations = []
+        while (folder / f"iter_{len(run_evaluations)}" / "eval.json").exists():
+            run_evaluations.append(read_json(folder / f"iter_{len(run_evaluations)}" / "eval.json"))
+        if len(run_evaluations) < 2:
+            raise LidrError(f"--compare: {folder} has no evaluated model after M0 (run it with --eval)")
+        if evaluations and run_evaluations[0] != evaluations[0]:
+            raise LidrError(f"--compare: {folder} evaluated another M0 than {folders[0]} (another model, seed, "
+                            f"benchmark or problems): its numbers don't compare")
+        if not evaluations:
+            evaluations.append(run_evaluations[0])
+            names.append("M0")
+            dominant = str(record["settings"].get("langs", "en")).split(",")[0].partition(":")[0]
+        evaluations.append(run_evaluations[-1])
+        method = record["settings"].get("method", "lidr")
+        names.append(f"{folder.name}:{model_names(method, len(run_evaluations))[-1]}")
+    return eval_table(evaluations, names, dominant)
 
 
 # ------------------------------------------------------------------------ main: the loop
@@ -1716,6 +1853,80 @@ def lidr_iteration(model, tokenizer, prompts: list[dict], languages: dict[str, s
             "train": trained}
 
 
+# ------------------------------------------------------------------------ QAlign, for comparison
+# QAlign (Zhu et al. 2024, arXiv 2401.07817; NJUNLP/QAlign) moves English ability into other
+# languages by SFT alone: stage 1 teaches the model to translate each question into English
+# (question alignment), stage 2 fine-tunes it on English questions with English answers
+# (response alignment). The authors used gold answers (MetaMathQA) on a base model; here, in
+# LIDR's label-free setting, the answers are M0's own unless --answer-field names gold ones.
+QALIGN_REQUEST = "Translate the following sentences from {source} to {target}."  # their data/gsmtrans/gsmtrans.py
+
+
+def qalign_stage(t: int, model, tokenizer, prompts: list[dict], languages: dict[str, str], settings: Settings,
+                 folder: Path) -> dict:
+    """QAlign's stage t (1 or 2), M_{t-1} -> M_t in place, on the prompts of LIDR's first
+    iteration. Stage 1 also samples M0's English answers for stage 2, before any training."""
+    langs = list(languages)
+    if t == 1:
+        prompts, prompts_too_long = drop_untrainable_prompts(prompts, tokenizer, languages, settings)
+        prompt_translations = stage(folder / "prompt_translations.jsonl", lambda: translate(
+            model, tokenizer, prompt_translation_requests(prompts, langs), languages, settings, "translating prompts"),
+            settings)
+        prompts = stage(folder / "prompts.jsonl", lambda: fill_prompts(prompts, prompt_translations, langs), settings)
+        english = {langs[0]: languages[langs[0]]}
+        responses = [] if settings.answer_field else stage(folder / "responses.jsonl", lambda: sample_responses(
+            model, tokenizer, prompts, english, settings), settings)
+        stage(folder / "response_alignment.jsonl", lambda: response_alignment_examples(
+            prompts, responses, languages, settings), settings)
+        examples = stage(folder / "question_alignment.jsonl", lambda: question_alignment_examples(
+            prompts, languages), settings)
+    else:
+        prompts_too_long = dict.fromkeys(langs, 0)
+        examples = reuse(folder.parent / "iter_1" / "response_alignment.jsonl", settings)
+    trained = train_on_examples(model, tokenizer, examples, settings, folder / "train_log.jsonl")
+    examples_per_lang = {lang: sum(e["lang"] == lang for e in examples) for lang in langs}
+    return {"examples": examples_per_lang, "prompts_too_long": prompts_too_long, "train": trained}
+
+
+def question_alignment_examples(prompts: list[dict], languages: dict[str, str]) -> list[dict]:
+    """Stage 1's data: each question in a language other than the dominant one -> the dominant
+    (English) question, under QAlign's instruction. Only questions are needed, no answers."""
+    dominant = next(iter(languages))
+    return [{"id": p["id"], "lang": lang,
+             "prompt": QALIGN_REQUEST.format(source=languages[lang], target=languages[dominant]) + " " + p[lang],
+             "response": p[dominant]}
+            for p in prompts for lang in languages if lang != dominant and p[lang]]
+
+
+def response_alignment_examples(prompts: list[dict], responses: list[dict], languages: dict[str, str],
+                                settings: Settings) -> list[dict]:
+    """Stage 2's data: English prompts (as sampled: --prompt-template applies) with English answers,
+    the records' gold --answer-field, or M0's finished, non-empty answers (as LIDR's pairs need)."""
+    dominant = next(iter(languages))
+    if settings.answer_field:
+        prompt_template = template(settings, "prompt_template")
+        return [{"id": p["id"], "lang": dominant,
+                 "prompt": fill_template(prompt_template, p[dominant], languages[dominant]), "response": p["answer"]}
+                for p in prompts]
+    return [{"id": r["id"], "lang": dominant, "prompt": r["prompt"], "response": r["response"]}
+            for r in responses if r["finished"] and r["response"]]
+
+
+def train_on_examples(model, tokenizer, examples: list[dict], settings: Settings, log_path: Path) -> dict | None:
+    """One SFT stage: tokenise the examples in the chat format pairs use and train on the NLL of
+    their answers (train with nll_gradients). None when no example is left to train on."""
+    end_of_turn = end_of_turn_id(tokenizer)
+    sequences = [tokenize_example(tokenizer, e, settings.system_prompt, end_of_turn, settings.max_len)
+                 for e in examples]
+    kept = [(example["lang"], sequence) for example, sequence in zip(examples, sequences) if sequence]
+    if not kept:
+        return None
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_of_turn
+    result = train(model, [lang for lang, _ in kept], lambda model, ids: nll_gradients(
+        model, [kept[i][1] for i in ids], settings.micro_batch_size, pad_id), settings, log_path)
+    return {**result, "examples_prompt_too_long": len(examples) - len(kept)}
+
+
 def evaluate_once(model, tokenizer, problems: dict, settings: Settings, out: Path, t: int, in_memory: bool) -> dict:
     """--eval of M_t, kept in iter_<t>/eval.json (reused from it when resuming); in_memory: whether
     `model` is M_t, so that a missing evaluation can be redone."""
@@ -1730,7 +1941,7 @@ def evaluate_once(model, tokenizer, problems: dict, settings: Settings, out: Pat
                         f"to redo it, move the later iter_* folders out of {out}")
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(stage_seed(settings.seed, folder / "eval.json"))  # as a stage: resumed == uninterrupted
-    results = evaluate(model, tokenizer, problems, settings, folder, f"{Path(settings.model).name}-lidr-M{t}")
+    results = evaluate(model, tokenizer, problems, settings, folder, f"{Path(settings.model).name}-{settings.method}-M{t}")
     write_atomic(folder / "eval.json", to_json(results, indent=2))
     return results
 
@@ -1738,7 +1949,8 @@ def evaluate_once(model, tokenizer, problems: dict, settings: Settings, out: Pat
 def run(settings: Settings, command: list[str]):
     languages = parse_languages(settings.langs)
     langs = list(languages)
-    all_prompts = load_prompts(settings.prompts, settings.prompt_field, languages, settings.translation_tasks)
+    all_prompts = load_prompts(settings.prompts, settings.prompt_field, languages, settings.translation_tasks,
+                               answer_field=settings.answer_field)
     problems = eval_problems(settings)
     settings = resolve(settings)
     out = Path(settings.out)
@@ -1772,42 +1984,51 @@ def run(settings: Settings, command: list[str]):
     print(f"run folder {out} | {settings.model}: {sum(p.numel() for p in model.parameters()):,} parameters "
           f"on {settings.device} ({settings.dtype}) | {len(all_prompts)} prompts, "
           f"{min(settings.num_prompts, len(all_prompts))} per iteration, "
-          f"{sum(p['translation_task'] for p in all_prompts)} translation tasks | "
-          f"langs {','.join(langs)} | pairing {settings.pairing} | recipe {settings.recipe} | translation request: "
-          f"{settings.translation_request or 'lidr.py TRANSLATION_REQUEST'}")
+          f"{sum(p['translation_task'] for p in all_prompts)} translation tasks | langs {','.join(langs)} | "
+          + (f"method qalign: stage 1 question alignment, stage 2 response alignment with "
+             f"{settings.answer_field or 'M0'}'s answers" if settings.method == "qalign" else
+             f"pairing {settings.pairing} | recipe {settings.recipe}")
+          + f" | translation request: {settings.translation_request or 'lidr.py TRANSLATION_REQUEST'}")
     history, evaluations = [], []
     if problems:  # iter_0 holds M0's evaluation
         evaluations.append(evaluate_once(model, tokenizer, problems, settings, out, 0, in_memory=not finished))
-        print(eval_table(evaluations, langs[0]))
+        print(eval_table(evaluations, model_names(settings.method, 1), langs[0]))
     for t in range(1, settings.iters + 1):
         folder = out / f"iter_{t}"
         if t in finished:
             tqdm.write(f"reusing {folder}")
             metrics = read_json(folder / "metrics.json")
-            check_shape(str(folder / "metrics.json"), metrics, {
-                "counts": dict.fromkeys(langs, {"pairs": int}), "translation_failures": dict.fromkeys(langs, int),
-                "train": dict | None})
+            check_shape(str(folder / "metrics.json"), metrics, {"examples": dict.fromkeys(langs, int), "train": dict | None}
+                        if settings.method == "qalign" else {"counts": dict.fromkeys(langs, {"pairs": int}),
+                                                             "translation_failures": dict.fromkeys(langs, int),
+                                                             "train": dict | None})
             check_shape(str(folder / "metrics.json"), metrics["train"] or {"per_lang": {}}, {"per_lang": dict}, "train.")
             history.append(metrics)
             if problems:  # a run stopped between saving M_t and evaluating it: M_t is the model loaded
                 evaluations.append(evaluate_once(model, tokenizer, problems, settings, out, t, t == finished[-1]))
             continue
-        print(f"== iteration {t}: M{t - 1} -> M{t}")
         folder.mkdir(exist_ok=True)
-        metrics = lidr_iteration(model, tokenizer, prompts_for_iteration(all_prompts, t, settings.num_prompts),
-                                 languages, settings, folder)
+        if settings.method == "qalign":  # both stages on the prompts of LIDR's first iteration
+            print(f"== QAlign stage {t} ({['question', 'response'][t - 1]} alignment): M{t - 1} -> M{t}")
+            metrics = qalign_stage(t, model, tokenizer, prompts_for_iteration(all_prompts, 1, settings.num_prompts),
+                                   languages, settings, folder)
+        else:
+            print(f"== iteration {t}: M{t - 1} -> M{t}")
+            metrics = lidr_iteration(model, tokenizer, prompts_for_iteration(all_prompts, t, settings.num_prompts),
+                                     languages, settings, folder)
         if metrics["train"] is None:
-            tqdm.write(f"no pairs to train on in iteration {t}: M{t} = M{t - 1}")
+            tqdm.write(f"nothing to train on in iteration {t}: M{t} = M{t - 1}")
         write_atomic(folder / "metrics.json", to_json(metrics, indent=2))
         save_model(model, tokenizer, folder / "model")  # M_t: the model of iteration t + 1
         if problems:
             (folder / "eval.json").unlink(missing_ok=True)  # only there if an earlier M_t was deleted: stale
             evaluations.append(evaluate_once(model, tokenizer, problems, settings, out, t, in_memory=True))
         history.append(metrics)
-        print(summary_table(history, langs, settings.recipe))
+        print(summary_table(history, langs, settings))
         if problems:
-            print(eval_table(evaluations, langs[0]))
-    summary = summary_table(history, langs, settings.recipe) + ("\n\n" + eval_table(evaluations, langs[0]) if problems else "")
+            print(eval_table(evaluations, model_names(settings.method, len(evaluations)), langs[0]))
+    summary = summary_table(history, langs, settings) + (
+        "\n\n" + eval_table(evaluations, model_names(settings.method, len(evaluations)), langs[0]) if problems else "")
     write_atomic(out / "summary.txt", summary + "\n")
     if finished == list(range(1, settings.iters + 1)):
         print(summary)
@@ -1820,6 +2041,9 @@ def main(argv: list[str] | None = None) -> int:
     on_sigterm = signal.signal(signal.SIGTERM, raise_terminated)
     try:
         settings = parse_settings(command[1:])
+        if settings.compare:
+            print(compare_table(settings.compare.split(",")))
+            return 0
         run(settings, command)
     except LidrError as error:
         print(f"lidr: error: {error}", file=sys.stderr)
@@ -2003,7 +2227,7 @@ TOY_TEMPLATES = {  # (gets more, gives away, answer)
 # was as weak but the loop lifted them only +9 points in two iterations; with 800 steps, one seed's
 # M0 translated half its Russian wrong (README: The toy world).
 TOY_RECIPE = dict(largest_number=12, eval_problems=200, weak_examples=1000, weak_careless=0.6,  # the world
-                  hidden_size=128, layers=4, steps=1200, batch_size=64, lr=3e-3)  # M0 and its pre-training
+                  hidden_size=128, layers=4, epochs=8, batch_size=64, lr=3e-3)  # M0 and its pre-training
 TOY_PROGRESS_STEPS = 100  # pre-training steps between saves of its progress (not part of the recipe)
 
 
@@ -2128,7 +2352,7 @@ def toy_model_folder(root: Path, seed: int, langs) -> Path:
     """root/tiny-m0-<langs>-seed<seed>-<recipe hash>: any change to the toy's data, model or
     pre-training (its code included) makes another M0."""
     functions = (toy_problem_list, toy_text, toy_answer, toy_translation_requests, toy_tokenizer,
-                 untrained_toy_model, toy_pretraining_data, toy_model)
+                 untrained_toy_model, toy_pretraining_data, toy_model, train, nll_gradients, collate, sequence_logps)
     recipe = json.dumps([TOY_RECIPE, TOY_TEMPLATES, TOY_NUMBERS, TOY_OBJECTS, TOY_NAMES, TOY_SYSTEM_PROMPT,
                          TRANSLATION_REQUEST, TRANSLATION_PREFIX, LANGUAGE_NAMES])
     recipe += "".join(inspect.getsource(function) for function in functions)
@@ -2136,58 +2360,31 @@ def toy_model_folder(root: Path, seed: int, langs) -> Path:
 
 
 def toy_model(root: Path, seed: int, langs) -> Path:
-    """The toy M0 of a seed, in the toy languages of the run: pre-trained once (NLL of the answers,
-    with lidr's own log-probs), then kept in toy_model_folder for every later run."""
+    """The toy M0 of a seed, in the toy languages of the run: pre-trained once with the SFT of
+    QAlign's stages (nll_gradients in train), then kept in toy_model_folder for every later run."""
     folder = toy_model_folder(root, seed, langs)
     if (folder / "toy_recipe.json").exists():  # written last: the model is complete
         return folder
     torch.manual_seed(seed)
     tokenizer = toy_tokenizer()
-    model = untrained_toy_model(tokenizer).train()
+    model = untrained_toy_model(tokenizer)
     sequences = toy_pretraining_data(tokenizer, seed, langs)
-    steps, batch_size = TOY_RECIPE["steps"], TOY_RECIPE["batch_size"]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=TOY_RECIPE["lr"], betas=(0.9, 0.98), weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, 0.05))
-    rng = random.Random(seed)
-    # Progress is saved every TOY_PROGRESS_STEPS steps: an interrupted pre-training goes on from there,
-    # to the same M0 as an uninterrupted one (model, optimizer, schedule and batch order restored).
-    progress, start = root / f".{folder.name}.progress.pt", 0
-    try:
-        saved = torch.load(progress, weights_only=False) if progress.exists() else None
-    except Exception as error:  # a cache only: start over
-        tqdm.write(f"warning: {progress} is unreadable ({first_line(error)}); pre-training from the start")
-        saved = None
-    if saved:
-        for part, state in ((model, "model"), (optimizer, "optimizer"), (schedule, "schedule")):
-            part.load_state_dict(saved[state])
-        rng.setstate(saved["rng"])
-        start = saved["step"]
-    bar = tqdm(range(start, steps), initial=start, total=steps, unit="step",
-               desc=f"pre-training the toy M0 (once, kept in {folder})")
-    for step in bar:
-        if step > start and step % TOY_PROGRESS_STEPS == 0:
-            root.mkdir(parents=True, exist_ok=True)
-            try:
-                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                            "schedule": schedule.state_dict(), "rng": rng.getstate()}, temp_path(progress))
-            except RuntimeError as error:  # how torch's writer reports a full disk
-                temp_path(progress).unlink(missing_ok=True)
-                raise OSError(None, f"{first_line(error)} (a full disk?)", str(progress)) from None
-            os.replace(temp_path(progress), progress)
-        input_ids, attention_mask, labels = collate(rng.choices(sequences, k=batch_size), tokenizer.pad_token_id)
-        logps, lengths = sequence_logps(model, input_ids, attention_mask, labels)
-        loss = -logps.sum() / lengths.sum()  # mean NLL per answer token
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad()
-        schedule.step()
-        bar.set_postfix_str(f"loss {loss.item():.3f}")
+    settings = Settings(lr=TOY_RECIPE["lr"], epochs=TOY_RECIPE["epochs"], batch_size=TOY_RECIPE["batch_size"],
+                        micro_batch_size=TOY_RECIPE["batch_size"], warmup_ratio=0.05, weight_decay=0.0,
+                        max_grad_norm=1.0, optim="adamw-fp32", gradient_checkpointing="off", seed=seed)
+    root.mkdir(parents=True, exist_ok=True)
+    tqdm.write(f"pre-training the toy M0 (once, kept in {folder})")
+    # Progress is saved every TOY_PROGRESS_STEPS steps: an interrupted pre-training goes on from
+    # there, to the same M0 as an uninterrupted one.
+    progress, log = root / f".{folder.name}.progress.pt", root / f".{folder.name}.train_log.jsonl"
+    train(model, ["all"] * len(sequences), lambda model, ids: nll_gradients(
+        model, [sequences[i] for i in ids], settings.micro_batch_size, tokenizer.pad_token_id),
+        settings, log, progress, TOY_PROGRESS_STEPS)
     # Built whole in a private folder, then renamed into place: two runs pre-training the same M0 at
     # once never see or delete a half-written one; the second to finish uses the first's.
-    root.mkdir(parents=True, exist_ok=True)
     building = temp_path(folder)
-    save_model(model.eval(), tokenizer, building)
+    save_model(model, tokenizer, building)
+    os.replace(log, building / "train_log.jsonl")
     record = {"m0": str(folder.resolve()), "seed": seed, "langs": list(langs), **TOY_RECIPE}
     write_atomic(building / "toy_recipe.json", to_json(record, indent=2))
     if folder.exists() and not (folder / "toy_recipe.json").exists():

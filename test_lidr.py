@@ -431,6 +431,13 @@ def tokenized_pairs(tokenizer, n):
     return [lidr.tokenize_pair(tokenizer, pair(*texts[i % 5]), SYSTEM, eot, 256) for i in range(n)]
 
 
+def dpo_train(model, pairs, ref_chosen, ref_rejected, settings, log_path):
+    """lidr.train on tokenized pairs with DPO + NLL, as train_on_pairs runs it."""
+    return lidr.train(model, [p.lang for p in pairs], lambda model, ids: lidr.accumulate_gradients(
+        model, [pairs[i] for i in ids], ref_chosen[ids], ref_rejected[ids], settings.beta, settings.alpha,
+        settings.micro_batch_size, 0), settings, log_path)
+
+
 def test_gradient_step_raises_the_margin():
     model, tokenizer = tiny_model()
     pairs = tokenized_pairs(tokenizer, 4)
@@ -470,7 +477,7 @@ def test_train_uses_the_optimizer_and_checkpointing_it_is_given(tmp_path, monkey
     attention_calls = []
     model.model.layers[0].self_attn.register_forward_hook(lambda *_: attention_calls.append(1))
     settings = lidr.Settings(optim="adamw-bf16", gradient_checkpointing="on", batch_size=2, micro_batch_size=2)
-    lidr.train(model, pairs, ref_chosen, ref_rejected, settings, 0, tmp_path / "log.jsonl")
+    dpo_train(model, pairs, ref_chosen, ref_rejected, settings, tmp_path / "log.jsonl")
     assert built == [1], "--optim adamw-bf16 must train with BF16AdamW"
     assert len(attention_calls) == 2, "--gradient-checkpointing on: the layer runs again in the backward pass"
     assert not model.training and not model.model.layers[0].gradient_checkpointing, "sampling needs eval mode back"
@@ -514,7 +521,7 @@ def train_bf16_tiny_model(tmp_path, **settings):
     ref_chosen, ref_rejected = lidr.reference_logps(model, pairs, 8, 0)
     before, untrained = [p.detach().clone() for p in model.parameters()], copy.deepcopy(model)
     settings = lidr.Settings(batch_size=2, micro_batch_size=2, warmup_ratio=0.0, **settings)
-    lidr.train(model, pairs, ref_chosen, ref_rejected, settings, 0, tmp_path / "log.jsonl")
+    dpo_train(model, pairs, ref_chosen, ref_rejected, settings, tmp_path / "log.jsonl")
     return model, untrained, before, pairs, ref_chosen, ref_rejected
 
 
@@ -547,7 +554,7 @@ def test_train_passes_weight_decay_and_clipping_through(tmp_path, monkeypatch):
     model, tokenizer = tiny_model()
     pairs = tokenized_pairs(tokenizer, 2)
     settings = lidr.Settings(weight_decay=0.0, max_grad_norm=0.25, batch_size=2, micro_batch_size=2)
-    lidr.train(model, pairs, *lidr.reference_logps(model, pairs, 2, 0), settings, 0, tmp_path / "log.jsonl")
+    dpo_train(model, pairs, *lidr.reference_logps(model, pairs, 2, 0), settings, tmp_path / "log.jsonl")
     assert seen == {"weight_decay": 0.0, "max_norm": 0.25}, "torch's AdamW default decay is 0.01, not 0"
 
 
@@ -837,7 +844,7 @@ def test_eval_table_shows_every_model_and_the_mean_of_the_weaker_languages():
                     "mgsm": {"ru": {"accuracy": 0.1}}},
                    {"toy": {"en": {"accuracy": 0.95}, "de": {"accuracy": 0.5}, "fr": {"accuracy": 0.5}},
                     "mgsm": {"ru": {"accuracy": 0.3, "off_target": 0.25}}}]
-    rows = [row.split() for row in lidr.eval_table(evaluations, "en").splitlines()]
+    rows = [row.split() for row in lidr.eval_table(evaluations, ["M0", "M1"], "en").splitlines()]
     assert rows[0][-2:] == ["M0", "M1"]
     assert rows[2] == ["toy", "accuracy", "en", "90.0", "95.0"]
     assert rows[5] == ["toy", "accuracy", "others", "30.0", "50.0"]
@@ -904,6 +911,11 @@ BAD_INPUTS = [
     (["--translation-request", "{noconstant}"], "expected one plain TRANS_INSTRUCTION = '...' string in it"),
     (["--translation-tasks", "{idlist}"], "idlist.json: record 1: expected a record with an 'id'"),
     (["--prompts", "{nolang},", "--langs", "en,de"], "an empty folder name"),
+    (["--method", "dpo"], "--method must be lidr or qalign"),
+    (["--method", "qalign", "--beta", "0.2"], "--beta has no effect with --method qalign"),
+    (["--method", "qalign", "--iters", "3"], "--iters has no effect with --method qalign (its 2 stages"),
+    (["--answer-field", "answer"], "--answer-field has no effect with --method lidr"),
+    (["--compare", "a,b"], "--compare takes no other flag (got --model)"),
     (["--prompts", "{nodominant}", "--langs", "en,de"], "nodominant/en.jsonl not found"),
     (["--recipe", "scripts", "--pairing", "ranked"], "--recipe scripts pairs the dominant language"),
     (["--recipe", "authors"], "--recipe must be lidr or scripts"),
@@ -1201,6 +1213,103 @@ def test_resume_with_other_settings_is_refused(steered_run, capsys, monkeypatch)
     assert (run / "commands.log").read_text() == log, "a refused run writes nothing into the folder"
 
 
+# ------------------------------------------------------------------------ QAlign beside LIDR
+def test_question_alignment_turns_each_other_language_into_the_english_question():
+    prompts = [{"id": "a", "translation_task": False, "en": "How many?", "de": "Wie viele?", "fr": None},
+               {"id": "b", "translation_task": False, "en": "Why?", "de": "Warum?", "fr": "Pourquoi ?"}]
+    examples = lidr.question_alignment_examples(prompts, lidr.parse_languages("en,de,fr"))
+    request = "Translate the following sentences from {} to English. {}"
+    assert examples == [  # fr of "a" failed to translate (None): no example
+        {"id": "a", "lang": "de", "prompt": request.format("German", "Wie viele?"), "response": "How many?"},
+        {"id": "b", "lang": "de", "prompt": request.format("German", "Warum?"), "response": "Why?"},
+        {"id": "b", "lang": "fr", "prompt": request.format("French", "Pourquoi ?"), "response": "Why?"}]
+
+
+def test_response_alignment_takes_m0s_finished_english_answers_or_the_gold_ones(tmp_path):
+    languages = lidr.parse_languages("en,de")
+    responses = [{"id": "a", "lang": "en", "prompt": "How many?", "response": "Three.", "finished": True},
+                 {"id": "b", "lang": "en", "prompt": "Why?", "response": "Because", "finished": False},
+                 {"id": "c", "lang": "en", "prompt": "Who?", "response": "", "finished": True}]
+    assert lidr.response_alignment_examples([], responses, languages, lidr.Settings()) == [
+        {"id": "a", "lang": "en", "prompt": "How many?", "response": "Three."}]
+    path = write(tmp_path / "p.jsonl", '{"id": "a", "en": "How many?", "de": "Wie viele?", "gold": "3"}\n')
+    prompts = lidr.load_prompts(path, "instruction", languages, answer_field="gold")
+    assert lidr.response_alignment_examples(prompts, [], languages, lidr.Settings(answer_field="gold")) == [
+        {"id": "a", "lang": "en", "prompt": "How many?", "response": "3"}]
+    with pytest.raises(lidr.LidrError, match=r"p.jsonl:1: prompt 'a' has no 'answer' text \(--answer-field\)"):
+        lidr.load_prompts(path, "instruction", languages, answer_field="answer")
+
+
+def test_sft_lowers_the_nll_of_its_answers_and_leaves_prompt_and_padding_out(tmp_path):
+    model, tokenizer = tiny_model()
+    eot = lidr.end_of_turn_id(tokenizer)
+    examples = [{"prompt": "Say hi.", "response": "Hi there!"},
+                {"prompt": "Name a colour, any colour you like.", "response": "Blue."}]
+    sequences = [lidr.tokenize_example(tokenizer, e, SYSTEM, eot, 256) for e in examples]
+
+    def answer_nll():  # a plain forward pass per sequence (no padding), answer tokens only
+        with torch.no_grad():
+            nll = []
+            for ids, prompt_length in sequences:
+                logps = model(torch.tensor([ids])).logits[0, :-1].log_softmax(-1)
+                nll.append(-logps[torch.arange(len(ids) - 1), torch.tensor(ids[1:])][prompt_length - 1:].mean())
+        return torch.stack(nll)
+    before = answer_nll()
+    gradients = []
+    for micro_batch_size in (2, 1):  # 2: the shorter sequence padded; 1: no padding
+        model.zero_grad()
+        metrics = lidr.nll_gradients(model, sequences, micro_batch_size, pad_id=0)
+        assert torch.allclose(metrics["loss/nll"], before, atol=1e-5), "prompt or padding tokens in the loss"
+        gradients.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert torch.allclose(gradients[0], gradients[1], atol=1e-6, rtol=1e-4)
+    model.zero_grad()
+    settings = lidr.Settings(lr=1e-2, epochs=20, batch_size=2, micro_batch_size=2, warmup_ratio=0.0)
+    lidr.train(model, ["en", "en"], lambda model, ids: lidr.nll_gradients(model, [sequences[i] for i in ids], 2, 0),
+               settings, tmp_path / "log.jsonl")
+    assert (answer_nll() < before * 0.5).all(), "SFT must lower the NLL of its answers"
+
+
+def test_a_qalign_run_killed_after_each_stage_resumes_to_the_uninterrupted_result(steered_run, tmp_path):
+    _, model_path, _ = steered_run
+    shutil.copy(model_path.parent / "prompts.jsonl", tmp_path / "prompts.jsonl")
+    argv = [*STEERED_RUN, "--model", str(model_path), "--method", "qalign"]
+    output = run_lidr(*argv, "--out", "whole", cwd=tmp_path)
+    assert "== QAlign stage 2 (response alignment): M1 -> M2" in output
+    table = (tmp_path / "whole" / "summary.txt").read_text().splitlines()
+    assert table[0].split() == ["stage", "lang", "examples", "nll"]
+    assert table[2].split()[:3] == ["1", "en", "0"] and table[3].split()[:3] == ["1", "de", "3"], \
+        "stage 1: the three German questions, none in English"
+    assert [row.split()[:3] for row in table[5:8]] == [["2", "en", "3"], ["2", "de", "0"], ["2", "fr", "0"]]
+    assert ["benchmark", "metric", "lang", "M0", "stage1", "stage2"] in [row.split() for row in table]
+    kill_at_each(["iter_1/question_alignment.jsonl", "iter_1/model", "iter_2/model"], argv, tmp_path, "killed")
+    run_lidr(*argv, "--out", "killed", cwd=tmp_path)
+    for artifact in ("iter_1/question_alignment.jsonl", "iter_1/response_alignment.jsonl", "iter_2/eval.json"):
+        assert (tmp_path / "killed" / artifact).read_text() == (tmp_path / "whole" / artifact).read_text(), artifact
+    assert same_final_model(tmp_path / "whole", tmp_path / "killed")
+
+
+def test_compare_puts_m0_and_each_runs_last_model_in_one_table(tmp_path, capsys):
+    def run_folder(name, method, accuracies):
+        write(tmp_path / name / "settings.json", json.dumps({"settings": {"method": method, "langs": "en,de,fr"}}))
+        for t, (en, de, fr) in enumerate(accuracies):
+            write(tmp_path / name / f"iter_{t}" / "eval.json", json.dumps(
+                {"toy": {"en": {"accuracy": en}, "de": {"accuracy": de}, "fr": {"accuracy": fr}}}))
+        return str(tmp_path / name)
+    m0 = (1.0, 0.1, 0.2)
+    lidr_run = run_folder("lidr-s0", "lidr", [m0, (1.0, 0.3, 0.3), (0.98, 0.4, 0.5)])
+    qalign_run = run_folder("qalign-s0", "qalign", [m0, (0.9, 0.2, 0.2), (1.0, 0.1, 0.3)])
+    assert lidr.main(["--compare", f"{lidr_run},{qalign_run}"]) == 0
+    rows = [row.split() for row in capsys.readouterr().out.splitlines()]
+    assert rows[0][-3:] == ["M0", "lidr-s0:M2", "qalign-s0:stage2"]
+    assert rows[2:6] == [["toy", "accuracy", "en", "100.0", "98.0", "100.0"],
+                         ["toy", "accuracy", "de", "10.0", "40.0", "10.0"],
+                         ["toy", "accuracy", "fr", "20.0", "50.0", "30.0"],
+                         ["toy", "accuracy", "others", "15.0", "45.0", "20.0"]]
+    other_m0 = run_folder("other", "qalign", [(1.0, 0.2, 0.2), (1.0, 0.2, 0.2)])
+    assert lidr.main(["--compare", f"{lidr_run},{other_m0}"]) == 2
+    assert "evaluated another M0 than" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------ faults: nothing lost, nothing silently wrong
 def test_a_diverging_run_stops_before_anything_is_saved(steered_run, tmp_path, monkeypatch, capsys):
     _, model_path, _ = steered_run
@@ -1290,8 +1399,10 @@ def test_prompts_too_long_to_train_on_are_left_out_before_sampling(capsys):
 
 
 def test_an_interrupted_toy_pretraining_goes_on_to_the_same_m0(tmp_path, monkeypatch):
-    monkeypatch.setitem(lidr.TOY_RECIPE, "steps", 6)
-    monkeypatch.setitem(lidr.TOY_RECIPE, "batch_size", 4)
+    pretraining_data = lidr.toy_pretraining_data
+    monkeypatch.setattr(lidr, "toy_pretraining_data", lambda *args: pretraining_data(*args)[:12])
+    monkeypatch.setitem(lidr.TOY_RECIPE, "epochs", 2)
+    monkeypatch.setitem(lidr.TOY_RECIPE, "batch_size", 4)  # 6 steps
     monkeypatch.setattr(lidr, "TOY_PROGRESS_STEPS", 2)
     whole = lidr.toy_model(tmp_path / "whole", 0, ["en", "de"])
     clip, calls = torch.nn.utils.clip_grad_norm_, []
@@ -1304,12 +1415,16 @@ def test_an_interrupted_toy_pretraining_goes_on_to_the_same_m0(tmp_path, monkeyp
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", interrupted_at_step_5)
     with pytest.raises(KeyboardInterrupt):
         lidr.toy_model(tmp_path / "killed", 0, ["en", "de"])
-    assert [p.name for p in (tmp_path / "killed").iterdir()] == [f".{whole.name}.progress.pt"]
+    assert sorted(p.name for p in (tmp_path / "killed").iterdir()) == [
+        f".{whole.name}.progress.pt", f".{whole.name}.train_log.jsonl.partial"]
     resumed = lidr.toy_model(tmp_path / "killed", 0, ["en", "de"])
     assert len(calls) == 5 + 2, "the resumed pre-training ran only the steps after the saved progress"
     weights = [AutoModelForCausalLM.from_pretrained(folder).state_dict() for folder in (whole, resumed)]
     assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
     assert [p.name for p in (tmp_path / "killed").iterdir()] == [whole.name], "progress removed once M0 is in place"
+    logs = [[json.loads(line)["step"] for line in (folder / "train_log.jsonl").read_text().splitlines()]
+            for folder in (whole, resumed)]
+    assert logs[0] == logs[1] == [1, 2, 3, 4, 5, 6], "the M0 keeps its pre-training log, resumed or not"
 
 
 KILL_POINTS = ["iter_1/prompt_translations.jsonl", "iter_1/prompts.jsonl", "iter_1/responses.jsonl",
@@ -1317,28 +1432,36 @@ KILL_POINTS = ["iter_1/prompt_translations.jsonl", "iter_1/prompts.jsonl", "iter
                "iter_2/responses.jsonl", "iter_2/model"]
 
 
+def kill_at_each(points: list[str], argv: list[str], cwd: Path, out: str):
+    """Run lidr.py with argv into out, SIGKILL it (no chance to clean up) right after each point's
+    artifact appears, and start the same command again, up to the next point."""
+    command = [sys.executable, str(ROOT / "lidr.py"), *argv, "--out", out]
+    for kill_after in points:
+        process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while not (cwd / out / kill_after).exists() and process.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        process.kill()
+        assert process.wait() == -signal.SIGKILL, f"the run ended before it could be killed after {kill_after}"
+
+
+def same_final_model(*runs: Path):
+    weights = [AutoModelForCausalLM.from_pretrained(run / "iter_2" / "model").state_dict() for run in runs]
+    return all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+
+
 def test_a_run_killed_at_every_stage_boundary_resumes_to_the_uninterrupted_result(steered_run, tmp_path):
-    """SIGKILL (no chance to clean up) right after each stage's artifact appears, then the same command,
-    killed again at the next boundary, and so on; sampling at --temperature 1.0."""
+    """Killed at each stage boundary in turn, resumed each time, sampling at --temperature 1.0."""
     _, model_path, _ = steered_run
     shutil.copy(model_path.parent / "prompts.jsonl", tmp_path / "prompts.jsonl")
     argv = [*STEERED_RUN, "--model", str(model_path), "--temperature", "1.0"]
     run_lidr(*argv, "--out", "whole", cwd=tmp_path)
-    command = [sys.executable, str(ROOT / "lidr.py"), *argv, "--out", "killed"]
-    for kill_after in KILL_POINTS:
-        process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 120
-        while not (tmp_path / "killed" / kill_after).exists() and process.poll() is None and time.time() < deadline:
-            time.sleep(0.01)
-        process.kill()
-        assert process.wait() == -signal.SIGKILL, f"the run ended before it could be killed after {kill_after}"
+    kill_at_each(KILL_POINTS, argv, tmp_path, "killed")
     run_lidr(*argv, "--out", "killed", cwd=tmp_path)
     for artifact in ("iter_1/responses.jsonl", "iter_1/pairs.jsonl", "iter_2/responses.jsonl", "iter_2/pairs.jsonl",
                      "iter_2/eval_answers.jsonl", "summary.txt"):
         assert (tmp_path / "killed" / artifact).read_text() == (tmp_path / "whole" / artifact).read_text(), artifact
-    weights = [AutoModelForCausalLM.from_pretrained(tmp_path / run / "iter_2" / "model").state_dict()
-               for run in ("whole", "killed")]
-    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+    assert same_final_model(tmp_path / "whole", tmp_path / "killed")
 
 
 HOSTILE_INPUTS = [  # found by fuzzing the command line and the input files; each was a traceback or a hang
@@ -1599,7 +1722,7 @@ def training_throughput(model, pairs, settings, tmp_path):
 
     def train():
         start = time.perf_counter()
-        lidr.train(model, pairs, ref_chosen, ref_rejected, settings, 0, tmp_path / "log.jsonl")
+        dpo_train(model, pairs, ref_chosen, ref_rejected, settings, tmp_path / "log.jsonl")
         timing["seconds"] = time.perf_counter() - start
     peak = peak_memory_of(train)
     tokens = sum(len(p.chosen_input_ids) + len(p.rejected_input_ids) for p in pairs) * settings.epochs
