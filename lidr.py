@@ -33,6 +33,8 @@ Commands:
   python lidr.py --iters 2                # the paper's model on a CUDA GPU, else the toy world (end of
                                           # this file): LIDR closing a built-in language gap, CPU, offline
   python lidr.py --iters 2 --model tiny   # the toy world, whatever the machine
+  python lidr.py --method qalign          # QAlign on the same M0, prompts and evaluation, for comparison
+  python lidr.py --compare RUN,RUN        # their evaluations in one table
   The paper's two runs, on the authors' released data: README, "The paper's runs".
 """
 
@@ -84,7 +86,7 @@ class Settings:
                                   "English questions with English answers) on the same prompts, model and "
                                   "evaluation, for comparison (README: QAlign beside LIDR)")
     iters: int = setting(2, "LIDR iterations M0 -> M1 -> ... (paper: 2); qalign: its 2 stages")
-    out: str = setting("", "run folder; default runs/<model>-<langs>-seed<seed>. "
+    out: str = setting("", "run folder; default runs/<model>-<langs>-seed<seed>[-qalign]. "
                            "Re-running into the same folder resumes it")
     seed: int = setting(0, "seed for the toy model's pre-training, sampling and the order of training pairs")
     # model
@@ -139,13 +141,14 @@ class Settings:
     beta: float = setting(0.1, "DPO inverse temperature")
     alpha: float = setting(1.0, "weight of the length-normalised NLL of the chosen answer")
     lr: float = setting(5e-7, "peak learning rate of AdamW")
-    epochs: int = setting(1, "passes over each iteration's pairs")
-    batch_size: int = setting(32, "pairs per optimizer step")
+    epochs: int = setting(1, "passes over each iteration's pairs (qalign: each stage's examples)")
+    batch_size: int = setting(32, "pairs (qalign: examples) per optimizer step")
     micro_batch_size: int = setting(1, "pairs per forward pass (at most --batch-size); "
                                        "gradients accumulate over the step")
     max_len: int = setting(2048, "tokens of prompt + answer kept per sequence; longer answers are cut")
     warmup_ratio: float = setting(0.1, "fraction of steps with linear warmup; cosine decay after")
     weight_decay: float = setting(0.0, "AdamW weight decay")
+    adam_beta2: float = setting(0.999, "AdamW's second-moment decay")
     max_grad_norm: float = setting(1.0, "gradient clipping threshold")
     optim: str = setting("auto", "adamw-fp32: float32 Adam moments, plus float32 master weights and gradients "
                                  "for a bf16 model (18 bytes/param in all); adamw-bf16: bf16 weights, gradients "
@@ -188,8 +191,8 @@ TEMPLATES = {"prompt_template": ("PROMPT_PREFIX", {"question"}, {"language"}),
 
 # --method qalign: QAlign's SFT hyperparameters (NJUNLP/QAlign training_scripts/finetune.sh: 3 epochs,
 # lr 2e-5, 128 examples per step, 3% warmup, cosine). The toy keeps its own lr and batch size.
-QALIGN_DEFAULTS = dict(iters=2, lr=2e-5, epochs=3, batch_size=128, warmup_ratio=0.03)
-QALIGN_TINY_DEFAULTS = dict(iters=2, epochs=3, warmup_ratio=0.03)
+QALIGN_DEFAULTS = dict(lr=2e-5, epochs=3, batch_size=128, warmup_ratio=0.03)
+QALIGN_TINY_DEFAULTS = dict(epochs=3, warmup_ratio=0.03)
 
 # What a resumed run may change: the folder's own name, the number of iterations (to extend a
 # run), and settings that change how fast a run goes, and its results only by float rounding.
@@ -295,6 +298,7 @@ def check_settings(settings: Settings):
         "max_len": (settings.max_len >= 8, ">= 8"),
         "warmup_ratio": (0 <= settings.warmup_ratio < 1, "in [0, 1)"),
         "weight_decay": (settings.weight_decay >= 0, ">= 0"),
+        "adam_beta2": (0 <= settings.adam_beta2 < 1, "in [0, 1)"),
         "max_grad_norm": (settings.max_grad_norm > 0, "> 0"),
         "dtype": (settings.dtype in ("auto", "bfloat16", "float32"), "auto, bfloat16 or float32"),
         "optim": (settings.optim in ("auto", "adamw-fp32", "adamw-bf16"), "auto, adamw-fp32 or adamw-bf16"),
@@ -360,7 +364,8 @@ def resolve(settings: Settings) -> Settings:
     if checkpointing == "auto":
         checkpointing = "on" if device.startswith("cuda") else "off"
     codes = "-".join(parse_languages(settings.langs))
-    out = settings.out or f"runs/{Path(settings.model).name}-{codes}-seed{settings.seed}"
+    method = "-qalign" if settings.method == "qalign" else ""  # beside the LIDR run, with the same M0
+    out = settings.out or f"runs/{Path(settings.model).name}-{codes}-seed{settings.seed}{method}"
     return dataclasses.replace(settings, device=device, dtype=dtype, out=out, gradient_checkpointing=checkpointing)
 
 
@@ -1170,14 +1175,16 @@ def train(model, example_langs: list[str], accumulate, settings: Settings, log_p
     params = [p for p in model.parameters() if p.requires_grad]
     if settings.optim == "adamw-bf16":
         masters = params
-        optimizer = BF16AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+        optimizer = BF16AdamW(params, lr=settings.lr, betas=(0.9, settings.adam_beta2),
+                              weight_decay=settings.weight_decay)
     else:
         # bf16 weights cannot hold an update smaller than ~1/256 of their value, so at DPO learning
         # rates most AdamW updates would vanish (a known DPO trap). AdamW updates float32 "master"
         # copies instead, rounded into the model after each step; a float32 model is its own master.
         masters = params if all(p.dtype == torch.float32 for p in params) else [p.detach().float() for p in params]
         # foreach=False: the faster multi-tensor step holds a float32 temporary for every parameter
-        optimizer = torch.optim.AdamW(masters, lr=settings.lr, weight_decay=settings.weight_decay, foreach=False)
+        optimizer = torch.optim.AdamW(masters, lr=settings.lr, betas=(0.9, settings.adam_beta2),
+                                      weight_decay=settings.weight_decay, foreach=False)
     if settings.gradient_checkpointing == "on":
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()  # HF checkpoints layers only in train mode; dropout was switched off in load_model
@@ -2227,7 +2234,7 @@ TOY_TEMPLATES = {  # (gets more, gives away, answer)
 # was as weak but the loop lifted them only +9 points in two iterations; with 800 steps, one seed's
 # M0 translated half its Russian wrong (README: The toy world).
 TOY_RECIPE = dict(largest_number=12, eval_problems=200, weak_examples=1000, weak_careless=0.6,  # the world
-                  hidden_size=128, layers=4, epochs=8, batch_size=64, lr=3e-3)  # M0 and its pre-training
+                  hidden_size=128, layers=4, epochs=8, batch_size=64, lr=3e-3, adam_beta2=0.98)  # M0 and its pre-training
 TOY_PROGRESS_STEPS = 100  # pre-training steps between saves of its progress (not part of the recipe)
 
 
@@ -2369,9 +2376,10 @@ def toy_model(root: Path, seed: int, langs) -> Path:
     tokenizer = toy_tokenizer()
     model = untrained_toy_model(tokenizer)
     sequences = toy_pretraining_data(tokenizer, seed, langs)
-    settings = Settings(lr=TOY_RECIPE["lr"], epochs=TOY_RECIPE["epochs"], batch_size=TOY_RECIPE["batch_size"],
-                        micro_batch_size=TOY_RECIPE["batch_size"], warmup_ratio=0.05, weight_decay=0.0,
-                        max_grad_norm=1.0, optim="adamw-fp32", gradient_checkpointing="off", seed=seed)
+    settings = Settings(lr=TOY_RECIPE["lr"], adam_beta2=TOY_RECIPE["adam_beta2"], epochs=TOY_RECIPE["epochs"],
+                        batch_size=TOY_RECIPE["batch_size"], micro_batch_size=TOY_RECIPE["batch_size"],
+                        warmup_ratio=0.05, weight_decay=0.0, max_grad_norm=1.0, optim="adamw-fp32",
+                        gradient_checkpointing="off", seed=seed)
     root.mkdir(parents=True, exist_ok=True)
     tqdm.write(f"pre-training the toy M0 (once, kept in {folder})")
     # Progress is saved every TOY_PROGRESS_STEPS steps: an interrupted pre-training goes on from
