@@ -241,10 +241,14 @@ def parse_settings(argv: list[str]) -> Settings:
     if "compare" in given:  # a table of finished runs, not a run
         if len(given) > 1:
             raise LidrError(f"--compare takes no other flag (got --{next(n for n in given if n != 'compare')})")
-        return Settings(compare=given["compare"])
+        folders = [folder.strip() for folder in given["compare"].split(",")]
+        if not all(folders):
+            raise LidrError(f"--compare: expected run folders, comma-separated (got '{given['compare']}')")
+        return Settings(compare=",".join(folders))
     if given.get("model", "auto") == "auto":  # resolved (and said) here: it decides the tiny defaults
         given["model"] = choose_model(given.get("device", "auto"))
     tiny, qalign = given.get("model") == "tiny", given.get("method") == "qalign"
+    # in this order: QAlign's SFT settings, then the toy's, which keep QAlign's epochs and warmup
     preset = {**(QALIGN_DEFAULTS if qalign else {}), **(TINY_DEFAULTS if tiny else {}),
               **(QALIGN_TINY_DEFAULTS if qalign and tiny else {})}
     settings = Settings(**{**preset, **given})
@@ -258,10 +262,13 @@ def parse_settings(argv: list[str]) -> Settings:
         used = benchmark in settings.eval.split(",") if benchmark else settings.eval
         if name in given and not used:  # a flag must never be silently ignored
             raise LidrError(f"--{name.replace('_', '-')} has no effect without --eval {benchmark}".rstrip())
-    for name in ("beta", "alpha", "pairing", "recipe", "iters") if qalign else ("answer_field",):
+    unused = (("beta", "alpha", "pairing", "recipe", "iters", "translation_tasks")  # LIDR's pairs only
+              + (("max_new_tokens",) if settings.answer_field else ()) if qalign else ("answer_field",))
+    for name in unused:
         if name in given and not (name == "iters" and settings.iters == 2):
             raise LidrError(f"--{name.replace('_', '-')} has no effect with --method {settings.method}"
-                            + (" (its 2 stages are its iterations)" if name == "iters" else ""))
+                            + (" (its 2 stages are its iterations)" if name == "iters" else "")
+                            + (" and --answer-field (no answers are sampled)" if name == "max_new_tokens" else ""))
     return settings
 
 
@@ -1164,13 +1171,16 @@ def warmup_cosine(total_steps: int, warmup_ratio: float):
 
 
 def train(model, example_langs: list[str], accumulate, settings: Settings, log_path: Path,
-          progress: Path | None = None, progress_every: int = 0) -> dict:
+          progress: Path | None = None, progress_every: int = 100) -> dict:
     """The optimizer loop of every training in this file: DPO + NLL (step 5), QAlign's two SFT
-    stages, and the toy M0's pre-training. Each step takes --batch-size examples in a seeded
+    stages, and the toy M0's pre-training. example_langs holds one entry per training example
+    (its language, for per-language metrics). Each step takes --batch-size examples in a seeded
     shuffled order, epoch after epoch; accumulate(model, example indices) runs their forward and
-    backward passes and returns per-example metrics; then clip, step, schedule, log. AdamW with
-    warmup then cosine decay. Writes one line of metrics per step to log_path; with progress, saves
-    the model and optimizer there every progress_every steps and goes on from them if they exist.
+    backward passes, each micro-batch's loss divided so that the gradient is the step's mean
+    (accumulate_gradients, nll_gradients), and returns per-example metric tensors. Then clip,
+    step, schedule, log: AdamW with warmup then cosine decay, one line of metrics per step in
+    log_path. With progress, everything needed to go on (model, optimizer, schedule, log) is
+    saved there every progress_every steps, and an interrupted training goes on from it.
     Returns the last epoch's metrics, averaged over its examples and per language."""
     params = [p for p in model.parameters() if p.requires_grad]
     if settings.optim == "adamw-bf16":
@@ -1193,7 +1203,7 @@ def train(model, example_langs: list[str], accumulate, settings: Settings, log_p
              for step_ids in torch.randperm(len(example_langs), generator=generator).split(settings.batch_size)]
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(len(steps), settings.warmup_ratio))
     parts = {"model": model, "optimizer": optimizer, "schedule": schedule}
-    start = 0
+    start, logged, last_epoch, last_epoch_langs = 0, [], [], []
     if progress is not None and progress.exists():  # an interrupted training's progress: go on from it
         try:
             saved = torch.load(progress, weights_only=False)
@@ -1205,16 +1215,15 @@ def train(model, example_langs: list[str], accumulate, settings: Settings, log_p
             with torch.no_grad():  # float32 masters of a bf16 model: the model's weights are rounded
                 for master, value in zip(masters, saved["masters"]):
                     master.copy_(value)
-            start = saved["step"]
+            start, logged, last_epoch, last_epoch_langs = (saved[name] for name in (
+                "step", "logged", "last_epoch", "last_epoch_langs"))
     tqdm.write(f"training on {len(example_langs)} examples: {settings.epochs} epoch(s) of "
                f"{len(steps) // settings.epochs} steps, {settings.batch_size} per step in micro-batches of "
                f"{settings.micro_batch_size}")
-    partial_log = log_path.with_name(log_path.name + ".partial")
-    logged = read_text(partial_log).splitlines() if start and partial_log.exists() else []
-    write_atomic(partial_log, "".join(line + "\n" for line in logged if json.loads(line)["step"] <= start))
-    last_epoch, last_epoch_langs = [], []
-    with open(partial_log, "a") as log, \
+    partial_log = temp_path(log_path)  # this process's; renamed into place when training ends
+    with open(partial_log, "w") as log, \
             tqdm(total=len(steps), initial=start, desc="training", unit="step") as bar:
+        log.writelines(logged)
         for step, (epoch, step_ids) in enumerate(steps[start:], start + 1):
             metrics = accumulate(model, step_ids.tolist())
             if masters is not params:
@@ -1236,19 +1245,21 @@ def train(model, example_langs: list[str], accumulate, settings: Settings, log_p
                 with torch.no_grad():
                     for master, param in zip(masters, params):
                         param.copy_(round_stochastically(master) if param.dtype == torch.bfloat16 else master)
-            log.write(to_json(line) + "\n")
+            logged.append(to_json(line) + "\n")
+            log.write(logged[-1])
             log.flush()
-            bar.set_postfix_str(" ".join(f"{name.split('/')[-1]} {line[name]:.3f}" for name in
-                                         ("loss/total", "rewards/accuracies", "rewards/margins", "loss/nll")
-                                         if name in line))
+            bar.set_postfix_str(" ".join(f"{label} {line[name]:.3f}" for name, label in (
+                ("loss/total", "loss"), ("rewards/accuracies", "acc"), ("rewards/margins", "margin"),
+                ("loss/nll", "nll")) if name in line))
             bar.update()
             if epoch == settings.epochs - 1:
                 last_epoch.append(metrics)
                 last_epoch_langs += [example_langs[i] for i in step_ids]
             if progress is not None and step % progress_every == 0 and step < len(steps):
                 try:
-                    torch.save({**{name: part.state_dict() for name, part in parts.items()}, "step": step,
-                                "masters": masters}, temp_path(progress))
+                    torch.save({**{name: part.state_dict() for name, part in parts.items()}, "masters": masters,
+                                "step": step, "logged": logged, "last_epoch": last_epoch,
+                                "last_epoch_langs": last_epoch_langs}, temp_path(progress))
                 except RuntimeError as error:  # how torch's writer reports a full disk
                     temp_path(progress).unlink(missing_ok=True)
                     raise OSError(None, f"{first_line(error)} (a full disk?)", str(progress)) from None
@@ -1754,7 +1765,7 @@ def summary_table(history: list[dict], langs: list[str], settings: Settings) -> 
                 nll = f"{trained['loss/nll']:6.3f}" if trained else f"{'-':>6}"
                 rows.append(f"{t:>5} {lang:>4} {metrics['examples'][lang]:>8} {nll}")
         return "\n".join(rows + ["stage 1: questions into English; stage 2: English questions with English "
-                                 "answers. nll: per answer token, last epoch."])
+                                 "answers. nll: per answer token, averaged over the stage's examples in its last epoch."])
     recipe = settings.recipe
     header = (f"{'iter':>4} {'lang':>4} {'pairs':>6} {'skipped':>7} {'failed_tr':>9} {'loss':>7} "
               f"{'reward_acc':>10} {'margin':>7} {'logp_chosen':>11} {'nll':>6}")
@@ -1810,30 +1821,40 @@ def model_names(method: str, count: int) -> list[str]:
     return ["M0"] + [f"stage{t}" if method == "qalign" else f"M{t}" for t in range(1, count)]
 
 
+# What decides M0 and its evaluation: runs that differ in any of these don't compare.
+SAME_M0_AND_EVALUATION = ("model", "langs", "eval", "eval_langs", "eval_limit", "eval_max_new_tokens",
+                          "eval_prompt_template", "system_prompt", "temperature", "repetition_penalty", "dtype")
+
+
 def compare_table(folders: list[str]) -> str:
-    """--compare: M0 and the last evaluated model of each run folder, in one eval_table. The runs
-    must share M0's evaluation (the same model, benchmarks and problems), else nothing compares."""
-    evaluations, names = [], []
+    """--compare: M0 (the first run's) and the last evaluated model of each run folder, in one
+    eval_table. The runs must start from the same M0 and evaluate it alike (the settings in
+    SAME_M0_AND_EVALUATION, the toy's seed, and the evaluation problems read)."""
+    evaluations, names, first = [], [], None
     for folder in map(Path, folders):
         record = read_json(folder / "settings.json") if (folder / "settings.json").exists() else None
         if not isinstance(record, dict) or not isinstance(record.get("settings"), dict):
             raise LidrError(f"--compare: {folder} is not a lidr run folder")
+        settings = record["settings"]
+        toy_seed = ("seed",) if settings.get("model") == "tiny" else ()  # each seed pre-trains its own toy M0
+        same = {name: settings.get(name) for name in SAME_M0_AND_EVALUATION + toy_seed}
+        same["evaluation problems"] = record.get("inputs_sha256", {}).get("evaluation problems")
         run_evaluations = []
         while (folder / f"iter_{len(run_evaluations)}" / "eval.json").exists():
             run_evaluations.append(read_json(folder / f"iter_{len(run_evaluations)}" / "eval.json"))
         if len(run_evaluations) < 2:
             raise LidrError(f"--compare: {folder} has no evaluated model after M0 (run it with --eval)")
-        if evaluations and run_evaluations[0] != evaluations[0]:
-            raise LidrError(f"--compare: {folder} evaluated another M0 than {folders[0]} (another model, seed, "
-                            f"benchmark or problems): its numbers don't compare")
-        if not evaluations:
+        if first is None:
+            first = same
             evaluations.append(run_evaluations[0])
             names.append("M0")
-            dominant = str(record["settings"].get("langs", "en")).split(",")[0].partition(":")[0]
+        differ = [name for name in same if same[name] != first[name]]
+        if differ:
+            raise LidrError(f"--compare: {folder} and {folders[0]} differ in {', '.join(differ)}: another M0 or "
+                            f"another evaluation, so their numbers don't compare")
         evaluations.append(run_evaluations[-1])
-        method = record["settings"].get("method", "lidr")
-        names.append(f"{folder.name}:{model_names(method, len(run_evaluations))[-1]}")
-    return eval_table(evaluations, names, dominant)
+        names.append(f"{folder.name}:{model_names(settings.get('method', 'lidr'), len(run_evaluations))[-1]}")
+    return eval_table(evaluations, names, str(first["langs"]).split(",")[0].partition(":")[0])
 
 
 # ------------------------------------------------------------------------ main: the loop
@@ -1948,7 +1969,7 @@ def evaluate_once(model, tokenizer, problems: dict, settings: Settings, out: Pat
                         f"to redo it, move the later iter_* folders out of {out}")
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(stage_seed(settings.seed, folder / "eval.json"))  # as a stage: resumed == uninterrupted
-    results = evaluate(model, tokenizer, problems, settings, folder, f"{Path(settings.model).name}-{settings.method}-M{t}")
+    results = evaluate(model, tokenizer, problems, settings, folder, f"{Path(settings.model).name}-{settings.method}-{model_names(settings.method, t + 1)[t]}")
     write_atomic(folder / "eval.json", to_json(results, indent=2))
     return results
 
@@ -2024,7 +2045,8 @@ def run(settings: Settings, command: list[str]):
             metrics = lidr_iteration(model, tokenizer, prompts_for_iteration(all_prompts, t, settings.num_prompts),
                                      languages, settings, folder)
         if metrics["train"] is None:
-            tqdm.write(f"nothing to train on in iteration {t}: M{t} = M{t - 1}")
+            tqdm.write(f"nothing to train on in {'stage' if settings.method == 'qalign' else 'iteration'} {t}: "
+                       f"M{t} = M{t - 1}")
         write_atomic(folder / "metrics.json", to_json(metrics, indent=2))
         save_model(model, tokenizer, folder / "model")  # M_t: the model of iteration t + 1
         if problems:
@@ -2359,7 +2381,8 @@ def toy_model_folder(root: Path, seed: int, langs) -> Path:
     """root/tiny-m0-<langs>-seed<seed>-<recipe hash>: any change to the toy's data, model or
     pre-training (its code included) makes another M0."""
     functions = (toy_problem_list, toy_text, toy_answer, toy_translation_requests, toy_tokenizer,
-                 untrained_toy_model, toy_pretraining_data, toy_model, train, nll_gradients, collate, sequence_logps)
+                 untrained_toy_model, toy_pretraining_data, toy_model, train, nll_gradients, collate, sequence_logps,
+                 warmup_cosine)
     recipe = json.dumps([TOY_RECIPE, TOY_TEMPLATES, TOY_NUMBERS, TOY_OBJECTS, TOY_NAMES, TOY_SYSTEM_PROMPT,
                          TRANSLATION_REQUEST, TRANSLATION_PREFIX, LANGUAGE_NAMES])
     recipe += "".join(inspect.getsource(function) for function in functions)
@@ -2376,23 +2399,27 @@ def toy_model(root: Path, seed: int, langs) -> Path:
     tokenizer = toy_tokenizer()
     model = untrained_toy_model(tokenizer)
     sequences = toy_pretraining_data(tokenizer, seed, langs)
+    # the run's optimizer loop, with the toy recipe's settings (one micro-batch per step: it fits)
     settings = Settings(lr=TOY_RECIPE["lr"], adam_beta2=TOY_RECIPE["adam_beta2"], epochs=TOY_RECIPE["epochs"],
                         batch_size=TOY_RECIPE["batch_size"], micro_batch_size=TOY_RECIPE["batch_size"],
                         warmup_ratio=0.05, weight_decay=0.0, max_grad_norm=1.0, optim="adamw-fp32",
                         gradient_checkpointing="off", seed=seed)
-    root.mkdir(parents=True, exist_ok=True)
     tqdm.write(f"pre-training the toy M0 (once, kept in {folder})")
-    # Progress is saved every TOY_PROGRESS_STEPS steps: an interrupted pre-training goes on from
-    # there, to the same M0 as an uninterrupted one.
-    progress, log = root / f".{folder.name}.progress.pt", root / f".{folder.name}.train_log.jsonl"
-    train(model, ["all"] * len(sequences), lambda model, ids: nll_gradients(
-        model, [sequences[i] for i in ids], settings.micro_batch_size, tokenizer.pad_token_id),
-        settings, log, progress, TOY_PROGRESS_STEPS)
     # Built whole in a private folder, then renamed into place: two runs pre-training the same M0 at
-    # once never see or delete a half-written one; the second to finish uses the first's.
-    building = temp_path(folder)
-    save_model(model, tokenizer, building)
-    os.replace(log, building / "train_log.jsonl")
+    # once never see or delete a half-written one; the second to finish uses the first's. Progress
+    # is saved every TOY_PROGRESS_STEPS steps: an interrupted pre-training goes on from there, to
+    # the same M0 (and log) as an uninterrupted one.
+    building, progress = temp_path(folder), root / f".{folder.name}.progress.pt"
+    building.mkdir(parents=True, exist_ok=True)
+    try:
+        train(model, ["all"] * len(sequences), lambda model, ids: nll_gradients(
+            model, [sequences[i] for i in ids], settings.micro_batch_size, tokenizer.pad_token_id),
+            settings, building / "train_log.jsonl", progress, TOY_PROGRESS_STEPS)
+        model.save_pretrained(building)
+        tokenizer.save_pretrained(building)
+    except BaseException:  # interrupted, or a full disk: the progress file is what is kept
+        shutil.rmtree(building, ignore_errors=True)
+        raise
     record = {"m0": str(folder.resolve()), "seed": seed, "langs": list(langs), **TOY_RECIPE}
     write_atomic(building / "toy_recipe.json", to_json(record, indent=2))
     if folder.exists() and not (folder / "toy_recipe.json").exists():

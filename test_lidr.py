@@ -5,6 +5,7 @@ import ctypes
 import gc
 import json
 import math
+import multiprocessing
 import os
 import re
 import shlex
@@ -916,6 +917,8 @@ BAD_INPUTS = [
     (["--method", "qalign", "--iters", "3"], "--iters has no effect with --method qalign (its 2 stages"),
     (["--answer-field", "answer"], "--answer-field has no effect with --method lidr"),
     (["--compare", "a,b"], "--compare takes no other flag (got --model)"),
+    (["--method", "qalign", "--translation-tasks", "x.jsonl"], "--translation-tasks has no effect with --method qalign"),
+    (["--method", "qalign", "--answer-field", "a", "--max-new-tokens", "9"], "and --answer-field (no answers are sampled)"),
     (["--prompts", "{nodominant}", "--langs", "en,de"], "nodominant/en.jsonl not found"),
     (["--recipe", "scripts", "--pairing", "ranked"], "--recipe scripts pairs the dominant language"),
     (["--recipe", "authors"], "--recipe must be lidr or scripts"),
@@ -1289,8 +1292,9 @@ def test_a_qalign_run_killed_after_each_stage_resumes_to_the_uninterrupted_resul
 
 
 def test_compare_puts_m0_and_each_runs_last_model_in_one_table(tmp_path, capsys):
-    def run_folder(name, method, accuracies):
-        write(tmp_path / name / "settings.json", json.dumps({"settings": {"method": method, "langs": "en,de,fr"}}))
+    def run_folder(name, method, accuracies, seed=0):
+        write(tmp_path / name / "settings.json", json.dumps(
+            {"settings": {"method": method, "langs": "en,de,fr", "model": "tiny", "seed": seed}}))
         for t, (en, de, fr) in enumerate(accuracies):
             write(tmp_path / name / f"iter_{t}" / "eval.json", json.dumps(
                 {"toy": {"en": {"accuracy": en}, "de": {"accuracy": de}, "fr": {"accuracy": fr}}}))
@@ -1305,9 +1309,9 @@ def test_compare_puts_m0_and_each_runs_last_model_in_one_table(tmp_path, capsys)
                          ["toy", "accuracy", "de", "10.0", "40.0", "10.0"],
                          ["toy", "accuracy", "fr", "20.0", "50.0", "30.0"],
                          ["toy", "accuracy", "others", "15.0", "45.0", "20.0"]]
-    other_m0 = run_folder("other", "qalign", [(1.0, 0.2, 0.2), (1.0, 0.2, 0.2)])
-    assert lidr.main(["--compare", f"{lidr_run},{other_m0}"]) == 2
-    assert "evaluated another M0 than" in capsys.readouterr().err
+    other_m0 = run_folder("other", "qalign", [(1.0, 0.2, 0.2), (1.0, 0.2, 0.2)], seed=1)
+    assert lidr.main(["--compare", f"{lidr_run}, {other_m0}"]) == 2
+    assert f"{other_m0} and {lidr_run} differ in seed: another M0" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------ faults: nothing lost, nothing silently wrong
@@ -1415,8 +1419,7 @@ def test_an_interrupted_toy_pretraining_goes_on_to_the_same_m0(tmp_path, monkeyp
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", interrupted_at_step_5)
     with pytest.raises(KeyboardInterrupt):
         lidr.toy_model(tmp_path / "killed", 0, ["en", "de"])
-    assert sorted(p.name for p in (tmp_path / "killed").iterdir()) == [
-        f".{whole.name}.progress.pt", f".{whole.name}.train_log.jsonl.partial"]
+    assert [p.name for p in (tmp_path / "killed").iterdir()] == [f".{whole.name}.progress.pt"]
     resumed = lidr.toy_model(tmp_path / "killed", 0, ["en", "de"])
     assert len(calls) == 5 + 2, "the resumed pre-training ran only the steps after the saved progress"
     weights = [AutoModelForCausalLM.from_pretrained(folder).state_dict() for folder in (whole, resumed)]
@@ -1425,6 +1428,35 @@ def test_an_interrupted_toy_pretraining_goes_on_to_the_same_m0(tmp_path, monkeyp
     logs = [[json.loads(line)["step"] for line in (folder / "train_log.jsonl").read_text().splitlines()]
             for folder in (whole, resumed)]
     assert logs[0] == logs[1] == [1, 2, 3, 4, 5, 6], "the M0 keeps its pre-training log, resumed or not"
+
+
+def pretrain_a_small_toy_m0(root: Path, delay: float, results):
+    """In a forked process: a small, slowed-down toy pre-training, started after delay seconds."""
+    pretraining_data, gradients = lidr.toy_pretraining_data, lidr.nll_gradients
+    lidr.toy_pretraining_data = lambda *args: pretraining_data(*args)[:16]
+    lidr.nll_gradients = lambda *args: time.sleep(0.3) or gradients(*args)
+    lidr.TOY_RECIPE.update(epochs=2, batch_size=4)
+    torch.set_num_threads(1)
+    time.sleep(delay)
+    try:
+        results.put(str(lidr.toy_model(root, 0, ["en", "de"])))
+    except Exception as error:
+        results.put(f"{type(error).__name__}: {error}")
+
+
+def test_two_runs_pretraining_the_same_toy_m0_at_once_both_get_it(tmp_path):
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    processes = [context.Process(target=pretrain_a_small_toy_m0, args=(tmp_path, delay, results)) for delay in (0, 0.5)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(120)
+    folders = [results.get(timeout=5) for _ in processes]
+    assert folders[0] == folders[1] and Path(folders[0]).is_dir(), folders
+    assert [p.name for p in tmp_path.iterdir()] == [Path(folders[0]).name], "no leftovers beside the M0"
+    steps = [json.loads(line)["step"] for line in (Path(folders[0]) / "train_log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9)), "one run's log, not two mixed"
 
 
 KILL_POINTS = ["iter_1/prompt_translations.jsonl", "iter_1/prompts.jsonl", "iter_1/responses.jsonl",
