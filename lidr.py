@@ -1441,8 +1441,8 @@ def read_alpaca_file(path: Path, lang: str) -> list[dict]:
 
 def score(benchmark: str, answer: str, finished: bool, gold, lang: str) -> dict:
     """One answer's scores; a language's metrics are their means."""
-    if benchmark == "toy":
-        return {"accuracy": float(answer == gold)}
+    if benchmark == "toy":  # number: the right number in any toy language, as MGSM scores a number
+        return {"accuracy": float(answer == gold), "number": float(toy_numbers(answer) == toy_numbers(gold))}
     if benchmark == "mgsm":
         return {"accuracy": float(last_number(answer) == gold), "off_target": off_target(answer, lang)}
     return {"finished": float(finished), "words": float(len(answer.split()))}
@@ -1800,18 +1800,18 @@ def eval_table(evaluations: list[dict], names: list[str], dominant: str) -> str:
         return f"{benchmark:<9} {metric:<10} {lang:>6} " + " ".join(
             f"{'-':>{w}}" if v is None else f"{v:{w}.1f}" for v, w in zip(values, widths))
     for benchmark, by_lang in evaluations[0].items():
-        for metric in ("accuracy", "off_target", "finished", "words"):
+        for metric in ("accuracy", "number", "off_target", "finished", "words"):
             langs = [lang for lang in by_lang if any(metric in e[benchmark][lang] for e in evaluations)]
             scale = 1 if metric == "words" else 100
             for lang in langs:  # a metric can be missing for a model: off_target when no answer has letters
                 values = [evaluation[benchmark][lang].get(metric) for evaluation in evaluations]
                 rows.append(row(benchmark, metric, lang, [None if v is None else v * scale for v in values]))
             others = [lang for lang in langs if lang != dominant]
-            if metric == "accuracy" and len(others) > 1:
+            if metric in ("accuracy", "number") and len(others) > 1:
                 rows.append(row(benchmark, metric, "others", [
                     sum(evaluation[benchmark][lang][metric] for lang in others) * scale / len(others)
                     for evaluation in evaluations]))
-    rows.append(f"accuracy, off_target, finished: % of problems; words: mean answer length; "
+    rows.append(f"accuracy, number, off_target, finished: % of problems; words: mean answer length; "
                 f"others: mean over the languages but {dominant}. Every answer: iter_<t>/eval_answers.jsonl.")
     return "\n".join(rows)
 
@@ -2288,6 +2288,12 @@ def toy_text(lang: str, problem: tuple, answer: int | None = None) -> tuple[str,
     question = TOY_TEMPLATES[lang][gives].format(name=name, a=words[a - 2], b=words[b - 2],
                                                  obj=TOY_OBJECTS[lang].split()[obj])
     return question, toy_answer(lang, answer or (a - b if gives else a + b), name, obj)
+
+
+def toy_numbers(text: str) -> list[int]:
+    """The numbers a toy sentence states, in whichever toy language it writes them."""
+    values = {word: value for words in TOY_NUMBERS.values() for value, word in enumerate(words.split(), 2)}
+    return [values[word] for word in re.findall(r"\w+", text) if word in values]
 
 
 def toy_prompts() -> list[dict]:

@@ -1576,6 +1576,14 @@ def test_the_same_languages_written_two_ways_are_one_setting():
 
 
 # ------------------------------------------------------------------------ the toy world
+def test_toy_number_metric_takes_the_right_number_in_any_toy_language():
+    gold = "Lea hat sieben Münzen."
+    assert lidr.score("toy", gold, True, gold, "de") == {"accuracy": 1.0, "number": 1.0}
+    assert lidr.score("toy", "Lea has seven coins.", True, gold, "de") == {"accuracy": 0.0, "number": 1.0}
+    assert lidr.score("toy", "Lea hat neun Münzen.", True, gold, "de") == {"accuracy": 0.0, "number": 0.0}
+    assert lidr.score("toy", "Lea hat sieben und neun", False, gold, "de")["number"] == 0.0, "one number, the right one"
+
+
 def test_toy_eval_problems_are_held_out():
     eval_questions = {p["prompt"] for lang in lidr.TOY_LANGS for p in lidr.toy_eval_problems(lang)}
     loop_questions = {p[lang] for p in lidr.toy_prompts() for lang in lidr.TOY_LANGS}
