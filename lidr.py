@@ -2256,7 +2256,7 @@ TOY_TEMPLATES = {  # (gets more, gives away, answer)
 # was as weak but the loop lifted them only +9 points in two iterations; with 800 steps, one seed's
 # M0 translated half its Russian wrong (README: The toy world).
 TOY_RECIPE = dict(largest_number=12, eval_problems=200, weak_examples=1000, weak_careless=0.6,  # the world
-                  hidden_size=128, layers=4, epochs=8, batch_size=64, lr=3e-3, adam_beta2=0.98)  # M0 and its pre-training
+                  hidden_size=128, layers=4, sequences_seen=76_800, batch_size=64, lr=3e-3, adam_beta2=0.98)  # M0 and its pre-training
 TOY_PROGRESS_STEPS = 100  # pre-training steps between saves of its progress (not part of the recipe)
 
 
@@ -2406,7 +2406,9 @@ def toy_model(root: Path, seed: int, langs) -> Path:
     model = untrained_toy_model(tokenizer)
     sequences = toy_pretraining_data(tokenizer, seed, langs)
     # the run's optimizer loop, with the toy recipe's settings (one micro-batch per step: it fits)
-    settings = Settings(lr=TOY_RECIPE["lr"], adam_beta2=TOY_RECIPE["adam_beta2"], epochs=TOY_RECIPE["epochs"],
+    # about 1,200 steps of 64 whatever the languages (8 epochs with all five; fewer languages, more)
+    epochs = max(1, round(TOY_RECIPE["sequences_seen"] / len(sequences)))
+    settings = Settings(lr=TOY_RECIPE["lr"], adam_beta2=TOY_RECIPE["adam_beta2"], epochs=epochs,
                         batch_size=TOY_RECIPE["batch_size"], micro_batch_size=TOY_RECIPE["batch_size"],
                         warmup_ratio=0.05, weight_decay=0.0, max_grad_norm=1.0, optim="adamw-fp32",
                         gradient_checkpointing="off", seed=seed)
