@@ -737,6 +737,10 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, ba
         model.config, model.dtype.itemsize, sequences, prompt_len, max_new_tokens) <= budget
     batches = generation_batches([len(p) for p in prompts], max_batch_size, fits)
     answers = [("", False)] * len(prompts)
+    # the plan first, the measured rate after: the numbers a time estimate for a long run needs
+    tqdm.write(f"{desc}: {len(prompts)} sequences, prompts of {min(map(len, prompts), default=0)}-"
+               f"{max(map(len, prompts), default=0)} tokens, at most {max_new_tokens} new tokens each, "
+               f"in {len(batches)} batches")
     new_tokens_total, start_time = 0, time.perf_counter()
     bar = tqdm(total=len(prompts), desc=desc, unit="seq", leave=False)
     for batch in batches:
@@ -756,6 +760,9 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, ba
         bar.update(len(batch))
         bar.set_postfix_str(f"{new_tokens_total / (time.perf_counter() - start_time):.0f} tok/s, batch {len(batch)}")
     bar.close()
+    seconds = time.perf_counter() - start_time
+    tqdm.write(f"{desc}: {new_tokens_total} new tokens in {seconds:.1f} s, {new_tokens_total / max(seconds, 1e-9):.0f} "
+               f"tokens/s")
     return answers
 
 

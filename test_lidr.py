@@ -158,7 +158,7 @@ def test_truncation_cuts_answers_and_keeps_the_prompt_whole():
 
 
 # ------------------------------------------------------------------------ sampling and translation
-def test_greedy_batched_generation_equals_one_at_a_time():
+def test_greedy_batched_generation_equals_one_at_a_time(capsys):
     # a larger initialisation makes the random model's output vary token to token
     torch.manual_seed(1)
     model, tokenizer = build_byte_level_model()
@@ -171,6 +171,10 @@ def test_greedy_batched_generation_equals_one_at_a_time():
     one_by_one = lidr.generate(model, tokenizer, prompts, 24, 1, 1.1, 0.0, "test")
     assert batched == one_by_one, "left padding or the repetition penalty changes batched greedy output"
     assert len(set(batched)) == len(prompts), "the test needs a model whose answers differ"
+    plan, rate = capsys.readouterr().out.splitlines()[:2]  # the plan before generating, the rate after
+    lengths = sorted(map(len, prompts))
+    assert plan == f"test: 4 sequences, prompts of {lengths[0]}-{lengths[-1]} tokens, at most 24 new tokens each, in 1 batches"
+    assert re.fullmatch(r"test: \d+ new tokens in [\d.]+ s, \d+ tokens/s", rate), rate
 
 
 @pytest.mark.parametrize("generated, expected", [
