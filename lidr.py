@@ -1642,7 +1642,8 @@ def stage_record_shape(name: str, langs: list[str]) -> dict:
                    "translation": str | None}
     sft_example = {"id": str, "lang": langs, "prompt": str, "response": str}
     return {"prompt_translations.jsonl": translation, "translations.jsonl": translation,
-            "prompts.jsonl": {"id": str, "translation_task": bool, langs[0]: str, **dict.fromkeys(langs[1:], str | None)},
+            "prompts.jsonl": {"id": str, "translation_task": bool, langs[0]: str,
+                              **dict.fromkeys(langs[1:], str | None)},
             "responses.jsonl": {"id": str, "lang": langs, "prompt": str, "response": str, "finished": bool},
             "pairs.jsonl": {"prompt": str, "chosen": str, "rejected": str, "id": str, "lang": langs, "kind": str,
                             "other_lang": langs},
@@ -1772,7 +1773,8 @@ def summary_table(history: list[dict], langs: list[str], settings: Settings) -> 
                 nll = f"{trained['loss/nll']:6.3f}" if trained else f"{'-':>6}"
                 rows.append(f"{t:>5} {lang:>4} {metrics['examples'][lang]:>8} {nll}")
         return "\n".join(rows + ["stage 1: questions into English; stage 2: English questions with English "
-                                 "answers. nll: per answer token, averaged over the stage's examples in its last epoch."])
+                                 "answers. nll: per answer token, averaged over the stage's examples in its last "
+                                 "epoch."])
     recipe = settings.recipe
     header = (f"{'iter':>4} {'lang':>4} {'pairs':>6} {'skipped':>7} {'failed_tr':>9} {'loss':>7} "
               f"{'reward_acc':>10} {'margin':>7} {'logp_chosen':>11} {'nll':>6}")
@@ -1872,7 +1874,8 @@ def lidr_iteration(model, tokenizer, prompts: list[dict], languages: dict[str, s
     langs = list(languages)
     prompts, prompts_too_long = drop_untrainable_prompts(prompts, tokenizer, languages, settings)
     prompt_translations = stage(folder / "prompt_translations.jsonl", lambda: translate(
-        model, tokenizer, prompt_translation_requests(prompts, langs), languages, settings, "translating prompts"), settings)
+        model, tokenizer, prompt_translation_requests(prompts, langs), languages, settings, "translating prompts"),
+        settings)
     prompts = stage(folder / "prompts.jsonl", lambda: fill_prompts(prompts, prompt_translations, langs),
                     settings)
     responses = stage(folder / "responses.jsonl", lambda: sample_responses(model, tokenizer, prompts, languages,
@@ -1976,7 +1979,8 @@ def evaluate_once(model, tokenizer, problems: dict, settings: Settings, out: Pat
                         f"to redo it, move the later iter_* folders out of {out}")
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(stage_seed(settings.seed, folder / "eval.json"))  # as a stage: resumed == uninterrupted
-    results = evaluate(model, tokenizer, problems, settings, folder, f"{Path(settings.model).name}-{settings.method}-{model_names(settings.method, t + 1)[t]}")
+    model_name = f"{Path(settings.model).name}-{settings.method}-{model_names(settings.method, t + 1)[t]}"
+    results = evaluate(model, tokenizer, problems, settings, folder, model_name)
     write_atomic(folder / "eval.json", to_json(results, indent=2))
     return results
 
@@ -2033,10 +2037,10 @@ def run(settings: Settings, command: list[str]):
         if t in finished:
             tqdm.write(f"reusing {folder}")
             metrics = read_json(folder / "metrics.json")
-            check_shape(str(folder / "metrics.json"), metrics, {"examples": dict.fromkeys(langs, int), "train": dict | None}
-                        if settings.method == "qalign" else {"counts": dict.fromkeys(langs, {"pairs": int}),
-                                                             "translation_failures": dict.fromkeys(langs, int),
-                                                             "train": dict | None})
+            check_shape(str(folder / "metrics.json"), metrics, {
+                "examples": dict.fromkeys(langs, int), "train": dict | None} if settings.method == "qalign" else {
+                "counts": dict.fromkeys(langs, {"pairs": int}), "translation_failures": dict.fromkeys(langs, int),
+                "train": dict | None})
             check_shape(str(folder / "metrics.json"), metrics["train"] or {"per_lang": {}}, {"per_lang": dict}, "train.")
             history.append(metrics)
             if problems:  # a run stopped between saving M_t and evaluating it: M_t is the model loaded
@@ -2069,6 +2073,15 @@ def run(settings: Settings, command: list[str]):
     if finished == list(range(1, settings.iters + 1)):
         print(summary)
     print(f"final model: {out / f'iter_{settings.iters}' / 'model'}")
+    # LIDR's and QAlign's default folders sit side by side: the second run to finish compares them
+    lidr_out, qalign_out = (out.with_name(out.name.removesuffix("-qalign")), out) if settings.method == "qalign" \
+        else (out, out.with_name(out.name + "-qalign"))
+    if problems and all((folder / "iter_1" / "eval.json").exists() for folder in (lidr_out, qalign_out)):
+        try:
+            table = compare_table([str(lidr_out), str(qalign_out)])
+            print(f"\nLIDR and QAlign (--compare {lidr_out},{qalign_out}):\n{table}")
+        except LidrError as error:
+            print(f"\n{error}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1277,12 +1277,15 @@ def test_sft_lowers_the_nll_of_its_answers_and_leaves_prompt_and_padding_out(tmp
 
 
 def test_a_qalign_run_killed_after_each_stage_resumes_to_the_uninterrupted_result(steered_run, tmp_path):
-    _, model_path, _ = steered_run
+    lidr_run, model_path, _ = steered_run
     shutil.copy(model_path.parent / "prompts.jsonl", tmp_path / "prompts.jsonl")
+    shutil.copytree(lidr_run, tmp_path / "whole", ignore=shutil.ignore_patterns("run.lock"))  # LIDR's, beside
     argv = [*STEERED_RUN, "--model", str(model_path), "--method", "qalign"]
-    output = run_lidr(*argv, "--out", "whole", cwd=tmp_path)
+    output = run_lidr(*argv, "--out", "whole-qalign", cwd=tmp_path)
     assert "== QAlign stage 2 (response alignment): M1 -> M2" in output
-    table = (tmp_path / "whole" / "summary.txt").read_text().splitlines()
+    assert "LIDR and QAlign (--compare whole,whole-qalign):\nbenchmark metric       lang     M0 whole:M2 " \
+           "whole-qalign:stage2" in output, "the second of two sibling runs compares them"
+    table = (tmp_path / "whole-qalign" / "summary.txt").read_text().splitlines()
     assert table[0].split() == ["stage", "lang", "examples", "nll"]
     assert table[2].split()[:3] == ["1", "en", "0"] and table[3].split()[:3] == ["1", "de", "3"], \
         "stage 1: the three German questions, none in English"
@@ -1291,8 +1294,8 @@ def test_a_qalign_run_killed_after_each_stage_resumes_to_the_uninterrupted_resul
     kill_at_each(["iter_1/question_alignment.jsonl", "iter_1/model", "iter_2/model"], argv, tmp_path, "killed")
     run_lidr(*argv, "--out", "killed", cwd=tmp_path)
     for artifact in ("iter_1/question_alignment.jsonl", "iter_1/response_alignment.jsonl", "iter_2/eval.json"):
-        assert (tmp_path / "killed" / artifact).read_text() == (tmp_path / "whole" / artifact).read_text(), artifact
-    assert same_final_model(tmp_path / "whole", tmp_path / "killed")
+        assert (tmp_path / "killed" / artifact).read_text() == (tmp_path / "whole-qalign" / artifact).read_text()
+    assert same_final_model(tmp_path / "whole-qalign", tmp_path / "killed")
 
 
 def test_compare_puts_m0_and_each_runs_last_model_in_one_table(tmp_path, capsys):
