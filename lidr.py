@@ -2076,7 +2076,8 @@ def run(settings: Settings, command: list[str]):
     # LIDR's and QAlign's default folders sit side by side: the second run to finish compares them
     lidr_out, qalign_out = (out.with_name(out.name.removesuffix("-qalign")), out) if settings.method == "qalign" \
         else (out, out.with_name(out.name + "-qalign"))
-    if problems and all((folder / "iter_1" / "eval.json").exists() for folder in (lidr_out, qalign_out)):
+    if problems and lidr_out != qalign_out and all((folder / "iter_1" / "eval.json").exists()
+                                                    for folder in (lidr_out, qalign_out)):
         try:
             table = compare_table([str(lidr_out), str(qalign_out)])
             print(f"\nLIDR and QAlign (--compare {lidr_out},{qalign_out}):\n{table}")
