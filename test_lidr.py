@@ -15,6 +15,7 @@ import statistics
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 import weakref
@@ -188,6 +189,19 @@ def test_greedy_answers_are_the_same_in_batches_one_at_a_time_and_with_either_en
     assert re.fullmatch(r"test: \d+ new tokens in [\d.]+ s, \d+ tokens/s", rate), rate
     # continuous batching cannot apply a repetition penalty (transformers drops it): generate serves those
     assert lines[4].endswith("by continuous batching" if penalty == 1.0 else "by HF generate in padded batches")
+
+
+def test_continuous_batching_samples_reproducibly_and_leaves_the_random_stream_as_it_was():
+    model, tokenizer = build_byte_level_model()
+    prompts = [lidr.chat_prompt_ids(tokenizer, text, SYSTEM) for text in ("Hi", "Wie geht's?", "x" * 19)]
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        answers = lidr.generate(model, tokenizer, prompts, 12, 4, 1.0, 1.0, "test", engine="continuous")
+        runs.append((answers, torch.rand(1)))
+    torch.manual_seed(3)
+    assert runs[0][0] == runs[1][0], "a stage redone after an interruption samples what it sampled"
+    assert torch.equal(runs[0][1], torch.rand(1)), "transformers reseeds torch's generator: it must be restored"
 
 
 @pytest.mark.parametrize("generated, expected", [
@@ -1938,6 +1952,96 @@ def test_bench_log_prob_sum_error_on_a_long_answer(bench):
         running_sum = torch.zeros(1).index_add(0, torch.zeros(len(float32_terms), dtype=torch.long), float32_terms)
     bench.append(("log-prob sum of a 4,000-token answer: error, nat", abs(logps.item() - exact),
                   abs(running_sum.item() - exact), "nat", "<= 1e-3"))
+
+
+def dpo_steps(side: str, uneven: bool, results) -> None:
+    """In a fresh process: 5 DPO + NLL steps of 4 pairs (one per micro-batch, as lidr's default)
+    on a random float32 134M Llama, by lidr's train or by TRL's DPOTrainer, with the same pairs,
+    objective (sigmoid DPO + the chosen answer's NLL per token), precomputed reference log-probs,
+    fused AdamW (TRL's default) and no checkpointing. Puts (seconds per step after the first, peak
+    resident memory above the built model, first step's loss)."""
+    import resource
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+        max_position_embeddings=1024, pad_token_id=0, eos_token_id=1))
+    built = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    generator = torch.Generator().manual_seed(1)
+    pairs = []
+    for _ in range(20):  # a 32-token prompt, answers of 224 tokens (or 64 to 224) ending in EOS (id 1)
+        lengths = torch.randint(64, 225, (2,), generator=generator).tolist() if uneven else [224, 224]
+        prompt, chosen, rejected = (torch.randint(3, 32000, (n,), generator=generator).tolist() for n in (32, *lengths))
+        pairs.append((prompt, chosen[:-1] + [1], rejected[:-1] + [1]))
+    marks, losses = [], []
+    if side == "lidr":
+        tokenized = [lidr.TokenizedPair(32, p + c, p + r, "en", False) for p, c, r in pairs]
+        ref_chosen, ref_rejected = lidr.reference_logps(model, tokenized, 1, 0)
+        settings = lidr.Settings(lr=5e-7, batch_size=4, micro_batch_size=1, warmup_ratio=0.0, optim="adamw-fp32",
+                                 gradient_checkpointing="off")
+
+        def accumulate(model, ids):
+            marks.append(time.perf_counter())
+            ids = list(range(4 * (len(marks) - 1), 4 * len(marks)))  # the pairs in order, as TRL takes them
+            metrics = lidr.accumulate_gradients(model, [tokenized[i] for i in ids], ref_chosen[ids],
+                                                ref_rejected[ids], 0.1, 1.0, 1, 0)
+            losses.append(metrics["loss/total"].mean().item())
+            return metrics
+        with tempfile.TemporaryDirectory() as folder:
+            lidr.train(model, ["en"] * len(tokenized), accumulate, settings, Path(folder) / "log.jsonl")
+        marks.append(time.perf_counter())
+    else:
+        import datasets
+        import trl
+        from tokenizers import Tokenizer, models, pre_tokenizers
+        backend = Tokenizer(models.WordLevel({"<pad>": 0, "<eos>": 1, "<unk>": 2, **{f"w{i}": i for i in range(3, 32000)}},
+                                             unk_token="<unk>"))
+        backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>")
+        text = lambda ids: " ".join("<eos>" if i == 1 else f"w{i}" for i in ids)
+        data = datasets.Dataset.from_list([{"prompt": text(p), "chosen": " " + text(c), "rejected": " " + text(r)}
+                                           for p, c, r in pairs])
+        with tempfile.TemporaryDirectory() as folder:
+            config = trl.DPOConfig(
+                output_dir=folder, report_to="none", use_cpu=True, per_device_train_batch_size=1,
+                gradient_accumulation_steps=4, max_steps=5, learning_rate=5e-7, lr_scheduler_type="cosine",
+                gradient_checkpointing=False, beta=0.1, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 1.0],
+                precompute_ref_log_probs=True, max_length=256, logging_steps=1, save_strategy="no",
+                disable_tqdm=True, train_sampling_strategy="sequential", seed=0)
+            trainer = trl.DPOTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer)
+
+            class Timer(transformers.TrainerCallback):
+                def on_step_begin(self, *args, **kwargs):
+                    marks.append(time.perf_counter())
+
+                def on_log(self, args, state, control, logs=None, **kwargs):
+                    losses.append(logs.get("loss"))
+            trainer.add_callback(Timer())
+            trainer.train()
+            marks.append(time.perf_counter())
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - built
+    results.put((statistics.median(b - a for a, b in zip(marks[1:], marks[2:])), peak / 2**20, losses[0]))
+
+
+@pytest.mark.bench
+@pytest.mark.parametrize("uneven", [False, True], ids=["answers-224", "answers-64-224"])
+def test_bench_dpo_step_vs_trl(bench, uneven):
+    pytest.importorskip("trl", reason="TRL is for this benchmark only: pip install trl==1.16.* in another "
+                                      "environment (python -m venv --system-site-packages), not requirements.txt")
+    context = multiprocessing.get_context("spawn")
+    figures = {"lidr": [], "trl": []}
+    for side in ["lidr", "trl"] * 3:  # alternated, a fresh process each
+        results = context.Queue()
+        process = context.Process(target=dpo_steps, args=(side, uneven, results))
+        process.start()
+        figures[side].append(results.get())
+        process.join()
+    assert figures["lidr"][0][2] == pytest.approx(figures["trl"][0][2], abs=1e-3), "the same loss, step 1"
+    seconds = [statistics.median(f[0] for f in figures[side]) for side in ("lidr", "trl")]
+    memory = [statistics.median(f[1] for f in figures[side]) for side in ("lidr", "trl")]
+    label = f"DPO step vs TRL, 134M float32, 4 pairs of {'64-224' if uneven else '224'}-token answers"
+    bench.append((f"{label}: pairs/s", 4 / seconds[0], 4 / seconds[1], "/s", ">= 1.5x"))
+    bench.append((f"{label}: peak memory", *memory, "MiB", "<= 0.6x"))
 
 
 class LiveBytes(TorchDispatchMode):
