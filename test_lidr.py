@@ -1811,18 +1811,23 @@ def test_bench_sampling_batched_vs_one_at_a_time(bench):
 
 
 @pytest.mark.bench
-@pytest.mark.parametrize("prompts_count, max_new_tokens, stop_bias", [(64, 128, 0.3), (1500, 48, 3.0)])
+@pytest.mark.parametrize("prompts_count, max_new_tokens, stop_bias", [(64, 128, 1.0), (1500, 48, 1.5)])
 def test_bench_sampling_engines_on_uneven_answers(bench, prompts_count, max_new_tokens, stop_bias):
-    # The random toy model with a bias toward the stop token: (64, 128, 0.3) stops most answers in a
-    # few tokens and runs some to the cap; (1500, 48, 3.0) is the toy loop's workload, short answers.
-    torch.manual_seed(0)
-    tokenizer = lidr.toy_tokenizer()
-    model = lidr.untrained_toy_model(tokenizer).eval()
-    bias = torch.zeros(len(tokenizer))
-    bias[lidr.end_of_turn_id(tokenizer)] = stop_bias
+    # The byte-level model, initialised to vary token to token, with a bias toward its stop token:
+    # (64, 128, 1.0) stops most answers early and runs a few to the cap; (1500, 48, 1.5) stops all
+    # within a few tokens, as the toy loop's 1,500 answers do.
+    torch.manual_seed(1)
+    model, tokenizer = build_byte_level_model()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    model.eval()
+    bias = torch.zeros(model.config.vocab_size)
+    bias[lidr.stop_token_ids(model, tokenizer)] = stop_bias
     model.lm_head.register_forward_hook(lambda module, inputs, logits: logits + bias)
-    prompts = [lidr.chat_prompt_ids(tokenizer, record[lidr.TOY_LANGS[i % 5]], "")
-               for i, record in enumerate(lidr.toy_prompts()[:prompts_count])]
+    prompts = [lidr.chat_prompt_ids(tokenizer, p[lang], SYSTEM) for p in lidr.BUILTIN_PROMPTS
+               for lang in ("en", "de", "fr", "es")] * 24
+    prompts = prompts[:prompts_count]
     figures = {"generate": [], "continuous": []}
     for engine in ["generate", "continuous"] * 2:  # alternated
         timing = {}
@@ -1833,7 +1838,7 @@ def test_bench_sampling_engines_on_uneven_answers(bench, prompts_count, max_new_
                                               engine=engine)
             timing["seconds"] = time.perf_counter() - start
         peak = peak_memory_of(sample)
-        new_tokens = sum(len(tokenizer(answer).input_ids) + finished for answer, finished in timing["answers"])
+        new_tokens = sum(len(answer.encode()) + finished for answer, finished in timing["answers"])  # bytes + stop
         figures[engine].append((new_tokens / timing["seconds"], peak / 2**20, timing["answers"]))
     assert figures["generate"][0][2] == figures["continuous"][0][2], "greedy: the same answers"
     stopped = sum(finished for _, finished in figures["generate"][0][2])
@@ -1958,7 +1963,7 @@ def dpo_steps(side: str, uneven: bool, results) -> None:
     """In a fresh process: 4 DPO + NLL steps of 4 pairs (one per micro-batch, as lidr's default)
     on a random float32 134M Llama, by lidr's train or by TRL's DPOTrainer, with the same pairs,
     objective (sigmoid DPO + the chosen answer's NLL per token), precomputed reference log-probs,
-    fused AdamW (TRL's default) and no checkpointing. Puts (median seconds per step after the first,
+    fused AdamW (TRL's default), float32 (TRL's default is bf16 autocast) and no checkpointing. Puts (median seconds per step after the first,
     peak resident memory above the built model, first step's loss)."""
     import resource
     torch.set_num_threads(1)
@@ -2003,7 +2008,7 @@ def dpo_steps(side: str, uneven: bool, results) -> None:
                                            for p, c, r in pairs])
         with tempfile.TemporaryDirectory() as folder:
             config = trl.DPOConfig(
-                output_dir=folder, report_to="none", use_cpu=True, per_device_train_batch_size=1,
+                output_dir=folder, report_to="none", use_cpu=True, bf16=False, per_device_train_batch_size=1,
                 gradient_accumulation_steps=4, max_steps=4, learning_rate=5e-7, lr_scheduler_type="cosine",
                 gradient_checkpointing=False, beta=0.1, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 1.0],
                 precompute_ref_log_probs=True, max_length=256, logging_steps=1, save_strategy="no",
