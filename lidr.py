@@ -135,7 +135,8 @@ class Settings:
     engine: str = setting("generate", "generate: HF generate on padded batches of similar-length prompts; "
                                       "continuous: transformers' continuous batching (paged KV cache, a finished "
                                       "sequence's place taken at once), for stages without a repetition penalty, "
-                                      "which it cannot apply. Greedy answers are the same (README: Hardware)")
+                                      "which it cannot apply. Greedy answers are the same up to float rounding "
+                                      "(README: Hardware)")
     answer_field: str = setting("", "qalign: the prompt records' field holding gold English answers for stage 2; "
                                     "empty = M0's own greedy answers (those LIDR's first iteration samples)")
     # step 4: pairs
@@ -184,7 +185,8 @@ class Settings:
 # No repetition penalty: a toy answer repeats the question's name and object, and often one of its
 # numbers ("12 minus 6" is 6); penalised, the correct answer lost to a neighbour (README: The toy world).
 # NLL weight 2: DPO also lowers the end-of-turn token that ends chosen and rejected answers alike; at
-# 1, one seed in three lost 4.5 points of English to answers running on into "</translated>".
+# 1, two seeds in three of a 4 x 96 toy lost 3 to 4.5 points of English, some answers running on
+# into "</translated>".
 TINY_DEFAULTS = dict(prompts="toy", eval="toy", num_prompts=300, system_prompt="", repetition_penalty=1.0,
                      max_new_tokens=48, translation_max_new_tokens=64, eval_max_new_tokens=48, lr=1e-4, alpha=2.0,
                      batch_size=8, micro_batch_size=8, max_len=512)
@@ -740,8 +742,8 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, ba
     answer hit max_new_tokens before a stop token. engine: generate (padded_batches) or continuous
     (continuous_batches, used where there is no repetition penalty, which it cannot apply).
     batch_size caps the sequences generated at once (0: 512 on GPU, 32 on CPU, where larger
-    batches stop paying); free memory caps the rest. Greedy answers are the same with either
-    engine and any batch size. Prints the plan first and the measured rate after: the numbers a
+    batches stop paying); free memory caps the rest. Greedy answers are the same, up to float
+    rounding, with either engine and any batch size. Prints the plan first and the measured rate after: the numbers a
     time estimate for a long run needs."""
     if not prompts:
         return []
@@ -811,9 +813,10 @@ def continuous_batches(model, prompts: list[list[int]], config: GenerationConfig
     longest = max(map(len, prompts)) + config.max_new_tokens
     blocks = min(len(prompts), max_batch_size) * math.ceil(longest / page)
     budget = free_memory(model.device) * 3 // 4 // kv_cache_bytes(model.config, model.dtype.itemsize, page)
-    cache = ContinuousBatchingConfig(page_size=page, num_blocks=max(1, min(blocks, budget)),  # default: 60% of RAM
-                                     max_batch_tokens=1024, allow_block_sharing=False, use_cuda_graph=False,
-                                     use_async_batching=False)
+    cache = ContinuousBatchingConfig(page_size=page, num_blocks=max(1, min(blocks, budget)),  # default: most of RAM
+                                     max_requests_per_batch=max_batch_size, max_batch_tokens=1024,
+                                     allow_block_sharing=False, use_cuda_graph=False, use_async_batching=False)
+    attention = model.config._attn_implementation  # the manager switches it (eager -> paged|eager)
     manager = model.init_continuous_batching(generation_config=config, continuous_batching_config=cache)
     results = {}
     # the manager reseeds torch's generators from them: the stage's random stream goes on as it was
@@ -829,9 +832,11 @@ def continuous_batches(model, prompts: list[list[int]], config: GenerationConfig
                     if result is not None and result.is_finished():
                         results[result.request_id] = result
                         bar.update()
-        finally:
-            manager.stop(block=True)
+        finally:  # hard_stop: an interrupt must not wait for the queued sequences
+            manager.stop(block=True, hard_stop=True)
             manager.destroy()
+            if model.config._attn_implementation != attention:  # a manager that never started leaves it switched
+                model.set_attn_implementation(attention)
     failed = [i for i in ids if i not in results or results[i].error is not None]
     if failed:  # transformers logs a failed request and goes on
         raise RunFault(f"{desc}: continuous batching failed {len(failed)} of {len(ids)} sequences "
@@ -1090,7 +1095,7 @@ def collate(sequences: list[tuple[list[int], int]], pad_id: int):
 # ------------------------------------------------------------------------ log-probs
 # Answer tokens whose float32 logits exist at once. A chunk's backward pass holds four float32
 # (tokens x vocabulary) tensors: logits, log-probs, softmax and gradient. Over Llama-3's 128k
-# vocabulary that is 2.1 GB for 1,024 tokens, and would be 8.4 GB for a whole 2 x 2,048-token pair.
+# vocabulary that is 2.1 GB for 1,024 tokens; for a whole 2 x 2,048-token pair at once, up to 8.4 GB.
 LOGPS_CHUNK_TOKENS = 1024
 
 
@@ -1114,8 +1119,8 @@ def sequence_logps(model, input_ids, attention_mask, labels):
         torch.utils.checkpoint.checkpoint(answer_token_logps, output_layer, h, t, use_reentrant=False)
         for h, t in zip(answer_hidden.split(LOGPS_CHUNK_TOKENS), answer_targets.split(LOGPS_CHUNK_TOKENS))])
     sequence_of_token = mask.nonzero()[:, 0]  # (N,): which sequence each answer token belongs to
-    # Summed in float64: a float32 running sum over a 2,000-token answer drifts by ~0.1 nat, and DPO's
-    # margin is a difference of such sums. The float32 result is then within ~1e-4 of the exact sum.
+    # Summed in float64: a float32 running sum over a 4,000-token answer was 0.03 nat off, and DPO's
+    # margin is a difference of such sums; the float32 result is then exact to its rounding.
     logps = torch.zeros(len(input_ids), dtype=torch.float64, device=token_logps.device)
     logps = logps.index_add(0, sequence_of_token, token_logps.double()).float()
     return logps, mask.sum(-1)
@@ -1614,17 +1619,20 @@ def model_shape(name: str):
 
 def training_memory(config, n_params: int, settings: Settings, optim: str, checkpointing: str) -> dict[str, float]:
     """Bytes one training step holds, by part (training_peak adds them up). Each part is what a
-    simulation of the step on fake tensors held (Llama-3-8B, bf16, 1 pair x 2 x 2,048 tokens; peak
-    64.8 GB with adamw-bf16 and checkpointing, 145.6 GB with adamw-fp32; this gives both):
+    simulation of the step on fake tensors held (Llama-3-8B, bf16, checkpointing, pairs of 2 x
+    2,048 tokens, one per micro-batch; peak with adamw-bf16 64.8 GB for a one-pair step and 68.6 GB
+    for two, with adamw-fp32 145.6 GB for either; this gives each):
     - weights, gradients, optimizer state: per parameter, by optimizer (README: Hardware);
     - step: what the update holds beyond them: BF16AdamW's float32 work on one chunk (5 float32 and
       3 int32 values per element); or, for the float32 masters of a bf16 model, the bf16 gradient of
       the largest tensor (the embedding) waiting for its float32 copy; fused AdamW holds nothing;
-    - activations, at the start of the backward pass, where they peak and no gradient exists yet:
-      each layer's input with checkpointing (without: everything a layer keeps, ~8 hidden- and 6
-      MLP-size values per token, 0.97 GB per Llama-3 layer at 4,096 tokens, against 0.89 GB
-      simulated), the final norm's float32 input and copies, one log-prob chunk's backward
-      (LOGPS_CHUNK_TOKENS) and the output layer's gradient, summed there over the chunks."""
+    - activations, at the start of the backward pass, where they peak: each layer's input with
+      checkpointing (without: everything a layer keeps, ~8 hidden- and 6 MLP-size values per
+      token, 0.97 GB per Llama-3 layer at 4,096 tokens, against 0.89 GB simulated), the final
+      norm's float32 input and copies, one log-prob chunk's backward (LOGPS_CHUNK_TOKENS) and the
+      output layer's gradient, summed there over the chunks;
+    - earlier_gradients: what the step's earlier micro-batches have accumulated by then, in the
+      model's dtype (none when a step is one micro-batch; 68.6 GB simulated with two)."""
     width = 2 if settings.dtype == "bfloat16" else 4
     tokens = 2 * settings.micro_batch_size * settings.max_len  # chosen + rejected sequences
     hidden, layers, mlp = config.hidden_size, config.num_hidden_layers, config.intermediate_size
@@ -1637,14 +1645,16 @@ def training_memory(config, n_params: int, settings: Settings, optim: str, check
     layer_activations = ((layers + 1) * tokens * hidden * width if checkpointing == "on"
                          else layers * tokens * (8 * hidden + 6 * mlp) * width)
     output_layer = tokens * hidden * (4 + 3 * width) + LOGPS_CHUNK_TOKENS * vocab * 16 + vocab * hidden * width
+    earlier_gradients = n_params * width if settings.batch_size > settings.micro_batch_size else 0
     return {"weights": n_params * width, "gradients": gradients, "optimizer": optimizer, "step": step,
-            "activations": layer_activations + output_layer}
+            "activations": layer_activations + output_layer, "earlier_gradients": earlier_gradients}
 
 
 def training_peak(parts: dict[str, float]) -> float:
-    """Weights and optimizer state are held throughout; the activations are gone before the last
-    gradient exists, so the peak is the larger of the two."""
-    return parts["weights"] + parts["optimizer"] + max(parts["gradients"] + parts["step"], parts["activations"])
+    """Weights and optimizer state are held throughout; the activations are gone before the step's
+    last gradient exists, so the peak is the larger of the two moments."""
+    return parts["weights"] + parts["optimizer"] + max(parts["gradients"] + parts["step"],
+                                                       parts["activations"] + parts["earlier_gradients"])
 
 
 def device_memory(device: str) -> int:
@@ -1673,7 +1683,8 @@ def plan_training_memory(config, n_params: int, settings: Settings, available: i
     gb = {name: value / 1e9 for name, value in parts.items()}
     print(f"training memory estimate ({optim}, checkpointing {settings.gradient_checkpointing}): weights "
           f"{gb['weights']:.1f} + optimizer {gb['optimizer']:.1f} + max(gradients {gb['gradients']:.1f} + step "
-          f"{gb['step']:.1f}, activations {gb['activations']:.1f}) = {training_peak(parts) / 1e9:.1f} GB of "
+          f"{gb['step']:.1f}, activations {gb['activations']:.1f} + earlier micro-batches' gradients "
+          f"{gb['earlier_gradients']:.1f}) = {training_peak(parts) / 1e9:.1f} GB of "
           f"{available / 1e9:.1f} GB on {settings.device}")
     if training_peak(parts) > available:
         trial, fixes = dataclasses.replace(settings, optim=optim), []
@@ -2532,8 +2543,8 @@ def toy_model_folder(root: Path, seed: int, langs) -> Path:
     """root/tiny-m0-<langs>-seed<seed>-<recipe hash>: any change to the toy's data, model or
     pre-training (its code included) makes another M0."""
     functions = (toy_problem_list, toy_text, toy_answer, toy_translation_requests, toy_tokenizer,
-                 untrained_toy_model, toy_pretraining_data, toy_model, train, nll_gradients, collate, sequence_logps,
-                 warmup_cosine)
+                 untrained_toy_model, toy_pretraining_data, toy_model, train, nll_gradients, length_grouped,
+                 in_step_order, collate, sequence_logps, answer_token_logps, warmup_cosine)
     recipe = json.dumps([TOY_RECIPE, TOY_TEMPLATES, TOY_NUMBERS, TOY_OBJECTS, TOY_NAMES, TOY_SYSTEM_PROMPT,
                          TRANSLATION_REQUEST, TRANSLATION_PREFIX, LANGUAGE_NAMES])
     recipe += "".join(inspect.getsource(function) for function in functions)
