@@ -235,9 +235,15 @@ class OneLineArgumentParser(argparse.ArgumentParser):
         raise LidrError(message)
 
 
+HELP = ("LIDR (Language Imbalance Driven Rewarding, Yang et al., ICLR 2025): each iteration the model answers "
+        "the same prompts in every language, translates its answers between the dominant language and the others, "
+        "builds preference pairs from the gap and trains on them with DPO + NLL. 'python lidr.py --iters 2' runs "
+        "it on the paper's model where a CUDA GPU is visible, else on the built-in toy world, offline. The method "
+        "and its departures from the authors' scripts: the top of lidr.py and the README.")
+
+
 def parse_settings(argv: list[str]) -> Settings:
-    parser = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                   argument_default=argparse.SUPPRESS)
+    parser = OneLineArgumentParser(description=HELP, argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(Settings):
         tiny = f"; tiny: {TINY_DEFAULTS[f.name]}" if f.name in TINY_DEFAULTS else ""
         qalign = f"; qalign: {QALIGN_DEFAULTS[f.name]}" if f.name in QALIGN_DEFAULTS else ""

@@ -1014,6 +1014,15 @@ BAD_INPUTS = [
 ]
 
 
+def test_help_is_the_flags_and_one_paragraph(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        lidr.parse_settings(["--help"])
+    text = capsys.readouterr().out
+    assert exit_info.value.code == 0 and text.startswith("usage: ")
+    assert "DPO + NLL" in text and "Where this file departs" not in text, "one paragraph, not the module docstring"
+    assert all(f"--{f.name.replace('_', '-')} " in text for f in dataclasses.fields(lidr.Settings)), "every flag"
+
+
 @pytest.mark.parametrize("argv, message", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, argv, message):
     files = {"bad": write(tmp_path / "bad.jsonl", '{"id": "q0", "en": "ok"}\n{"id": "q1", "en": \n'),
