@@ -181,6 +181,11 @@ class Settings:
                                "their evaluations, M0 and each run's last model, and exit")
 
 
+# The settings with a fixed set of values: argparse refuses any other, naming the flag and the set.
+CHOICES = {"method": ("lidr", "qalign"), "dtype": ("auto", "bfloat16", "float32"), "recipe": ("lidr", "scripts"),
+           "engine": ("generate", "continuous"), "pairing": ("dominant", "ranked"),
+           "optim": ("auto", "adamw-fp32", "adamw-bf16"), "gradient_checkpointing": ("auto", "on", "off")}
+
 # --model tiny runs the toy world on CPU: its prompts and evaluation, and lengths that fit its answers.
 # No repetition penalty: a toy answer repeats the question's name and object, and often one of its
 # numbers ("12 minus 6" is 6); penalised, the correct answer lost to a neighbour (README: The toy world).
@@ -247,7 +252,7 @@ def parse_settings(argv: list[str]) -> Settings:
     for f in dataclasses.fields(Settings):
         tiny = f"; tiny: {TINY_DEFAULTS[f.name]}" if f.name in TINY_DEFAULTS else ""
         qalign = f"; qalign: {QALIGN_DEFAULTS[f.name]}" if f.name in QALIGN_DEFAULTS else ""
-        parser.add_argument("--" + f.name.replace("_", "-"), type=f.type,
+        parser.add_argument("--" + f.name.replace("_", "-"), type=f.type, choices=CHOICES.get(f.name),
                             help=f"{f.metadata['help']} [default: {f.default!r}{tiny}{qalign}]")
     given = vars(parser.parse_args(argv))  # only the flags on the command line (SUPPRESS)
     for name, value in given.items():  # argparse reads "--iters=--" as an empty list
@@ -308,10 +313,6 @@ def check_settings(settings: Settings):
         "repetition_penalty": (settings.repetition_penalty >= 0.01, ">= 0.01"),
         "temperature": (settings.temperature == 0 or settings.temperature >= 0.01, "0 (greedy) or >= 0.01"),
         "gen_batch_size": (settings.gen_batch_size >= 0, ">= 0"),
-        "engine": (settings.engine in ("generate", "continuous"), "generate or continuous"),
-        "method": (settings.method in ("lidr", "qalign"), "lidr or qalign"),
-        "recipe": (settings.recipe in ("lidr", "scripts"), "lidr or scripts"),
-        "pairing": (settings.pairing in ("dominant", "ranked"), "dominant or ranked"),
         "beta": (settings.beta > 0, "> 0"),
         "alpha": (settings.alpha >= 0, ">= 0"),
         "lr": (settings.lr > 0, "> 0"),
@@ -323,9 +324,6 @@ def check_settings(settings: Settings):
         "weight_decay": (settings.weight_decay >= 0, ">= 0"),
         "adam_beta2": (0 <= settings.adam_beta2 < 1, "in [0, 1)"),
         "max_grad_norm": (settings.max_grad_norm > 0, "> 0"),
-        "dtype": (settings.dtype in ("auto", "bfloat16", "float32"), "auto, bfloat16 or float32"),
-        "optim": (settings.optim in ("auto", "adamw-fp32", "adamw-bf16"), "auto, adamw-fp32 or adamw-bf16"),
-        "gradient_checkpointing": (settings.gradient_checkpointing in ("auto", "on", "off"), "auto, on or off"),
         "eval": (set(filter(None, settings.eval.split(","))) <= set(BENCHMARKS), "a comma-separated list of "
                  + ", ".join(BENCHMARKS)),
         "eval_limit": (settings.eval_limit >= 0, ">= 0"),
