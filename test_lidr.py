@@ -165,14 +165,19 @@ def test_truncation_cuts_answers_and_keeps_the_prompt_whole():
 
 
 # ------------------------------------------------------------------------ sampling and translation
-@pytest.mark.parametrize("penalty", [1.0, 1.1])
-def test_greedy_answers_are_the_same_in_batches_one_at_a_time_and_with_either_engine(capsys, penalty):
-    # a larger initialisation makes the random model's output vary token to token
+def varied_byte_level_model():
+    """The byte-level model with a larger initialisation, so that its output varies token to token."""
     torch.manual_seed(1)
     model, tokenizer = build_byte_level_model()
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.3)
+    return model.eval(), tokenizer
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.1])
+def test_greedy_answers_are_the_same_in_batches_one_at_a_time_and_with_either_engine(capsys, penalty):
+    model, tokenizer = varied_byte_level_model()
     prompts = [lidr.chat_prompt_ids(tokenizer, text, SYSTEM)
                for text in ("Hi", "A much longer prompt that needs no padding at all.", "Wie geht's?", "x" * 19)]
     one_by_one = lidr.generate(model, tokenizer, prompts, 24, 1, penalty, 0.0, "test")
@@ -651,16 +656,24 @@ def test_chunked_logps_and_gradients_equal_full_vocab_logps(monkeypatch):
     assert torch.allclose(gradients[0], gradients[1], atol=1e-5)
 
 
-def test_log_prob_sums_of_long_answers_are_exact_to_float32_rounding():
+@torch.no_grad()
+def long_answer_log_prob_sums() -> tuple[float, float, float]:
+    """A 4,000-token answer's log-prob under the byte-level model: lidr's sum, the exact one
+    (float64 throughout), and a float32 running sum of the float32 token log-probs."""
     model, _ = tiny_model()
     ids = torch.randint(3, 250, (4000,), generator=torch.Generator().manual_seed(0)).tolist()
     batch = lidr.collate([(ids, 5)], pad_id=0)
-    with torch.no_grad():
-        logps, _ = lidr.sequence_logps(model, *batch)
-        token_logps = model(batch[0]).logits[0, 4:-1].double().log_softmax(-1)
-        exact = token_logps.gather(-1, torch.tensor(ids[5:]).unsqueeze(-1)).sum()
-    # a float32 running sum of the ~4,000 token log-probs is off by ~0.03 nat here
-    assert abs(logps.item() - exact.item()) <= torch.finfo(torch.float32).eps * abs(exact.item()) + 1e-3
+    logps, _ = lidr.sequence_logps(model, *batch)
+    logits, targets = model(batch[0]).logits[0, 4:-1], torch.tensor(ids[5:]).unsqueeze(-1)
+    exact = logits.double().log_softmax(-1).gather(-1, targets).sum().item()
+    terms = logits.log_softmax(-1).gather(-1, targets).squeeze(-1)
+    running_sum = torch.zeros(1).index_add(0, torch.zeros(len(terms), dtype=torch.long), terms).item()
+    return logps.item(), exact, running_sum
+
+
+def test_log_prob_sums_of_long_answers_are_exact_to_float32_rounding():
+    logps, exact, _ = long_answer_log_prob_sums()  # the running sum is off by ~0.03 nat here
+    assert abs(logps - exact) <= torch.finfo(torch.float32).eps * abs(exact) + 1e-3
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
@@ -1829,12 +1842,7 @@ def test_bench_sampling_engines_on_uneven_answers(bench, prompts_count, max_new_
     # The byte-level model, initialised to vary token to token, with a bias toward its stop token:
     # (64, 128, 1.0) stops most answers early and runs a few to the cap; (1500, 48, 1.5) stops all
     # within a few tokens, as the toy loop's 1,500 answers do.
-    torch.manual_seed(1)
-    model, tokenizer = build_byte_level_model()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3)
-    model.eval()
+    model, tokenizer = varied_byte_level_model()
     bias = torch.zeros(model.config.vocab_size)
     bias[lidr.stop_token_ids(model, tokenizer)] = stop_bias
     model.lm_head.register_forward_hook(lambda module, inputs, logits: logits + bias)
@@ -1956,20 +1964,9 @@ def timed(function) -> float:
 
 @pytest.mark.bench
 def test_bench_log_prob_sum_error_on_a_long_answer(bench):
-    # the error of a float32 running sum (the simplest) and of lidr's float64 sum, against float64
-    # throughout, on a 4,000-token answer of the byte-level model
-    model, _ = tiny_model()
-    ids = torch.randint(3, 250, (4000,), generator=torch.Generator().manual_seed(0)).tolist()
-    batch = lidr.collate([(ids, 5)], pad_id=0)
-    with torch.no_grad():
-        logps, _ = lidr.sequence_logps(model, *batch)
-        logits = model(batch[0]).logits[0, 4:-1]
-        targets = torch.tensor(ids[5:]).unsqueeze(-1)
-        exact = logits.double().log_softmax(-1).gather(-1, targets).sum().item()
-        float32_terms = logits.log_softmax(-1).gather(-1, targets).squeeze(-1)
-        running_sum = torch.zeros(1).index_add(0, torch.zeros(len(float32_terms), dtype=torch.long), float32_terms)
-    bench.append(("log-prob sum of a 4,000-token answer: error, nat", abs(logps.item() - exact),
-                  abs(running_sum.item() - exact), "nat", "<= 1e-3"))
+    logps, exact, running_sum = long_answer_log_prob_sums()
+    bench.append(("log-prob sum of a 4,000-token answer: error, nat", abs(logps - exact), abs(running_sum - exact),
+                  "nat", "<= 1e-3"))
 
 
 def dpo_steps(side: str, uneven: bool, results) -> None:
