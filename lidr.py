@@ -196,21 +196,11 @@ TINY_DEFAULTS = dict(prompts="toy", eval="toy", num_prompts=300, system_prompt="
                      max_new_tokens=48, translation_max_new_tokens=64, eval_max_new_tokens=48, lr=1e-4, alpha=2.0,
                      batch_size=8, micro_batch_size=8, max_len=512)
 
-# Prompt wordings a run can take from a file: flag -> (the constant read from a .py file, the
-# placeholders the template must hold, those it may hold besides).
-TEMPLATES = {"prompt_template": ("PROMPT_PREFIX", {"question"}, {"language"}),
-             "eval_prompt_template": ("PROMPT_PREFIX", {"question"}, {"language"}),
-             "translation_request": ("TRANS_INSTRUCTION", {"text"}, {"lang", "source", "target"})}
-
 # --method qalign: QAlign's SFT hyperparameters (NJUNLP/QAlign training_scripts/finetune.sh: 3 epochs,
 # lr 2e-5, 128 examples per step, 3% warmup, cosine). The toy keeps its own lr and batch size.
 QALIGN_DEFAULTS = dict(lr=2e-5, epochs=3, batch_size=128, warmup_ratio=0.03)
-QALIGN_TINY_DEFAULTS = dict(epochs=3, warmup_ratio=0.03)
 
-# What a resumed run may change: the folder's own name, the number of iterations (to extend a
-# run), and settings that change how fast a run goes, and its results only by float rounding.
-RESUMABLE_CHANGES = {"out", "iters", "device", "gen_batch_size", "engine", "micro_batch_size",
-                     "gradient_checkpointing"}
+QALIGN_TINY_DEFAULTS = dict(epochs=3, warmup_ratio=0.03)
 
 LANGUAGE_NAMES = {
     "en": "English", "es": "Spanish", "ru": "Russian", "de": "German", "fr": "French",
@@ -231,10 +221,832 @@ class RunFault(LidrError):
     exit_code = 1
 
 
-def first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+# ------------------------------------------------------------------------ the loop: one LIDR iteration, M_{t-1} -> M_t
+def lidr_iteration(model, tokenizer, prompts: list[dict], languages: dict[str, str], settings: Settings,
+                   folder: Path) -> dict:
+    """One LIDR iteration, M_{t-1} -> M_t, in place on `model`; each stage's artifact is reused
+    if a previous run finished it. Returns the iteration's metrics."""
+    langs = list(languages)
+    prompts, prompts_too_long = drop_untrainable_prompts(prompts, tokenizer, languages, settings)
+    prompt_translations = stage(folder / "prompt_translations.jsonl", lambda: translate(
+        model, tokenizer, prompt_translation_requests(prompts, langs), languages, settings, "translating prompts"),
+        settings)
+    prompts = stage(folder / "prompts.jsonl", lambda: fill_prompts(prompts, prompt_translations, langs),
+                    settings)
+    responses = stage(folder / "responses.jsonl", lambda: sample_responses(model, tokenizer, prompts, languages,
+                                                                           settings), settings)
+    translations = stage(folder / "translations.jsonl", lambda: translate(
+        model, tokenizer, translation_requests(prompts, responses, langs, settings.pairing, settings.recipe),
+        languages, settings, "self-translating"), settings)
+    built, counts = build_pairs(prompts, responses, translations, langs, settings.pairing, settings.recipe)
+    pairs = stage(folder / "pairs.jsonl", lambda: built, settings)  # train on exactly what the folder holds
+    failures = failed_translations_into(prompt_translations + translations, langs)
+    trained = train_on_pairs(model, tokenizer, pairs, settings, folder / "train_log.jsonl")
+    return {"counts": counts, "translation_failures": failures, "prompts_too_long": prompts_too_long,
+            "train": trained}
 
 
+# ------------------------------------------------------------------------ step 1: the same prompts in every language
+def prompts_for_iteration(prompts: list[dict], iteration: int, num_prompts: int) -> list[dict]:
+    """Iteration t takes the t-th slice of num_prompts: fresh prompts each iteration, as the
+    released scripts did, as long as the source has iters * num_prompts; then it wraps around."""
+    n = min(num_prompts, len(prompts))
+    return [prompts[((iteration - 1) * n + i) % len(prompts)] for i in range(n)]
+
+
+def looks_like_translation_task(text: str, language_names: list[str]) -> bool:
+    """'Translate ... into/to/in French' within one sentence: translating such a prompt's answer
+    would corrupt it (the paper's step 4). A heuristic for prompts that don't say; the verb only,
+    so 'explain mRNA translation' or 'the translation of the Bible into English' don't match."""
+    names = "|".join(map(re.escape, language_names))
+    unquoted_or_quoted = r"""(?:'[^'\n]*'|"[^"\n]*"|[^.?!\n'"])*"""  # a quote may hold any punctuation
+    pattern = rf"\btranslat(?:e|ing)\b{unquoted_or_quoted}\b(?:into|to|in)\s+(?:{names})\b"
+    return re.search(pattern, text, re.IGNORECASE) is not None
+
+
+def drop_untrainable_prompts(prompts: list[dict], tokenizer, languages: dict[str, str],
+                             settings: Settings) -> tuple[list[dict], dict[str, int]]:
+    """Prompts whose chat-formatted tokens fill --max-len can never be trained on (tokenize_pair
+    would drop their pairs): leave them out before any generation, which they would only slow or
+    blow up (one 100,000-character prompt's prefill alone needs tens of GB). A too-long dominant
+    prompt drops its record, another language's is set to None (never translated instead).
+    Returns the prompts kept and how many were too long, per language."""
+    prompt_template = template(settings, "prompt_template")
+    too_long_per_lang, kept = dict.fromkeys(languages, 0), []
+    for prompt in prompts:
+        too_long = {lang for lang in languages if prompt.get(lang) and settings.max_len <= len(chat_prompt_ids(
+            tokenizer, fill_template(prompt_template, prompt[lang], languages[lang]), settings.system_prompt))}
+        for lang in too_long:
+            too_long_per_lang[lang] += 1
+        if next(iter(languages)) not in too_long:
+            kept.append({**prompt, **dict.fromkeys(too_long)})
+    if any(too_long_per_lang.values()):
+        tqdm.write(f"warning: prompts longer than --max-len {settings.max_len} tokens, left out: "
+                   + ", ".join(f"{lang} {n}" for lang, n in too_long_per_lang.items() if n))
+    return kept, too_long_per_lang
+
+
+def prompt_translation_requests(prompts: list[dict], langs: list[str]) -> list[dict]:
+    """Step 1 for the languages a prompt record lacks: translate its dominant prompt."""
+    return [{"id": p["id"], "source_lang": langs[0], "target_lang": lang, "source": p[langs[0]]}
+            for p in prompts for lang in langs if lang not in p]
+
+
+def fill_prompts(prompts: list[dict], prompt_translations: list[dict], langs: list[str]) -> list[dict]:
+    """Every language of every record filled: given, translated by the model, or None (failed)."""
+    translated = {(t["id"], t["target_lang"]): t["translation"] for t in prompt_translations}
+    return [{**p, **{lang: p.get(lang, translated.get((p["id"], lang))) for lang in langs}} for p in prompts]
+
+
+# ------------------------------------------------------------------------ step 2: sampling
+def sample_responses(model, tokenizer, prompts: list[dict], languages: dict[str, str], settings: Settings) -> list[dict]:
+    """Step 2: M_{t-1} answers every prompt in its own language. With --prompt-template each prompt
+    is asked inside that template (the authors' arithmetic run asks for an answer in the language
+    so); "prompt" is what was asked, and becomes the prompt of the pairs."""
+    prompt_template = template(settings, "prompt_template")
+    jobs = [(prompt["id"], lang, fill_template(prompt_template, prompt[lang], languages[lang]))
+            for prompt in prompts for lang in languages if prompt.get(lang)]
+    ids = [chat_prompt_ids(tokenizer, text, settings.system_prompt) for _, _, text in jobs]
+    answers = generate(model, tokenizer, ids, settings.max_new_tokens, settings.gen_batch_size,
+                       settings.repetition_penalty, settings.temperature, desc="sampling answers",
+                       engine=settings.engine)
+    return [{"id": prompt_id, "lang": lang, "prompt": text, "response": answer.strip(), "finished": finished}
+            for (prompt_id, lang, text), (answer, finished) in zip(jobs, answers)]
+
+
+def fill_template(prompt_template: str, question: str, language: str) -> str:
+    return prompt_template.format(question=question, language=language) if prompt_template else question
+
+
+def chat_prompt_ids(tokenizer, user_text: str, system_prompt: str, assistant_prefix: str = "") -> list[int]:
+    """Token ids of a chat prompt ending where the assistant starts writing (after the prefix)."""
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    messages.append({"role": "user", "content": user_text})
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    # The template already writes BOS: adding special tokens again would double it (a known DPO trap).
+    return tokenizer(text + assistant_prefix, add_special_tokens=False).input_ids
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
+             repetition_penalty: float, temperature: float, desc: str,
+             engine: str = "generate") -> list[tuple[str, bool]]:
+    """(answer, finished) for each token-id prompt, in input order; finished is False when the
+    answer hit max_new_tokens before a stop token. engine: generate (padded_batches) or continuous
+    (continuous_batches, used where there is no repetition penalty, which it cannot apply).
+    batch_size caps the sequences generated at once (0: 512 on GPU, 32 on CPU, where larger
+    batches stop paying); free memory caps the rest. Greedy answers are the same, up to float
+    rounding, with either engine and any batch size. Prints the plan first and the measured rate after: the numbers a
+    time estimate for a long run needs."""
+    if not prompts:
+        return []
+    max_batch_size = batch_size or (512 if model.device.type == "cuda" else 32)
+    stops = stop_token_ids(model, tokenizer)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty,
+                              do_sample=temperature > 0, temperature=temperature or None,
+                              top_k=0, top_p=1.0,  # plain temperature sampling, not the model's own defaults
+                              eos_token_id=stops, pad_token_id=stops[0])
+    continuous = engine == "continuous" and repetition_penalty == 1.0
+    tqdm.write(f"{desc}: {len(prompts)} sequences, prompts of {min(map(len, prompts))}-{max(map(len, prompts))} "
+               f"tokens, at most {max_new_tokens} new tokens each, by "
+               + ("continuous batching" if continuous else "HF generate in padded batches"))
+    start_time = time.perf_counter()
+    if continuous:
+        outputs = continuous_batches(model, prompts, config, max_batch_size, desc)
+    else:
+        outputs = padded_batches(model, prompts, config, max_batch_size, desc)
+    answers, new_tokens_total = [], 0
+    for new_tokens in outputs:
+        ends = [k for k, token in enumerate(new_tokens) if token in stops]
+        answers.append((tokenizer.decode(new_tokens[:ends[0] if ends else None], skip_special_tokens=True), bool(ends)))
+        new_tokens_total += ends[0] + 1 if ends else len(new_tokens)
+    seconds = time.perf_counter() - start_time
+    tqdm.write(f"{desc}: {new_tokens_total} new tokens in {seconds:.1f} s, {new_tokens_total / max(seconds, 1e-9):.0f} "
+               f"tokens/s")
+    return answers
+
+
+def end_of_turn_id(tokenizer) -> int:
+    """The token the chat template closes an assistant turn with: render a conversation whose
+    answer is a marker and take the first token after it (Llama-3: <|eot_id|>, Qwen: <|im_end|>,
+    Gemma: <end_of_turn>). Training answers end with it, and generation stops at it."""
+    marker = "LIDR-MARKER"
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], tokenize=False)
+    after_answer = tokenizer(text.split(marker, 1)[1], add_special_tokens=False).input_ids
+    closing = [i for i in after_answer if tokenizer.decode([i]).strip()]
+    return closing[0] if closing else tokenizer.eos_token_id
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    ids = {end_of_turn_id(tokenizer), tokenizer.eos_token_id}
+    configured = model.generation_config.eos_token_id
+    ids.update(configured if isinstance(configured, list) else [configured])
+    return sorted(i for i in ids if i is not None)
+
+
+def padded_batches(model, prompts: list[list[int]], config: GenerationConfig, max_batch_size: int,
+                   desc: str) -> list[list[int]]:
+    """HF generate on batches of similar-length prompts, left-padded, each of at most max_batch_size
+    sequences and of what fits in free memory (generation_memory): each batch runs until its
+    longest answer ends. Returns each prompt's new tokens."""
+    budget = free_memory(model.device) * 3 // 4  # a quarter left for the allocator's fragmentation
+    fits = lambda sequences, prompt_len: generation_memory(
+        model.config, model.dtype.itemsize, sequences, prompt_len, config.max_new_tokens) <= budget
+    batches = generation_batches([len(p) for p in prompts], max_batch_size, fits)
+    outputs = [[]] * len(prompts)
+    bar = tqdm(total=len(prompts), desc=f"{desc} ({len(batches)} batches)", unit="seq", leave=False)
+    for batch in batches:
+        width = max(len(prompts[i]) for i in batch)
+        # Left-pad each row with its own first token: the repetition penalty counts every input
+        # id, so a shared pad id (often EOS) would be penalised in padded rows only and batched
+        # greedy output would differ from one-at-a-time. The attention mask hides the pads.
+        input_ids = torch.tensor([[prompts[i][0]] * (width - len(prompts[i])) + prompts[i] for i in batch])
+        attention_mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in batch])
+        output = model.generate(input_ids=input_ids.to(model.device),
+                                attention_mask=attention_mask.to(model.device), generation_config=config)
+        for i, new_tokens in zip(batch, output[:, width:].tolist()):
+            outputs[i] = new_tokens
+        bar.update(len(batch))
+    bar.close()
+    return outputs
+
+
+def continuous_batches(model, prompts: list[list[int]], config: GenerationConfig, max_batch_size: int,
+                       desc: str) -> list[list[int]]:
+    """transformers' continuous batching: the KV cache is paged, a sequence leaves the batch the
+    step it ends and a waiting one takes its place, so no step is spent on finished sequences or
+    padding. The cache holds max_batch_size sequences at full length, or what fits in free memory:
+    without flash attention (not a requirement here) attention runs over the whole cache under a
+    block-diagonal mask, so a larger cache costs time as well as memory (README: Hardware).
+    Returns each prompt's new tokens."""
+    from transformers.generation import ContinuousBatchingConfig
+    page = 64  # tokens per cache block
+    longest = max(map(len, prompts)) + config.max_new_tokens
+    blocks = min(len(prompts), max_batch_size) * math.ceil(longest / page)
+    budget = free_memory(model.device) * 3 // 4 // kv_cache_bytes(model.config, model.dtype.itemsize, page)
+    cache = ContinuousBatchingConfig(page_size=page, num_blocks=max(1, min(blocks, budget)),  # default: most of RAM
+                                     max_requests_per_batch=max_batch_size, max_batch_tokens=1024,
+                                     allow_block_sharing=False, use_cuda_graph=False, use_async_batching=False)
+    attention = model.config._attn_implementation  # the manager switches it (eager -> paged|eager)
+    manager = model.init_continuous_batching(generation_config=config, continuous_batching_config=cache)
+    results = {}
+    # the manager reseeds torch's generators from them: the stage's random stream goes on as it was
+    with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
+        try:
+            ids = manager.add_requests(inputs=prompts, max_new_tokens=config.max_new_tokens)
+            manager.start()  # after queueing every request: the same batches, so the same draws, in every run
+            with tqdm(total=len(prompts), desc=f"{desc} (continuous)", unit="seq", leave=False) as bar:
+                while len(results) < len(ids):
+                    result = manager.get_result(timeout=1)
+                    if result is None and not manager.is_running():
+                        break  # stopped with sequences unfinished: said below
+                    if result is not None and result.is_finished():
+                        results[result.request_id] = result
+                        bar.update()
+        finally:  # hard_stop: an interrupt must not wait for the queued sequences
+            manager.stop(block=True, hard_stop=True)
+            manager.destroy()
+            if model.config._attn_implementation != attention:  # a manager that never started leaves it switched
+                model.set_attn_implementation(attention)
+    failed = [i for i in ids if i not in results or results[i].error is not None]
+    if failed:  # transformers logs a failed request and goes on
+        raise RunFault(f"{desc}: continuous batching failed {len(failed)} of {len(ids)} sequences "
+                       f"({results[failed[0]].error if failed[0] in results else 'no result'}); --engine generate "
+                       f"avoids it")
+    return [results[i].generated_tokens for i in ids]
+
+
+# ------------------------------------------------------------------------ step 3: self-translation
+TRANSLATION_REQUEST = ("Translate the {source} text between <sentence> and </sentence> into {target}. "
+                       "Write only the translation, between <translated> and </translated>.\n\n"
+                       "<sentence>{text}</sentence>")
+
+TRANSLATION_PREFIX = "<translated>\n"  # pre-filled assistant turn, as in the released scripts
+
+
+def translation_requests(prompts: list[dict], responses: list[dict], langs: list[str], pairing: str,
+                         recipe: str) -> list[dict]:
+    """Step 3's work: for each pair of comparable answers, the stronger one into the weaker
+    language and the weaker one back. Under --recipe lidr none for translation tasks (their pairs
+    use the answers as written: translating a translation's answer would corrupt it); the
+    scripts translate them too, and drop both pairs when either translation fails."""
+    requests = []
+    for prompt, stronger, weaker, why_not in compared_answers(prompts, responses, langs, pairing, recipe):
+        if why_not is None and (recipe == "scripts" or not prompt["translation_task"]):
+            requests.append({"id": prompt["id"], "source_lang": stronger["lang"], "target_lang": weaker["lang"],
+                             "source": stronger["response"]})
+            requests.append({"id": prompt["id"], "source_lang": weaker["lang"], "target_lang": stronger["lang"],
+                             "source": weaker["response"]})
+    return requests
+
+
+def compared_answers(prompts: list[dict], responses: list[dict], langs: list[str], pairing: str, recipe: str):
+    """(prompt record, stronger answer, weaker answer, why not) for every prompt and compared
+    pair of languages. why not is None when both answers can be compared, else the reason to skip:
+    no_prompt (the prompt could not be translated into a language, or was longer than --max-len
+    allows: drop_untrainable_prompts), and under --recipe lidr
+    unfinished (an answer hit the token cap) or empty."""
+    answers = {(r["id"], r["lang"]): r for r in responses}
+    for prompt in prompts:
+        for stronger_lang, weaker_lang in stronger_weaker_languages(langs, pairing):
+            stronger, weaker = answers.get((prompt["id"], stronger_lang)), answers.get((prompt["id"], weaker_lang))
+            if stronger is None or weaker is None:
+                why_not = "no_prompt"
+            elif recipe == "scripts":  # the scripts compare whatever was answered
+                why_not = None
+            else:
+                why_not = ("unfinished" if not (stronger["finished"] and weaker["finished"])
+                           else "empty" if not (stronger["response"] and weaker["response"]) else None)
+            yield prompt, stronger or {"lang": stronger_lang}, weaker or {"lang": weaker_lang}, why_not
+
+
+def stronger_weaker_languages(langs: list[str], pairing: str) -> list[tuple[str, str]]:
+    """Which languages' answers are compared: the stronger (dominant) language against each
+    weaker one (paper), or, ranked, every language against every lower-ranked one."""
+    if pairing == "dominant":
+        return [(langs[0], weaker) for weaker in langs[1:]]
+    return [(langs[i], langs[j]) for i in range(len(langs)) for j in range(i + 1, len(langs))]
+
+
+def translate(model, tokenizer, requests: list[dict], languages: dict[str, str], settings: Settings,
+              desc: str) -> list[dict]:
+    """requests: {"id", "source_lang", "target_lang", "source"}; returns them with the model's
+    raw output and the parsed "translation" (None when it failed: kept for inspection, never used).
+    The request is TRANSLATION_REQUEST, or --translation-request's ({lang} is the target)."""
+    request = template(settings, "translation_request") or TRANSLATION_REQUEST
+    ids = [chat_prompt_ids(tokenizer, request.format(
+        source=languages[r["source_lang"]], target=languages[r["target_lang"]], lang=languages[r["target_lang"]],
+        text=r["source"]), settings.system_prompt, TRANSLATION_PREFIX) for r in requests]
+    # No repetition penalty: the prompt holds the text to copy and the closing tag (released scripts too).
+    outputs = generate(model, tokenizer, ids, settings.translation_max_new_tokens, settings.gen_batch_size,
+                       1.0, settings.temperature, desc=desc, engine=settings.engine)
+    return [{**r, "raw": raw, "translation": parse_translation(raw, empty_fails=settings.recipe == "lidr")}
+            for r, (raw, _) in zip(requests, outputs)]
+
+
+def parse_translation(generated: str, empty_fails: bool = True) -> str | None:
+    """The text the model wrote after the pre-filled '<translated>\\n' and before '</translated>';
+    None (a failed translation) without the closing tag, or, if empty_fails, with nothing inside
+    (the scripts keep an empty translation: their pattern matches it)."""
+    if "</translated>" not in generated:
+        return None
+    translation = generated.split("</translated>", 1)[0].strip()
+    return None if empty_fails and not translation else translation
+
+
+# ------------------------------------------------------------------------ step 4: preference pairs
+def build_pairs(prompts: list[dict], responses: list[dict], translations: list[dict], langs: list[str],
+                pairing: str, recipe: str) -> tuple[list[dict], dict[str, dict[str, int]]]:
+    """For each prompt and (stronger, weaker) language pair:
+      stronger: prompt x_stronger, chosen y_stronger,                   rejected translate(y_weaker -> stronger)
+      weaker:   prompt x_weaker,   chosen translate(y_stronger -> weaker), rejected y_weaker
+    Translation tasks: the weaker pair's chosen answer is y_stronger as written; under --recipe
+    lidr the stronger pair's rejected one is y_weaker as written too. The stronger language is the
+    dominant one (paper), or the higher-ranked one with --pairing ranked.
+    --recipe lidr skips a pair when its answers can't be compared (compared_answers), a
+    translation it needs failed, or chosen == rejected. --recipe scripts does what the authors'
+    utils/preprocess_dpo_format_dataset.py does: both pairs are dropped when either translation
+    failed, unfinished, empty and identical answers are kept, and only the English pairs against
+    the last language are kept (their loop writes one English file per language, each over the
+    last: "overwritten").
+    Returns the pairs and, per language, counts of "pairs" built and of each reason to skip."""
+    translated = {(t["id"], t["source_lang"], t["target_lang"]): t["translation"] for t in translations}
+    # "pairs" built, or why not: compared_answers' reasons first, then this function's own
+    reasons = ("pairs", "no_prompt", "unfinished", "empty", "translation_failed", "identical", "overwritten")
+    counts = {lang: dict.fromkeys(reasons, 0) for lang in langs}
+    pairs = []
+
+    def add(answer, kind, other_lang, chosen, rejected):
+        lang = answer["lang"]
+        reason = ("translation_failed" if chosen is None or rejected is None
+                  else "identical" if chosen == rejected and recipe == "lidr" else "pairs")
+        counts[lang][reason] += 1
+        if reason == "pairs":  # the prompt is the one its language's answer was sampled with
+            pairs.append({"prompt": answer["prompt"], "chosen": chosen, "rejected": rejected,
+                          "id": answer["id"], "lang": lang, "kind": kind, "other_lang": other_lang})
+
+    for prompt, stronger, weaker, why_not in compared_answers(prompts, responses, langs, pairing, recipe):
+        stronger_lang, weaker_lang = stronger["lang"], weaker["lang"]
+        if why_not:
+            counts[stronger_lang][why_not] += 1
+            counts[weaker_lang][why_not] += 1
+            continue
+        back_translated = translated.get((prompt["id"], weaker_lang, stronger_lang))
+        forward_translated = translated.get((prompt["id"], stronger_lang, weaker_lang))
+        if recipe == "scripts":
+            kept_english = weaker_lang == langs[-1]  # the English pair the scripts' last file write keeps
+            if back_translated is None or forward_translated is None:  # either failed: both pairs dropped
+                counts[stronger_lang]["translation_failed" if kept_english else "overwritten"] += 1
+                counts[weaker_lang]["translation_failed"] += 1
+                continue
+            if kept_english:
+                add(stronger, "own>translated", weaker_lang, stronger["response"], back_translated)
+            else:
+                counts[stronger_lang]["overwritten"] += 1
+        elif prompt["translation_task"]:
+            add(stronger, "own>untranslated", weaker_lang, stronger["response"], weaker["response"])
+        else:
+            add(stronger, "own>translated", weaker_lang, stronger["response"], back_translated)
+        if prompt["translation_task"]:  # translating the answer of a translation task would corrupt it
+            add(weaker, "untranslated>own", stronger_lang, stronger["response"], weaker["response"])
+        else:
+            add(weaker, "translated>own", stronger_lang, forward_translated, weaker["response"])
+    return pairs, counts
+
+
+# ------------------------------------------------------------------------ step 5: DPO + NLL, with M_{t-1} as the reference
+def train_on_pairs(model, tokenizer, pairs: list[dict], settings: Settings, log_path: Path) -> dict | None:
+    """Steps 5-6 for one iteration: tokenise the pairs, take the reference log-probs with the
+    model as it is (M_{t-1}), then train it into M_t. None when no pair is left to train on."""
+    end_of_turn = end_of_turn_id(tokenizer)
+    tokenized = [tokenize_pair(tokenizer, pair, settings.system_prompt, end_of_turn, settings.max_len)
+                 for pair in pairs]
+    kept = [pair for pair in tokenized if pair is not None]
+    truncated = sum(pair.truncated for pair in kept)
+    if truncated or len(kept) < len(pairs):
+        tqdm.write(f"warning: --max-len {settings.max_len}: {truncated} pairs have an answer cut short, "
+                   f"{len(pairs) - len(kept)} pairs dropped (prompt alone too long)")
+    if not kept:
+        return None
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_of_turn
+    ref_chosen_logps, ref_rejected_logps = reference_logps(model, kept, settings.micro_batch_size, pad_id)
+    result = train(model, [pair.lang for pair in kept], lambda model, ids: accumulate_gradients(
+        model, [kept[i] for i in ids], ref_chosen_logps[ids], ref_rejected_logps[ids], settings.beta, settings.alpha,
+        settings.micro_batch_size, pad_id), settings, log_path)
+    return {**result, "pairs_truncated": truncated, "pairs_prompt_too_long": len(pairs) - len(kept)}
+
+
+@dataclass
+class TokenizedPair:
+    prompt_length: int  # chat-formatted prompt tokens that start both sequences; masked out of the loss
+    chosen_input_ids: list[int]  # prompt + chosen answer + end-of-turn
+    rejected_input_ids: list[int]  # prompt + rejected answer + end-of-turn
+    lang: str
+    truncated: bool  # an answer was cut to fit max_len (and lost its end-of-turn)
+
+
+def tokenize_pair(tokenizer, pair: dict, system_prompt: str, end_of_turn: int, max_len: int) -> TokenizedPair | None:
+    """Prompt ids + answer ids + end-of-turn, each part tokenised on its own and the ids
+    concatenated: tokenising the joined text could merge tokens across the boundary (a known DPO
+    trap). An answer too long for max_len is cut at its end; the prompt is kept whole, since
+    cutting it would drop BOS, the system turn and the chat header. None if the prompt alone
+    fills max_len."""
+    prompt_ids = chat_prompt_ids(tokenizer, pair["prompt"], system_prompt)
+    room = max_len - len(prompt_ids)
+    if room < 1:
+        return None
+    chosen, rejected = (tokenizer(pair[side], add_special_tokens=False).input_ids + [end_of_turn]
+                        for side in ("chosen", "rejected"))
+    return TokenizedPair(len(prompt_ids), prompt_ids + chosen[:room], prompt_ids + rejected[:room], pair["lang"],
+                         truncated=max(len(chosen), len(rejected)) > room)
+
+
+def collate(sequences: list[tuple[list[int], int]], pad_id: int):
+    """(ids, prompt_length) pairs -> right-padded input_ids, attention_mask and labels (B, T);
+    labels are -100 on prompt and padding, so only answer tokens reach the loss."""
+    width = max(len(ids) for ids, _ in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    labels = torch.full((len(sequences), width), -100)
+    for row, (ids, prompt_length) in enumerate(sequences):
+        input_ids[row, :len(ids)] = torch.tensor(ids)
+        attention_mask[row, :len(ids)] = 1
+        labels[row, prompt_length:len(ids)] = torch.tensor(ids[prompt_length:])
+    return input_ids, attention_mask, labels
+
+
+@torch.no_grad()
+def reference_logps(model, pairs: list[TokenizedPair], micro_batch_size: int, pad_id: int):
+    """Step 6: log ref(y|x) of every pair's chosen and rejected answer, (N,) each, computed once
+    with M_{t-1} before any update, so the reference needs no second model in memory."""
+    chosen, rejected = [], []
+    for start in tqdm(range(0, len(pairs), micro_batch_size), desc="reference log-probs", leave=False):
+        chosen_logps, rejected_logps, _ = chosen_rejected_logps(model, pairs[start:start + micro_batch_size], pad_id)
+        chosen.append(chosen_logps.cpu())
+        rejected.append(rejected_logps.cpu())
+    return torch.cat(chosen), torch.cat(rejected)
+
+
+def chosen_rejected_logps(model, pairs: list[TokenizedPair], pad_id: int):
+    """One forward over [chosen_1..B, rejected_1..B] -> chosen logps, rejected logps, chosen lengths (B,)."""
+    sequences = ([(p.chosen_input_ids, p.prompt_length) for p in pairs]
+                 + [(p.rejected_input_ids, p.prompt_length) for p in pairs])
+    input_ids, attention_mask, labels = (t.to(model.device) for t in collate(sequences, pad_id))
+    logps, lengths = sequence_logps(model, input_ids, attention_mask, labels)
+    return logps[:len(pairs)], logps[len(pairs):], lengths[:len(pairs)]
+
+
+def sequence_logps(model, input_ids, attention_mask, labels):
+    """Sum of log pi(token) over the labelled (answer) tokens of each sequence. Logits are made
+    only for answer positions, a chunk at a time, and recomputed in the backward pass instead of
+    stored, so the full (B, T, V) float32 logits never exist. Returns (logps (B,), lengths (B,))."""
+    # use_cache=False: a KV cache is for generating, here it would only hold memory
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    targets = labels[:, 1:]  # the token each position predicts
+    mask = targets != -100
+    answer_hidden, answer_targets = hidden[:, :-1][mask], targets[mask]  # (N, H), (N,) over all answer tokens
+    output_layer = model.get_output_embeddings()
+    token_logps = torch.cat([
+        torch.utils.checkpoint.checkpoint(answer_token_logps, output_layer, h, t, use_reentrant=False)
+        for h, t in zip(answer_hidden.split(LOGPS_CHUNK_TOKENS), answer_targets.split(LOGPS_CHUNK_TOKENS))])
+    sequence_of_token = mask.nonzero()[:, 0]  # (N,): which sequence each answer token belongs to
+    # Summed in float64: a float32 running sum over a 4,000-token answer was 0.03 nat off, and DPO's
+    # margin is a difference of such sums; the float32 result is then exact to its rounding.
+    logps = torch.zeros(len(input_ids), dtype=torch.float64, device=token_logps.device)
+    logps = logps.index_add(0, sequence_of_token, token_logps.double()).float()
+    return logps, mask.sum(-1)
+
+
+# Answer tokens whose float32 logits exist at once. A chunk's backward pass holds four float32
+# (tokens x vocabulary) tensors: logits, log-probs, softmax and gradient. Over Llama-3's 128k
+# vocabulary that is 2.1 GB for 1,024 tokens; for a whole 2 x 2,048-token pair at once, up to 8.4 GB.
+LOGPS_CHUNK_TOKENS = 1024
+
+
+def answer_token_logps(output_layer, hidden, targets):
+    """log pi(target) for a chunk of answer positions: hidden (n, H), targets (n,) -> (n,)."""
+    logits = output_layer(hidden).float()  # (n, V), float32: bf16 log-softmax loses precision
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+
+
+def dpo_nll_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                 chosen_lengths, beta: float, alpha: float):
+    """DPO (Rafailov et al. 2023, eq. 7) plus the chosen answer's length-normalised NLL
+    (Pang et al. 2024), per pair:
+        -log sigmoid(beta * [(pc - rc) - (pr - rr)]) + alpha * (-pc / |y_c|)
+    All inputs (B,): summed log-probs of each answer under the policy (p) and the reference (r).
+    Returns the loss averaged over pairs and a dict of detached per-pair metrics (B,)."""
+    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps)
+    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps)
+    dpo = -F.logsigmoid(chosen_rewards - rejected_rewards)
+    nll = -policy_chosen_logps / chosen_lengths
+    losses = dpo + alpha * nll
+    metrics = {"loss/total": losses, "loss/dpo": dpo, "loss/nll": nll,
+               "rewards/chosen": chosen_rewards, "rewards/rejected": rejected_rewards,
+               "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
+               "rewards/margins": chosen_rewards - rejected_rewards,
+               "logps/chosen": policy_chosen_logps, "logps/rejected": policy_rejected_logps}
+    return losses.mean(), {name: value.detach() for name, value in metrics.items()}
+
+
+def accumulate_gradients(model, pairs: list[TokenizedPair], ref_chosen_logps, ref_rejected_logps,
+                         beta: float, alpha: float, micro_batch_size: int, pad_id: int) -> dict:
+    """Backward over one optimizer step's pairs in micro-batches. Each micro-batch's mean loss is
+    weighted by its share of the step's pairs, so the gradient is the mean over the step's pairs
+    whatever the micro-batching (averaging per micro-batch would weight a short last one more).
+    Returns the step's per-pair metrics (N,), in the order of pairs, and their token counts."""
+    micro_batches = length_grouped([max(len(p.chosen_input_ids), len(p.rejected_input_ids)) for p in pairs],
+                                   micro_batch_size)
+    metrics = []
+    for micro in micro_batches:
+        chosen, rejected, chosen_lengths = chosen_rejected_logps(model, [pairs[i] for i in micro], pad_id)
+        loss, micro_metrics = dpo_nll_loss(chosen, rejected, ref_chosen_logps[micro].to(model.device),
+                                           ref_rejected_logps[micro].to(model.device), chosen_lengths, beta, alpha)
+        (loss * len(micro) / len(pairs)).backward()
+        tokens = [len(pairs[i].chosen_input_ids) + len(pairs[i].rejected_input_ids) for i in micro]
+        metrics.append({**micro_metrics, "tokens": torch.tensor(tokens)})
+    return in_step_order(micro_batches, metrics)
+
+
+def length_grouped(lengths: list[int], micro_batch_size: int) -> list[list[int]]:
+    """One optimizer step's examples (by index) cut into micro-batches of similar lengths: each
+    micro-batch is padded to its longest sequence, so sorting first pads less (random 64-sequence
+    toy batches are 37% padding; sorted into micro-batches of 16, 11%). The step's examples, and so
+    its gradient, are the same."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    return [order[start:start + micro_batch_size] for start in range(0, len(order), micro_batch_size)]
+
+
+def in_step_order(micro_batches: list[list[int]], metrics: list[dict]) -> dict:
+    """Per-example metrics of length-grouped micro-batches, back in the step's order."""
+    order = torch.tensor([i for micro in micro_batches for i in micro]).argsort()
+    return {name: torch.cat([m[name] for m in metrics]).cpu()[order] for name in metrics[0]}
+
+
+def train(model, example_langs: list[str], accumulate, settings: Settings, log_path: Path,
+          progress: Path | None = None, progress_every: int = 100) -> dict:
+    """The optimizer loop of every training in this file: DPO + NLL (step 5), QAlign's two SFT
+    stages, and the toy M0's pre-training. example_langs holds one entry per training example
+    (its language, for per-language metrics). Each step takes --batch-size examples in a seeded
+    shuffled order, epoch after epoch; accumulate(model, example indices) runs their forward and
+    backward passes, each micro-batch's loss divided so that the gradient is the step's mean
+    (accumulate_gradients, nll_gradients), and returns per-example metric tensors and token
+    counts ("tokens": the rate printed at the end counts them, padding not included). Then clip,
+    step, schedule, log: AdamW with warmup then cosine decay, one line of metrics per step in
+    log_path. With progress, everything needed to go on (model, optimizer, schedule, log) is
+    saved there every progress_every steps, and an interrupted training goes on from it.
+    Returns the last epoch's metrics, averaged over its examples and per language."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if settings.optim == "adamw-bf16":
+        masters = params
+        optimizer = BF16AdamW(params, lr=settings.lr, betas=(0.9, settings.adam_beta2),
+                              weight_decay=settings.weight_decay)
+    else:
+        # bf16 weights cannot hold an update smaller than ~1/256 of their value, so at DPO learning
+        # rates most AdamW updates would vanish (a known DPO trap). AdamW updates float32 "master"
+        # copies instead, rounded into the model after each step; a float32 model is its own master.
+        masters = params if all(p.dtype == torch.float32 for p in params) else [p.detach().float() for p in params]
+        # fused: one kernel per tensor, in place, with no float32 temporaries (the default and the
+        # foreach=False step make full-size ones: 4.2 GB for Llama-3-8B's embedding), and 10x
+        # faster than foreach=False at 124M parameters on CPU (test_bench_adamw_step_fused_vs_single_tensor)
+        optimizer = torch.optim.AdamW(masters, lr=settings.lr, betas=(0.9, settings.adam_beta2),
+                                      weight_decay=settings.weight_decay, fused=True)
+    if settings.gradient_checkpointing == "on":
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.train()  # HF checkpoints layers only in train mode; dropout was switched off in load_model
+    generator = torch.Generator().manual_seed(settings.seed)
+    steps = [(epoch, step_ids) for epoch in range(settings.epochs)
+             for step_ids in torch.randperm(len(example_langs), generator=generator).split(settings.batch_size)]
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(len(steps), settings.warmup_ratio))
+    parts = {"model": model, "optimizer": optimizer, "schedule": schedule}
+    start, logged, last_epoch, last_epoch_langs = 0, [], [], []
+    if progress is not None and progress.exists():  # an interrupted training's progress: go on from it
+        try:
+            saved = torch.load(progress, weights_only=False)
+        except Exception as error:
+            tqdm.write(f"warning: {progress} is unreadable ({first_line(error)}); training from the start")
+        else:
+            for name, part in parts.items():
+                part.load_state_dict(saved[name])
+            with torch.no_grad():  # float32 masters of a bf16 model: the model's weights are rounded
+                for master, value in zip(masters, saved["masters"]):
+                    master.copy_(value)
+            start, logged, last_epoch, last_epoch_langs = (saved[name] for name in (
+                "step", "logged", "last_epoch", "last_epoch_langs"))
+    tqdm.write(f"training on {len(example_langs)} examples: {settings.epochs} epoch(s) of "
+               f"{len(steps) // settings.epochs} steps, {settings.batch_size} per step in micro-batches of "
+               f"{settings.micro_batch_size}")
+    partial_log = temp_path(log_path)  # this process's; renamed into place when training ends
+    tokens_trained, start_time = 0, time.perf_counter()
+    with open(partial_log, "w") as log, \
+            tqdm(total=len(steps), initial=start, desc="training", unit="step") as bar:
+        log.writelines(logged)
+        for step, (epoch, step_ids) in enumerate(steps[start:], start + 1):
+            metrics = accumulate(model, step_ids.tolist())
+            tokens_trained += metrics.pop("tokens").sum().item()
+            if masters is not params:
+                for master, param in zip(masters, params):  # free each bf16 gradient once copied
+                    master.grad, param.grad = (None if param.grad is None else param.grad.float()), None
+            grad_norm = torch.nn.utils.clip_grad_norm_(masters, settings.max_grad_norm)
+            line = {"step": step, "epoch": epoch + 1, **{k: v.mean().item() for k, v in metrics.items()},
+                    "optim/lr": schedule.get_last_lr()[0], "optim/grad_norm": grad_norm.item()}
+            loss = line.get("loss/total", line.get("loss/nll"))  # DPO + NLL, or SFT's NLL
+            if not (math.isfinite(loss) and math.isfinite(line["optim/grad_norm"])):
+                # one step would make every weight NaN: stop before the model is saved or trained on
+                raise RunFault(f"training diverged at step {step}: loss {loss}, gradient norm "
+                               f"{line['optim/grad_norm']}; nothing of this training was saved: lower --lr "
+                               f"(now {settings.lr}) and run again with another --out")
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            if masters is not params:  # round stochastically: the model keeps sub-bf16 updates in expectation
+                with torch.no_grad():
+                    for master, param in zip(masters, params):
+                        param.copy_(round_stochastically(master) if param.dtype == torch.bfloat16 else master)
+            logged.append(to_json(line) + "\n")
+            log.write(logged[-1])
+            log.flush()
+            bar.set_postfix_str(" ".join(f"{label} {line[name]:.3f}" for name, label in (
+                ("loss/total", "loss"), ("rewards/accuracies", "acc"), ("rewards/margins", "margin"),
+                ("loss/nll", "nll")) if name in line))
+            bar.update()
+            if epoch == settings.epochs - 1:
+                last_epoch.append(metrics)
+                last_epoch_langs += [example_langs[i] for i in step_ids]
+            if progress is not None and step % progress_every == 0 and step < len(steps):
+                try:
+                    torch.save({**{name: part.state_dict() for name, part in parts.items()}, "masters": masters,
+                                "step": step, "logged": logged, "last_epoch": last_epoch,
+                                "last_epoch_langs": last_epoch_langs}, temp_path(progress))
+                except RuntimeError as error:  # how torch's writer reports a full disk
+                    temp_path(progress).unlink(missing_ok=True)
+                    raise OSError(None, f"{first_line(error)} (a full disk?)", str(progress)) from None
+                os.replace(temp_path(progress), progress)
+    os.replace(partial_log, log_path)
+    seconds = time.perf_counter() - start_time
+    tqdm.write(f"training: {tokens_trained} tokens in {seconds:.1f} s, {tokens_trained / max(seconds, 1e-9):.0f} "
+               f"tokens/s")
+    model.eval()
+    if settings.gradient_checkpointing == "on":
+        model.activation_checkpointing_disable()
+    merged = {name: torch.cat([m[name] for m in last_epoch]) for name in last_epoch[0]}
+    per_lang = {}
+    for lang in sorted(set(last_epoch_langs)):
+        mask = torch.tensor([example_lang == lang for example_lang in last_epoch_langs])
+        per_lang[lang] = {name: values[mask].mean().item() for name, values in merged.items()}
+    return {"steps": len(steps), "last_epoch": {k: v.mean().item() for k, v in merged.items()}, "per_lang": per_lang}
+
+
+def warmup_cosine(total_steps: int, warmup_ratio: float):
+    warmup = round(total_steps * warmup_ratio)
+
+    def factor(step):  # multiplies --lr at optimizer step `step` (0-based)
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
+    return factor
+
+
+# ------------------------------------------------------------------------ run and main
+def run(settings: Settings, command: list[str]):
+    languages = parse_languages(settings.langs)
+    langs = list(languages)
+    all_prompts = load_prompts(settings.prompts, settings.prompt_field, languages, settings.translation_tasks,
+                               answer_field=settings.answer_field)
+    problems = eval_problems(settings)
+    settings = resolve(settings)
+    out = Path(settings.out)
+    finished = [t for t in range(1, settings.iters + 1) if (out / f"iter_{t}" / "model").exists()]
+    start_model = str(out / f"iter_{finished[-1]}" / "model") if finished else settings.model
+    config, n_params = model_shape(start_model)
+    optim = plan_training_memory(config, n_params, settings, device_memory(settings.device))
+    settings = dataclasses.replace(settings, optim=optim)
+    inputs_sha256 = {name: hashlib.sha256(to_json(records).encode()).hexdigest()
+                     for name, records in (("prompts", all_prompts), ("evaluation problems", problems))}
+    check_resumable(out, settings, inputs_sha256)
+    nearest = next(folder for folder in (out, *out.parents) if folder.exists())
+    try:  # before minutes of work, not after; a real file, as permissions don't tell (/proc, a full disk)
+        tempfile.TemporaryFile(dir=nearest).close()
+    except OSError as error:
+        raise LidrError(f"--out {out}: cannot write into {nearest} ({error.strerror or error})") from None
+    toy_inputs_only = (settings.prompts == "toy" and not settings.system_prompt
+                       and set(settings.eval.split(",")) <= {"", "toy"}
+                       and not any(getattr(settings, name) for name in TEMPLATES))
+    if settings.model == "tiny" and not toy_inputs_only:
+        print("warning: the toy model knows only the toy world's words and its translation request: other "
+              "prompts, templates, system turns and benchmarks reach it as <|unk|> tokens")
+    # the toy world's M0, pre-trained once and kept next to the run folders (not when resuming from M_t)
+    toy_m0 = toy_model(out.parent, settings.seed, langs) if start_model == "tiny" else None
+    transformers.set_seed(settings.seed)
+    model, tokenizer = load_model(str(toy_m0 or start_model), settings.device, settings.dtype, settings.system_prompt)
+    run_folder_lock = lock_run_folder(out, command)  # held until run() returns: one process per folder
+    record_run(out, settings, command, inputs_sha256)  # only now: bad input above has written nothing
+    if toy_m0:  # which cached M0 the run started from, and how it was made
+        shutil.copy(toy_m0 / "toy_recipe.json", out / "toy_recipe.json")
+    print(f"run folder {out} | {settings.model}: {sum(p.numel() for p in model.parameters()):,} parameters "
+          f"on {settings.device} ({settings.dtype}) | {len(all_prompts)} prompts, "
+          f"{min(settings.num_prompts, len(all_prompts))} per iteration, "
+          f"{sum(p['translation_task'] for p in all_prompts)} translation tasks | langs {','.join(langs)} | "
+          + (f"method qalign: stage 1 question alignment, stage 2 response alignment with "
+             f"{settings.answer_field or 'M0'}'s answers" if settings.method == "qalign" else
+             f"pairing {settings.pairing} | recipe {settings.recipe}")
+          + f" | translation request: {settings.translation_request or 'lidr.py TRANSLATION_REQUEST'}")
+    history, evaluations = [], []
+    if problems:  # iter_0 holds M0's evaluation
+        evaluations.append(evaluate_once(model, tokenizer, problems, settings, out, 0, in_memory=not finished))
+        print(eval_table(evaluations, model_names(settings.method, 1), langs[0]))
+    for t in range(1, settings.iters + 1):
+        folder = out / f"iter_{t}"
+        if t in finished:
+            tqdm.write(f"reusing {folder}")
+            metrics = read_json(folder / "metrics.json")
+            check_shape(str(folder / "metrics.json"), metrics, {
+                "examples": dict.fromkeys(langs, int), "train": dict | None} if settings.method == "qalign" else {
+                "counts": dict.fromkeys(langs, {"pairs": int}), "translation_failures": dict.fromkeys(langs, int),
+                "train": dict | None})
+            check_shape(str(folder / "metrics.json"), metrics["train"] or {"per_lang": {}}, {"per_lang": dict}, "train.")
+            history.append(metrics)
+            if problems:  # a run stopped between saving M_t and evaluating it: M_t is the model loaded
+                evaluations.append(evaluate_once(model, tokenizer, problems, settings, out, t, t == finished[-1]))
+            continue
+        folder.mkdir(exist_ok=True)
+        if settings.method == "qalign":  # both stages on the prompts of LIDR's first iteration
+            print(f"== QAlign stage {t} ({['question', 'response'][t - 1]} alignment): M{t - 1} -> M{t}")
+            metrics = qalign_stage(t, model, tokenizer, prompts_for_iteration(all_prompts, 1, settings.num_prompts),
+                                   languages, settings, folder)
+        else:
+            print(f"== iteration {t}: M{t - 1} -> M{t}")
+            metrics = lidr_iteration(model, tokenizer, prompts_for_iteration(all_prompts, t, settings.num_prompts),
+                                     languages, settings, folder)
+        if metrics["train"] is None:
+            tqdm.write(f"nothing to train on in {'stage' if settings.method == 'qalign' else 'iteration'} {t}: "
+                       f"M{t} = M{t - 1}")
+        write_atomic(folder / "metrics.json", to_json(metrics, indent=2))
+        save_model(model, tokenizer, folder / "model")  # M_t: the model of iteration t + 1
+        if problems:
+            (folder / "eval.json").unlink(missing_ok=True)  # only there if an earlier M_t was deleted: stale
+            evaluations.append(evaluate_once(model, tokenizer, problems, settings, out, t, in_memory=True))
+        history.append(metrics)
+        print(summary_table(history, langs, settings))
+        if problems:
+            print(eval_table(evaluations, model_names(settings.method, len(evaluations)), langs[0]))
+    summary = summary_table(history, langs, settings) + (
+        "\n\n" + eval_table(evaluations, model_names(settings.method, len(evaluations)), langs[0]) if problems else "")
+    write_atomic(out / "summary.txt", summary + "\n")
+    if finished == list(range(1, settings.iters + 1)):
+        print(summary)
+    print(f"final model: {out / f'iter_{settings.iters}' / 'model'}")
+    # LIDR's and QAlign's default folders sit side by side: the second run to finish compares them
+    lidr_out, qalign_out = (out.with_name(out.name.removesuffix("-qalign")), out) if settings.method == "qalign" \
+        else (out, out.with_name(out.name + "-qalign"))
+    if problems and lidr_out != qalign_out and all((folder / "iter_1" / "eval.json").exists()
+                                                    for folder in (lidr_out, qalign_out)):
+        try:
+            table = compare_table([str(lidr_out), str(qalign_out)])
+            print(f"\nLIDR and QAlign (--compare {lidr_out},{qalign_out}):\n{table}")
+        except LidrError as error:
+            print(f"\n{error}")
+
+
+def evaluate_once(model, tokenizer, problems: dict, settings: Settings, out: Path, t: int, in_memory: bool) -> dict:
+    """--eval of M_t, kept in iter_<t>/eval.json (reused from it when resuming); in_memory: whether
+    `model` is M_t, so that a missing evaluation can be redone."""
+    folder = out / f"iter_{t}"
+    if (folder / "eval.json").exists():
+        results = read_json(folder / "eval.json")
+        check_shape(str(folder / "eval.json"), results, {benchmark: dict.fromkeys(by_lang, dict)
+                                                         for benchmark, by_lang in problems.items()})
+        return results
+    if not in_memory:
+        raise LidrError(f"{folder / 'eval.json'} is missing and M{t} is not the model being resumed; "
+                        f"to redo it, move the later iter_* folders out of {out}")
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(stage_seed(settings.seed, folder / "eval.json"))  # as a stage: resumed == uninterrupted
+    model_name = f"{Path(settings.model).name}-{settings.method}-{model_names(settings.method, t + 1)[t]}"
+    results = evaluate(model, tokenizer, problems, settings, folder, model_name)
+    write_atomic(folder / "eval.json", to_json(results, indent=2))
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    command = sys.argv if argv is None else ["lidr.py", *argv]
+    settings = None
+    on_sigterm = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        settings = parse_settings(command[1:])
+        if settings.compare:
+            print(compare_table(settings.compare.split(",")))
+            return 0
+        run(settings, command)
+    except LidrError as error:
+        print(f"lidr: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except OSError as error:  # a full disk, a folder that became read-only: during the run, after the checks
+        print(f"lidr: error: {error.strerror or error}: {error.filename or 'a file of the run'}", file=sys.stderr)
+        return 1
+    except (KeyboardInterrupt, Terminated) as interrupt:  # every finished stage is already on disk, whole
+        out = Path(resolve(settings).out) if settings else None
+        print(f"lidr: interrupted; {finished_work(out)}; to resume, run the same command: "
+              f"python {shlex.join(command)}", file=sys.stderr)
+        return 143 if isinstance(interrupt, Terminated) else 130
+    finally:
+        signal.signal(signal.SIGTERM, on_sigterm)
+    return 0
+
+
+class Terminated(Exception):
+    """SIGTERM (a job scheduler's stop), raised where the run is, as Ctrl-C raises KeyboardInterrupt."""
+
+
+def raise_terminated(signum, frame):
+    raise Terminated
+
+
+# ======================================================================== PLUMBING
+
+
+# ------------------------------------------------------------------------ validation
 class OneLineArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         raise LidrError(message)
@@ -390,17 +1202,11 @@ def resolve(settings: Settings) -> Settings:
     return dataclasses.replace(settings, device=device, dtype=dtype, out=out, gradient_checkpointing=checkpointing)
 
 
-# ------------------------------------------------------------------------ load: prompts (step 1) and model
-def looks_like_translation_task(text: str, language_names: list[str]) -> bool:
-    """'Translate ... into/to/in French' within one sentence: translating such a prompt's answer
-    would corrupt it (the paper's step 4). A heuristic for prompts that don't say; the verb only,
-    so 'explain mRNA translation' or 'the translation of the Bible into English' don't match."""
-    names = "|".join(map(re.escape, language_names))
-    unquoted_or_quoted = r"""(?:'[^'\n]*'|"[^"\n]*"|[^.?!\n'"])*"""  # a quote may hold any punctuation
-    pattern = rf"\btranslat(?:e|ing)\b{unquoted_or_quoted}\b(?:into|to|in)\s+(?:{names})\b"
-    return re.search(pattern, text, re.IGNORECASE) is not None
+def first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
+# ------------------------------------------------------------------------ file readers
 def load_prompts(source: str, prompt_field: str, languages: dict[str, str], translation_tasks: str = "",
                  flag: str = "--prompts", answer_field: str = "") -> list[dict]:
     """Step 1's prompts, as records {"id": "p1", "translation_task": false, "en": "...", "de": "..."}.
@@ -574,11 +1380,11 @@ def read_prompt_dataset(name: str, prompt_field: str, langs: list[str], flag: st
     return records
 
 
-def prompts_for_iteration(prompts: list[dict], iteration: int, num_prompts: int) -> list[dict]:
-    """Iteration t takes the t-th slice of num_prompts: fresh prompts each iteration, as the
-    released scripts did, as long as the source has iters * num_prompts; then it wraps around."""
-    n = min(num_prompts, len(prompts))
-    return [prompts[((iteration - 1) * n + i) % len(prompts)] for i in range(n)]
+# Prompt wordings a run can take from a file: flag -> (the constant read from a .py file, the
+# placeholders the template must hold, those it may hold besides).
+TEMPLATES = {"prompt_template": ("PROMPT_PREFIX", {"question"}, {"language"}),
+             "eval_prompt_template": ("PROMPT_PREFIX", {"question"}, {"language"}),
+             "translation_request": ("TRANS_INSTRUCTION", {"text"}, {"lang", "source", "target"})}
 
 
 def template(settings: Settings, name: str) -> str:
@@ -632,11 +1438,7 @@ def string_literal(node) -> str | None:
     return node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else None
 
 
-def model_load_error(name: str, error: Exception) -> LidrError:
-    return LidrError(f"could not load model '{name}' ({first_line(error)}); offline or without hub access, "
-                     f"try --model tiny")
-
-
+# ------------------------------------------------------------------------ model loading
 def load_model(name: str, device: str, dtype: str, system_prompt: str):
     torch_dtype = getattr(torch, dtype)
     try:
@@ -666,35 +1468,30 @@ def load_model(name: str, device: str, dtype: str, system_prompt: str):
     return model.to(device=device, dtype=torch_dtype).eval(), tokenizer
 
 
-# ------------------------------------------------------------------------ sampling (step 2)
-def chat_prompt_ids(tokenizer, user_text: str, system_prompt: str, assistant_prefix: str = "") -> list[int]:
-    """Token ids of a chat prompt ending where the assistant starts writing (after the prefix)."""
-    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    messages.append({"role": "user", "content": user_text})
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    # The template already writes BOS: adding special tokens again would double it (a known DPO trap).
-    return tokenizer(text + assistant_prefix, add_special_tokens=False).input_ids
+def model_load_error(name: str, error: Exception) -> LidrError:
+    return LidrError(f"could not load model '{name}' ({first_line(error)}); offline or without hub access, "
+                     f"try --model tiny")
 
 
-def end_of_turn_id(tokenizer) -> int:
-    """The token the chat template closes an assistant turn with: render a conversation whose
-    answer is a marker and take the first token after it (Llama-3: <|eot_id|>, Qwen: <|im_end|>,
-    Gemma: <end_of_turn>). Training answers end with it, and generation stops at it."""
-    marker = "LIDR-MARKER"
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], tokenize=False)
-    after_answer = tokenizer(text.split(marker, 1)[1], add_special_tokens=False).input_ids
-    closing = [i for i in after_answer if tokenizer.decode([i]).strip()]
-    return closing[0] if closing else tokenizer.eos_token_id
+def model_shape(name: str):
+    """(config, parameter count) without loading the weights: the model is built on the meta
+    device, which allocates nothing (the toy model is simply built)."""
+    if name == "tiny":
+        model = untrained_toy_model(toy_tokenizer())
+        return model.config, sum(p.numel() for p in model.parameters())
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except Exception as error:
+        raise model_load_error(name, error) from None
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception as error:  # no causal LM for the config (T5), or sizes no model can have
+        raise LidrError(f"model '{name}': its config makes no causal language model ({first_line(error)})") from None
+    return config, sum(p.numel() for p in model.parameters())
 
 
-def stop_token_ids(model, tokenizer) -> list[int]:
-    ids = {end_of_turn_id(tokenizer), tokenizer.eos_token_id}
-    configured = model.generation_config.eos_token_id
-    ids.update(configured if isinstance(configured, list) else [configured])
-    return sorted(i for i in ids if i is not None)
-
-
+# ------------------------------------------------------------------------ memory planning
 def generation_batches(lengths: list[int], max_batch_size: int, fits) -> list[list[int]]:
     """Prompt indices grouped into batches, shortest prompts first so a batch needs little padding.
     A batch grows while its count stays within max_batch_size and fits(sequences, longest prompt)
@@ -738,492 +1535,93 @@ def free_memory(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
-@torch.no_grad()
-def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
-             repetition_penalty: float, temperature: float, desc: str,
-             engine: str = "generate") -> list[tuple[str, bool]]:
-    """(answer, finished) for each token-id prompt, in input order; finished is False when the
-    answer hit max_new_tokens before a stop token. engine: generate (padded_batches) or continuous
-    (continuous_batches, used where there is no repetition penalty, which it cannot apply).
-    batch_size caps the sequences generated at once (0: 512 on GPU, 32 on CPU, where larger
-    batches stop paying); free memory caps the rest. Greedy answers are the same, up to float
-    rounding, with either engine and any batch size. Prints the plan first and the measured rate after: the numbers a
-    time estimate for a long run needs."""
-    if not prompts:
-        return []
-    max_batch_size = batch_size or (512 if model.device.type == "cuda" else 32)
-    stops = stop_token_ids(model, tokenizer)
-    config = GenerationConfig(max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty,
-                              do_sample=temperature > 0, temperature=temperature or None,
-                              top_k=0, top_p=1.0,  # plain temperature sampling, not the model's own defaults
-                              eos_token_id=stops, pad_token_id=stops[0])
-    continuous = engine == "continuous" and repetition_penalty == 1.0
-    tqdm.write(f"{desc}: {len(prompts)} sequences, prompts of {min(map(len, prompts))}-{max(map(len, prompts))} "
-               f"tokens, at most {max_new_tokens} new tokens each, by "
-               + ("continuous batching" if continuous else "HF generate in padded batches"))
-    start_time = time.perf_counter()
-    if continuous:
-        outputs = continuous_batches(model, prompts, config, max_batch_size, desc)
-    else:
-        outputs = padded_batches(model, prompts, config, max_batch_size, desc)
-    answers, new_tokens_total = [], 0
-    for new_tokens in outputs:
-        ends = [k for k, token in enumerate(new_tokens) if token in stops]
-        answers.append((tokenizer.decode(new_tokens[:ends[0] if ends else None], skip_special_tokens=True), bool(ends)))
-        new_tokens_total += ends[0] + 1 if ends else len(new_tokens)
-    seconds = time.perf_counter() - start_time
-    tqdm.write(f"{desc}: {new_tokens_total} new tokens in {seconds:.1f} s, {new_tokens_total / max(seconds, 1e-9):.0f} "
-               f"tokens/s")
-    return answers
+def training_memory(config, n_params: int, settings: Settings, optim: str, checkpointing: str) -> dict[str, float]:
+    """Bytes one training step holds, by part (training_peak adds them up). Each part is what a
+    simulation of the step on fake tensors held (Llama-3-8B, bf16, checkpointing, pairs of 2 x
+    2,048 tokens, one per micro-batch; peak with adamw-bf16 64.8 GB for a one-pair step and 68.6 GB
+    for two, with adamw-fp32 145.6 GB for either; this gives each):
+    - weights, gradients, optimizer state: per parameter, by optimizer (README: Hardware);
+    - step: what the update holds beyond them: BF16AdamW's float32 work on one chunk (5 float32 and
+      3 int32 values per element); or, for the float32 masters of a bf16 model, the bf16 gradient of
+      the largest tensor (the embedding) waiting for its float32 copy; fused AdamW holds nothing;
+    - activations, at the start of the backward pass, where they peak: each layer's input with
+      checkpointing (without: everything a layer keeps, ~8 hidden- and 6 MLP-size values per
+      token, 0.97 GB per Llama-3 layer at 4,096 tokens, against 0.89 GB simulated), the final
+      norm's float32 input and copies, one log-prob chunk's backward (LOGPS_CHUNK_TOKENS) and the
+      output layer's gradient, summed there over the chunks;
+    - earlier_gradients: what the step's earlier micro-batches have accumulated by then, in the
+      model's dtype (none when a step is one micro-batch; 68.6 GB simulated with two)."""
+    width = 2 if settings.dtype == "bfloat16" else 4
+    tokens = 2 * settings.micro_batch_size * settings.max_len  # chosen + rejected sequences
+    hidden, layers, mlp = config.hidden_size, config.num_hidden_layers, config.intermediate_size
+    vocab = config.vocab_size
+    if optim == "adamw-bf16":  # two moments in the model's dtype
+        gradients, optimizer, step = n_params * width, 2 * n_params * width, OPTIMIZER_CHUNK * 32
+    else:  # float32 moments, plus float32 master weights and gradients for a bf16 model
+        gradients, optimizer = 4 * n_params, 8 * n_params + (4 * n_params if width == 2 else 0)
+        step = vocab * hidden * width if width == 2 else 0
+    layer_activations = ((layers + 1) * tokens * hidden * width if checkpointing == "on"
+                         else layers * tokens * (8 * hidden + 6 * mlp) * width)
+    output_layer = tokens * hidden * (4 + 3 * width) + LOGPS_CHUNK_TOKENS * vocab * 16 + vocab * hidden * width
+    earlier_gradients = n_params * width if settings.batch_size > settings.micro_batch_size else 0
+    return {"weights": n_params * width, "gradients": gradients, "optimizer": optimizer, "step": step,
+            "activations": layer_activations + output_layer, "earlier_gradients": earlier_gradients}
 
 
-def padded_batches(model, prompts: list[list[int]], config: GenerationConfig, max_batch_size: int,
-                   desc: str) -> list[list[int]]:
-    """HF generate on batches of similar-length prompts, left-padded, each of at most max_batch_size
-    sequences and of what fits in free memory (generation_memory): each batch runs until its
-    longest answer ends. Returns each prompt's new tokens."""
-    budget = free_memory(model.device) * 3 // 4  # a quarter left for the allocator's fragmentation
-    fits = lambda sequences, prompt_len: generation_memory(
-        model.config, model.dtype.itemsize, sequences, prompt_len, config.max_new_tokens) <= budget
-    batches = generation_batches([len(p) for p in prompts], max_batch_size, fits)
-    outputs = [[]] * len(prompts)
-    bar = tqdm(total=len(prompts), desc=f"{desc} ({len(batches)} batches)", unit="seq", leave=False)
-    for batch in batches:
-        width = max(len(prompts[i]) for i in batch)
-        # Left-pad each row with its own first token: the repetition penalty counts every input
-        # id, so a shared pad id (often EOS) would be penalised in padded rows only and batched
-        # greedy output would differ from one-at-a-time. The attention mask hides the pads.
-        input_ids = torch.tensor([[prompts[i][0]] * (width - len(prompts[i])) + prompts[i] for i in batch])
-        attention_mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in batch])
-        output = model.generate(input_ids=input_ids.to(model.device),
-                                attention_mask=attention_mask.to(model.device), generation_config=config)
-        for i, new_tokens in zip(batch, output[:, width:].tolist()):
-            outputs[i] = new_tokens
-        bar.update(len(batch))
-    bar.close()
-    return outputs
+def training_peak(parts: dict[str, float]) -> float:
+    """Weights and optimizer state are held throughout; the activations are gone before the step's
+    last gradient exists, so the peak is the larger of the two moments."""
+    return parts["weights"] + parts["optimizer"] + max(parts["gradients"] + parts["step"],
+                                                       parts["activations"] + parts["earlier_gradients"])
 
 
-def continuous_batches(model, prompts: list[list[int]], config: GenerationConfig, max_batch_size: int,
-                       desc: str) -> list[list[int]]:
-    """transformers' continuous batching: the KV cache is paged, a sequence leaves the batch the
-    step it ends and a waiting one takes its place, so no step is spent on finished sequences or
-    padding. The cache holds max_batch_size sequences at full length, or what fits in free memory:
-    without flash attention (not a requirement here) attention runs over the whole cache under a
-    block-diagonal mask, so a larger cache costs time as well as memory (README: Hardware).
-    Returns each prompt's new tokens."""
-    from transformers.generation import ContinuousBatchingConfig
-    page = 64  # tokens per cache block
-    longest = max(map(len, prompts)) + config.max_new_tokens
-    blocks = min(len(prompts), max_batch_size) * math.ceil(longest / page)
-    budget = free_memory(model.device) * 3 // 4 // kv_cache_bytes(model.config, model.dtype.itemsize, page)
-    cache = ContinuousBatchingConfig(page_size=page, num_blocks=max(1, min(blocks, budget)),  # default: most of RAM
-                                     max_requests_per_batch=max_batch_size, max_batch_tokens=1024,
-                                     allow_block_sharing=False, use_cuda_graph=False, use_async_batching=False)
-    attention = model.config._attn_implementation  # the manager switches it (eager -> paged|eager)
-    manager = model.init_continuous_batching(generation_config=config, continuous_batching_config=cache)
-    results = {}
-    # the manager reseeds torch's generators from them: the stage's random stream goes on as it was
-    with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
-        try:
-            ids = manager.add_requests(inputs=prompts, max_new_tokens=config.max_new_tokens)
-            manager.start()  # after queueing every request: the same batches, so the same draws, in every run
-            with tqdm(total=len(prompts), desc=f"{desc} (continuous)", unit="seq", leave=False) as bar:
-                while len(results) < len(ids):
-                    result = manager.get_result(timeout=1)
-                    if result is None and not manager.is_running():
-                        break  # stopped with sequences unfinished: said below
-                    if result is not None and result.is_finished():
-                        results[result.request_id] = result
-                        bar.update()
-        finally:  # hard_stop: an interrupt must not wait for the queued sequences
-            manager.stop(block=True, hard_stop=True)
-            manager.destroy()
-            if model.config._attn_implementation != attention:  # a manager that never started leaves it switched
-                model.set_attn_implementation(attention)
-    failed = [i for i in ids if i not in results or results[i].error is not None]
-    if failed:  # transformers logs a failed request and goes on
-        raise RunFault(f"{desc}: continuous batching failed {len(failed)} of {len(ids)} sequences "
-                       f"({results[failed[0]].error if failed[0] in results else 'no result'}); --engine generate "
-                       f"avoids it")
-    return [results[i].generated_tokens for i in ids]
+def device_memory(device: str) -> int:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def drop_untrainable_prompts(prompts: list[dict], tokenizer, languages: dict[str, str],
-                             settings: Settings) -> tuple[list[dict], dict[str, int]]:
-    """Prompts whose chat-formatted tokens fill --max-len can never be trained on (tokenize_pair
-    would drop their pairs): leave them out before any generation, which they would only slow or
-    blow up (one 100,000-character prompt's prefill alone needs tens of GB). A too-long dominant
-    prompt drops its record, another language's is set to None (never translated instead).
-    Returns the prompts kept and how many were too long, per language."""
-    prompt_template = template(settings, "prompt_template")
-    too_long_per_lang, kept = dict.fromkeys(languages, 0), []
-    for prompt in prompts:
-        too_long = {lang for lang in languages if prompt.get(lang) and settings.max_len <= len(chat_prompt_ids(
-            tokenizer, fill_template(prompt_template, prompt[lang], languages[lang]), settings.system_prompt))}
-        for lang in too_long:
-            too_long_per_lang[lang] += 1
-        if next(iter(languages)) not in too_long:
-            kept.append({**prompt, **dict.fromkeys(too_long)})
-    if any(too_long_per_lang.values()):
-        tqdm.write(f"warning: prompts longer than --max-len {settings.max_len} tokens, left out: "
-                   + ", ".join(f"{lang} {n}" for lang, n in too_long_per_lang.items() if n))
-    return kept, too_long_per_lang
+def plan_training_memory(config, n_params: int, settings: Settings, available: int) -> str:
+    """Print the training memory estimate next to the device's memory (available bytes) and return
+    the optimizer to use; when it cannot fit, refuse with the flags that would make it fit."""
+    missing = [name for name in ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size",
+                                 "num_attention_heads") if not getattr(config, name, None)]
+    if missing:
+        raise LidrError(f"model '{settings.model}': its config has no {', '.join(missing)}, which the memory plan "
+                        f"reads (decoder configs in the Llama style have them)")
+
+    def total(trial: Settings) -> int:
+        return training_peak(training_memory(config, n_params, trial, trial.optim, trial.gradient_checkpointing))
+
+    optim = settings.optim
+    if optim == "auto":  # adamw-bf16 saves memory only on bf16 weights
+        fits = total(dataclasses.replace(settings, optim="adamw-fp32")) <= available
+        optim = "adamw-fp32" if fits or settings.dtype != "bfloat16" else "adamw-bf16"
+    parts = training_memory(config, n_params, settings, optim, settings.gradient_checkpointing)
+    gb = {name: value / 1e9 for name, value in parts.items()}
+    print(f"training memory estimate ({optim}, checkpointing {settings.gradient_checkpointing}): weights "
+          f"{gb['weights']:.1f} + optimizer {gb['optimizer']:.1f} + max(gradients {gb['gradients']:.1f} + step "
+          f"{gb['step']:.1f}, activations {gb['activations']:.1f} + earlier micro-batches' gradients "
+          f"{gb['earlier_gradients']:.1f}) = {training_peak(parts) / 1e9:.1f} GB of "
+          f"{available / 1e9:.1f} GB on {settings.device}")
+    if training_peak(parts) > available:
+        trial, fixes = dataclasses.replace(settings, optim=optim), []
+        for flag, change in [("--dtype bfloat16", {"dtype": "bfloat16"}), ("--optim adamw-bf16", {"optim": "adamw-bf16"}),
+                             ("--gradient-checkpointing on", {"gradient_checkpointing": "on"}),
+                             ("--micro-batch-size 1", {"micro_batch_size": 1})]:
+            if any(getattr(trial, name) != value for name, value in change.items()):
+                trial = dataclasses.replace(trial, **change)
+                fixes.append(flag)
+                if total(trial) <= available:
+                    break
+        hint = (f"try {' '.join(fixes)}" if total(trial) <= available
+                else f"even {' '.join(fixes)} would not fit: use a smaller --max-len or model")
+        raise LidrError(f"training needs about {training_peak(parts) / 1e9:.0f} GB but {settings.device} has "
+                        f"{available / 1e9:.0f} GB; {hint}")
+    return optim
 
 
-def sample_responses(model, tokenizer, prompts: list[dict], languages: dict[str, str], settings: Settings) -> list[dict]:
-    """Step 2: M_{t-1} answers every prompt in its own language. With --prompt-template each prompt
-    is asked inside that template (the authors' arithmetic run asks for an answer in the language
-    so); "prompt" is what was asked, and becomes the prompt of the pairs."""
-    prompt_template = template(settings, "prompt_template")
-    jobs = [(prompt["id"], lang, fill_template(prompt_template, prompt[lang], languages[lang]))
-            for prompt in prompts for lang in languages if prompt.get(lang)]
-    ids = [chat_prompt_ids(tokenizer, text, settings.system_prompt) for _, _, text in jobs]
-    answers = generate(model, tokenizer, ids, settings.max_new_tokens, settings.gen_batch_size,
-                       settings.repetition_penalty, settings.temperature, desc="sampling answers",
-                       engine=settings.engine)
-    return [{"id": prompt_id, "lang": lang, "prompt": text, "response": answer.strip(), "finished": finished}
-            for (prompt_id, lang, text), (answer, finished) in zip(jobs, answers)]
-
-
-def fill_template(prompt_template: str, question: str, language: str) -> str:
-    return prompt_template.format(question=question, language=language) if prompt_template else question
-
-
-# ------------------------------------------------------------------------ self-translation (step 3)
-TRANSLATION_REQUEST = ("Translate the {source} text between <sentence> and </sentence> into {target}. "
-                       "Write only the translation, between <translated> and </translated>.\n\n"
-                       "<sentence>{text}</sentence>")
-TRANSLATION_PREFIX = "<translated>\n"  # pre-filled assistant turn, as in the released scripts
-
-
-def parse_translation(generated: str, empty_fails: bool = True) -> str | None:
-    """The text the model wrote after the pre-filled '<translated>\\n' and before '</translated>';
-    None (a failed translation) without the closing tag, or, if empty_fails, with nothing inside
-    (the scripts keep an empty translation: their pattern matches it)."""
-    if "</translated>" not in generated:
-        return None
-    translation = generated.split("</translated>", 1)[0].strip()
-    return None if empty_fails and not translation else translation
-
-
-def translate(model, tokenizer, requests: list[dict], languages: dict[str, str], settings: Settings,
-              desc: str) -> list[dict]:
-    """requests: {"id", "source_lang", "target_lang", "source"}; returns them with the model's
-    raw output and the parsed "translation" (None when it failed: kept for inspection, never used).
-    The request is TRANSLATION_REQUEST, or --translation-request's ({lang} is the target)."""
-    request = template(settings, "translation_request") or TRANSLATION_REQUEST
-    ids = [chat_prompt_ids(tokenizer, request.format(
-        source=languages[r["source_lang"]], target=languages[r["target_lang"]], lang=languages[r["target_lang"]],
-        text=r["source"]), settings.system_prompt, TRANSLATION_PREFIX) for r in requests]
-    # No repetition penalty: the prompt holds the text to copy and the closing tag (released scripts too).
-    outputs = generate(model, tokenizer, ids, settings.translation_max_new_tokens, settings.gen_batch_size,
-                       1.0, settings.temperature, desc=desc, engine=settings.engine)
-    return [{**r, "raw": raw, "translation": parse_translation(raw, empty_fails=settings.recipe == "lidr")}
-            for r, (raw, _) in zip(requests, outputs)]
-
-
-def prompt_translation_requests(prompts: list[dict], langs: list[str]) -> list[dict]:
-    """Step 1 for the languages a prompt record lacks: translate its dominant prompt."""
-    return [{"id": p["id"], "source_lang": langs[0], "target_lang": lang, "source": p[langs[0]]}
-            for p in prompts for lang in langs if lang not in p]
-
-
-def fill_prompts(prompts: list[dict], prompt_translations: list[dict], langs: list[str]) -> list[dict]:
-    """Every language of every record filled: given, translated by the model, or None (failed)."""
-    translated = {(t["id"], t["target_lang"]): t["translation"] for t in prompt_translations}
-    return [{**p, **{lang: p.get(lang, translated.get((p["id"], lang))) for lang in langs}} for p in prompts]
-
-
-def stronger_weaker_languages(langs: list[str], pairing: str) -> list[tuple[str, str]]:
-    """Which languages' answers are compared: the stronger (dominant) language against each
-    weaker one (paper), or, ranked, every language against every lower-ranked one."""
-    if pairing == "dominant":
-        return [(langs[0], weaker) for weaker in langs[1:]]
-    return [(langs[i], langs[j]) for i in range(len(langs)) for j in range(i + 1, len(langs))]
-
-
-def compared_answers(prompts: list[dict], responses: list[dict], langs: list[str], pairing: str, recipe: str):
-    """(prompt record, stronger answer, weaker answer, why not) for every prompt and compared
-    pair of languages. why not is None when both answers can be compared, else the reason to skip:
-    no_prompt (the prompt could not be translated into a language, or was longer than --max-len
-    allows: drop_untrainable_prompts), and under --recipe lidr
-    unfinished (an answer hit the token cap) or empty."""
-    answers = {(r["id"], r["lang"]): r for r in responses}
-    for prompt in prompts:
-        for stronger_lang, weaker_lang in stronger_weaker_languages(langs, pairing):
-            stronger, weaker = answers.get((prompt["id"], stronger_lang)), answers.get((prompt["id"], weaker_lang))
-            if stronger is None or weaker is None:
-                why_not = "no_prompt"
-            elif recipe == "scripts":  # the scripts compare whatever was answered
-                why_not = None
-            else:
-                why_not = ("unfinished" if not (stronger["finished"] and weaker["finished"])
-                           else "empty" if not (stronger["response"] and weaker["response"]) else None)
-            yield prompt, stronger or {"lang": stronger_lang}, weaker or {"lang": weaker_lang}, why_not
-
-
-def translation_requests(prompts: list[dict], responses: list[dict], langs: list[str], pairing: str,
-                         recipe: str) -> list[dict]:
-    """Step 3's work: for each pair of comparable answers, the stronger one into the weaker
-    language and the weaker one back. Under --recipe lidr none for translation tasks (their pairs
-    use the answers as written: translating a translation's answer would corrupt it); the
-    scripts translate them too, and drop both pairs when either translation fails."""
-    requests = []
-    for prompt, stronger, weaker, why_not in compared_answers(prompts, responses, langs, pairing, recipe):
-        if why_not is None and (recipe == "scripts" or not prompt["translation_task"]):
-            requests.append({"id": prompt["id"], "source_lang": stronger["lang"], "target_lang": weaker["lang"],
-                             "source": stronger["response"]})
-            requests.append({"id": prompt["id"], "source_lang": weaker["lang"], "target_lang": stronger["lang"],
-                             "source": weaker["response"]})
-    return requests
-
-
-def failed_translations_into(translations: list[dict], langs: list[str]) -> dict[str, int]:
-    failures = dict.fromkeys(langs, 0)
-    for translation in translations:
-        failures[translation["target_lang"]] += translation["translation"] is None
-    return failures
-
-
-# ------------------------------------------------------------------------ build pairs (step 4)
-def build_pairs(prompts: list[dict], responses: list[dict], translations: list[dict], langs: list[str],
-                pairing: str, recipe: str) -> tuple[list[dict], dict[str, dict[str, int]]]:
-    """For each prompt and (stronger, weaker) language pair:
-      stronger: prompt x_stronger, chosen y_stronger,                   rejected translate(y_weaker -> stronger)
-      weaker:   prompt x_weaker,   chosen translate(y_stronger -> weaker), rejected y_weaker
-    Translation tasks: the weaker pair's chosen answer is y_stronger as written; under --recipe
-    lidr the stronger pair's rejected one is y_weaker as written too. The stronger language is the
-    dominant one (paper), or the higher-ranked one with --pairing ranked.
-    --recipe lidr skips a pair when its answers can't be compared (compared_answers), a
-    translation it needs failed, or chosen == rejected. --recipe scripts does what the authors'
-    utils/preprocess_dpo_format_dataset.py does: both pairs are dropped when either translation
-    failed, unfinished, empty and identical answers are kept, and only the English pairs against
-    the last language are kept (their loop writes one English file per language, each over the
-    last: "overwritten").
-    Returns the pairs and, per language, counts of "pairs" built and of each reason to skip."""
-    translated = {(t["id"], t["source_lang"], t["target_lang"]): t["translation"] for t in translations}
-    # "pairs" built, or why not: compared_answers' reasons first, then this function's own
-    reasons = ("pairs", "no_prompt", "unfinished", "empty", "translation_failed", "identical", "overwritten")
-    counts = {lang: dict.fromkeys(reasons, 0) for lang in langs}
-    pairs = []
-
-    def add(answer, kind, other_lang, chosen, rejected):
-        lang = answer["lang"]
-        reason = ("translation_failed" if chosen is None or rejected is None
-                  else "identical" if chosen == rejected and recipe == "lidr" else "pairs")
-        counts[lang][reason] += 1
-        if reason == "pairs":  # the prompt is the one its language's answer was sampled with
-            pairs.append({"prompt": answer["prompt"], "chosen": chosen, "rejected": rejected,
-                          "id": answer["id"], "lang": lang, "kind": kind, "other_lang": other_lang})
-
-    for prompt, stronger, weaker, why_not in compared_answers(prompts, responses, langs, pairing, recipe):
-        stronger_lang, weaker_lang = stronger["lang"], weaker["lang"]
-        if why_not:
-            counts[stronger_lang][why_not] += 1
-            counts[weaker_lang][why_not] += 1
-            continue
-        back_translated = translated.get((prompt["id"], weaker_lang, stronger_lang))
-        forward_translated = translated.get((prompt["id"], stronger_lang, weaker_lang))
-        if recipe == "scripts":
-            kept_english = weaker_lang == langs[-1]  # the English pair the scripts' last file write keeps
-            if back_translated is None or forward_translated is None:  # either failed: both pairs dropped
-                counts[stronger_lang]["translation_failed" if kept_english else "overwritten"] += 1
-                counts[weaker_lang]["translation_failed"] += 1
-                continue
-            if kept_english:
-                add(stronger, "own>translated", weaker_lang, stronger["response"], back_translated)
-            else:
-                counts[stronger_lang]["overwritten"] += 1
-        elif prompt["translation_task"]:
-            add(stronger, "own>untranslated", weaker_lang, stronger["response"], weaker["response"])
-        else:
-            add(stronger, "own>translated", weaker_lang, stronger["response"], back_translated)
-        if prompt["translation_task"]:  # translating the answer of a translation task would corrupt it
-            add(weaker, "untranslated>own", stronger_lang, stronger["response"], weaker["response"])
-        else:
-            add(weaker, "translated>own", stronger_lang, forward_translated, weaker["response"])
-    return pairs, counts
-
-
-# ------------------------------------------------------------------------ tokenise
-@dataclass
-class TokenizedPair:
-    prompt_length: int  # chat-formatted prompt tokens that start both sequences; masked out of the loss
-    chosen_input_ids: list[int]  # prompt + chosen answer + end-of-turn
-    rejected_input_ids: list[int]  # prompt + rejected answer + end-of-turn
-    lang: str
-    truncated: bool  # an answer was cut to fit max_len (and lost its end-of-turn)
-
-
-def tokenize_pair(tokenizer, pair: dict, system_prompt: str, end_of_turn: int, max_len: int) -> TokenizedPair | None:
-    """Prompt ids + answer ids + end-of-turn, each part tokenised on its own and the ids
-    concatenated: tokenising the joined text could merge tokens across the boundary (a known DPO
-    trap). An answer too long for max_len is cut at its end; the prompt is kept whole, since
-    cutting it would drop BOS, the system turn and the chat header. None if the prompt alone
-    fills max_len."""
-    prompt_ids = chat_prompt_ids(tokenizer, pair["prompt"], system_prompt)
-    room = max_len - len(prompt_ids)
-    if room < 1:
-        return None
-    chosen, rejected = (tokenizer(pair[side], add_special_tokens=False).input_ids + [end_of_turn]
-                        for side in ("chosen", "rejected"))
-    return TokenizedPair(len(prompt_ids), prompt_ids + chosen[:room], prompt_ids + rejected[:room], pair["lang"],
-                         truncated=max(len(chosen), len(rejected)) > room)
-
-
-def tokenize_example(tokenizer, example: dict, system_prompt: str, end_of_turn: int,
-                     max_len: int) -> tuple[list[int], int] | None:
-    """An SFT example {"prompt", "response"} as (ids, prompt length), built as tokenize_pair
-    builds a pair; None if the prompt alone fills max_len."""
-    prompt_ids = chat_prompt_ids(tokenizer, example["prompt"], system_prompt)
-    room = max_len - len(prompt_ids)
-    answer_ids = tokenizer(example["response"], add_special_tokens=False).input_ids + [end_of_turn]
-    return (prompt_ids + answer_ids[:room], len(prompt_ids)) if room >= 1 else None
-
-
-def collate(sequences: list[tuple[list[int], int]], pad_id: int):
-    """(ids, prompt_length) pairs -> right-padded input_ids, attention_mask and labels (B, T);
-    labels are -100 on prompt and padding, so only answer tokens reach the loss."""
-    width = max(len(ids) for ids, _ in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    labels = torch.full((len(sequences), width), -100)
-    for row, (ids, prompt_length) in enumerate(sequences):
-        input_ids[row, :len(ids)] = torch.tensor(ids)
-        attention_mask[row, :len(ids)] = 1
-        labels[row, prompt_length:len(ids)] = torch.tensor(ids[prompt_length:])
-    return input_ids, attention_mask, labels
-
-
-# ------------------------------------------------------------------------ log-probs
-# Answer tokens whose float32 logits exist at once. A chunk's backward pass holds four float32
-# (tokens x vocabulary) tensors: logits, log-probs, softmax and gradient. Over Llama-3's 128k
-# vocabulary that is 2.1 GB for 1,024 tokens; for a whole 2 x 2,048-token pair at once, up to 8.4 GB.
-LOGPS_CHUNK_TOKENS = 1024
-
-
-def answer_token_logps(output_layer, hidden, targets):
-    """log pi(target) for a chunk of answer positions: hidden (n, H), targets (n,) -> (n,)."""
-    logits = output_layer(hidden).float()  # (n, V), float32: bf16 log-softmax loses precision
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
-
-
-def sequence_logps(model, input_ids, attention_mask, labels):
-    """Sum of log pi(token) over the labelled (answer) tokens of each sequence. Logits are made
-    only for answer positions, a chunk at a time, and recomputed in the backward pass instead of
-    stored, so the full (B, T, V) float32 logits never exist. Returns (logps (B,), lengths (B,))."""
-    # use_cache=False: a KV cache is for generating, here it would only hold memory
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-    targets = labels[:, 1:]  # the token each position predicts
-    mask = targets != -100
-    answer_hidden, answer_targets = hidden[:, :-1][mask], targets[mask]  # (N, H), (N,) over all answer tokens
-    output_layer = model.get_output_embeddings()
-    token_logps = torch.cat([
-        torch.utils.checkpoint.checkpoint(answer_token_logps, output_layer, h, t, use_reentrant=False)
-        for h, t in zip(answer_hidden.split(LOGPS_CHUNK_TOKENS), answer_targets.split(LOGPS_CHUNK_TOKENS))])
-    sequence_of_token = mask.nonzero()[:, 0]  # (N,): which sequence each answer token belongs to
-    # Summed in float64: a float32 running sum over a 4,000-token answer was 0.03 nat off, and DPO's
-    # margin is a difference of such sums; the float32 result is then exact to its rounding.
-    logps = torch.zeros(len(input_ids), dtype=torch.float64, device=token_logps.device)
-    logps = logps.index_add(0, sequence_of_token, token_logps.double()).float()
-    return logps, mask.sum(-1)
-
-
-def chosen_rejected_logps(model, pairs: list[TokenizedPair], pad_id: int):
-    """One forward over [chosen_1..B, rejected_1..B] -> chosen logps, rejected logps, chosen lengths (B,)."""
-    sequences = ([(p.chosen_input_ids, p.prompt_length) for p in pairs]
-                 + [(p.rejected_input_ids, p.prompt_length) for p in pairs])
-    input_ids, attention_mask, labels = (t.to(model.device) for t in collate(sequences, pad_id))
-    logps, lengths = sequence_logps(model, input_ids, attention_mask, labels)
-    return logps[:len(pairs)], logps[len(pairs):], lengths[:len(pairs)]
-
-
-@torch.no_grad()
-def reference_logps(model, pairs: list[TokenizedPair], micro_batch_size: int, pad_id: int):
-    """Step 6: log ref(y|x) of every pair's chosen and rejected answer, (N,) each, computed once
-    with M_{t-1} before any update, so the reference needs no second model in memory."""
-    chosen, rejected = [], []
-    for start in tqdm(range(0, len(pairs), micro_batch_size), desc="reference log-probs", leave=False):
-        chosen_logps, rejected_logps, _ = chosen_rejected_logps(model, pairs[start:start + micro_batch_size], pad_id)
-        chosen.append(chosen_logps.cpu())
-        rejected.append(rejected_logps.cpu())
-    return torch.cat(chosen), torch.cat(rejected)
-
-
-# ------------------------------------------------------------------------ loss (step 5)
-def dpo_nll_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                 chosen_lengths, beta: float, alpha: float):
-    """DPO (Rafailov et al. 2023, eq. 7) plus the chosen answer's length-normalised NLL
-    (Pang et al. 2024), per pair:
-        -log sigmoid(beta * [(pc - rc) - (pr - rr)]) + alpha * (-pc / |y_c|)
-    All inputs (B,): summed log-probs of each answer under the policy (p) and the reference (r).
-    Returns the loss averaged over pairs and a dict of detached per-pair metrics (B,)."""
-    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps)
-    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps)
-    dpo = -F.logsigmoid(chosen_rewards - rejected_rewards)
-    nll = -policy_chosen_logps / chosen_lengths
-    losses = dpo + alpha * nll
-    metrics = {"loss/total": losses, "loss/dpo": dpo, "loss/nll": nll,
-               "rewards/chosen": chosen_rewards, "rewards/rejected": rejected_rewards,
-               "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
-               "rewards/margins": chosen_rewards - rejected_rewards,
-               "logps/chosen": policy_chosen_logps, "logps/rejected": policy_rejected_logps}
-    return losses.mean(), {name: value.detach() for name, value in metrics.items()}
-
-
-# ------------------------------------------------------------------------ train (step 5)
-def length_grouped(lengths: list[int], micro_batch_size: int) -> list[list[int]]:
-    """One optimizer step's examples (by index) cut into micro-batches of similar lengths: each
-    micro-batch is padded to its longest sequence, so sorting first pads less (random 64-sequence
-    toy batches are 37% padding; sorted into micro-batches of 16, 11%). The step's examples, and so
-    its gradient, are the same."""
-    order = sorted(range(len(lengths)), key=lengths.__getitem__)
-    return [order[start:start + micro_batch_size] for start in range(0, len(order), micro_batch_size)]
-
-
-def in_step_order(micro_batches: list[list[int]], metrics: list[dict]) -> dict:
-    """Per-example metrics of length-grouped micro-batches, back in the step's order."""
-    order = torch.tensor([i for micro in micro_batches for i in micro]).argsort()
-    return {name: torch.cat([m[name] for m in metrics]).cpu()[order] for name in metrics[0]}
-
-
-def accumulate_gradients(model, pairs: list[TokenizedPair], ref_chosen_logps, ref_rejected_logps,
-                         beta: float, alpha: float, micro_batch_size: int, pad_id: int) -> dict:
-    """Backward over one optimizer step's pairs in micro-batches. Each micro-batch's mean loss is
-    weighted by its share of the step's pairs, so the gradient is the mean over the step's pairs
-    whatever the micro-batching (averaging per micro-batch would weight a short last one more).
-    Returns the step's per-pair metrics (N,), in the order of pairs, and their token counts."""
-    micro_batches = length_grouped([max(len(p.chosen_input_ids), len(p.rejected_input_ids)) for p in pairs],
-                                   micro_batch_size)
-    metrics = []
-    for micro in micro_batches:
-        chosen, rejected, chosen_lengths = chosen_rejected_logps(model, [pairs[i] for i in micro], pad_id)
-        loss, micro_metrics = dpo_nll_loss(chosen, rejected, ref_chosen_logps[micro].to(model.device),
-                                           ref_rejected_logps[micro].to(model.device), chosen_lengths, beta, alpha)
-        (loss * len(micro) / len(pairs)).backward()
-        tokens = [len(pairs[i].chosen_input_ids) + len(pairs[i].rejected_input_ids) for i in micro]
-        metrics.append({**micro_metrics, "tokens": torch.tensor(tokens)})
-    return in_step_order(micro_batches, metrics)
-
-
-def nll_gradients(model, sequences: list[tuple[list[int], int]], micro_batch_size: int, pad_id: int) -> dict:
-    """SFT's backward over one optimizer step's (ids, prompt length) sequences, in length-grouped
-    micro-batches: the NLL of the answer tokens, averaged over all the step's answer tokens (each
-    micro-batch's sum is divided by the step's count, so micro-batching changes nothing). collate
-    labels prompt and padding tokens -100: they are out of the loss. Returns each sequence's NLL
-    per token and its token count, in the order of sequences."""
-    answer_tokens = sum(len(ids) - prompt_length for ids, prompt_length in sequences)
-    micro_batches = length_grouped([len(ids) for ids, _ in sequences], micro_batch_size)
-    metrics = []
-    for micro in micro_batches:
-        batch = collate([sequences[i] for i in micro], pad_id)
-        logps, lengths = sequence_logps(model, *(t.to(model.device) for t in batch))
-        (-logps.sum() / answer_tokens).backward()
-        metrics.append({"loss/nll": (-logps / lengths).detach(), "tokens": batch[1].sum(-1)})
-    return in_step_order(micro_batches, metrics)
-
-
+# ------------------------------------------------------------------------ optimizers for bf16 weights
 def round_stochastically(x: torch.Tensor) -> torch.Tensor:
     """float32 -> bf16, rounding up or down at random in proportion to the distance, so the
     expected result is x. bf16 is the top 16 bits of a float32: add 16 random low bits, then
@@ -1272,152 +1670,330 @@ class BF16AdamW(torch.optim.Optimizer):
                         target.copy_(round_stochastically(value) if target.dtype == torch.bfloat16 else value)
 
 
-def warmup_cosine(total_steps: int, warmup_ratio: float):
-    warmup = round(total_steps * warmup_ratio)
+# ------------------------------------------------------------------------ the run folder
+def write_atomic(path: Path, text: str):
+    """Write to a temp file, then rename: a crash never leaves a half-written artifact behind."""
+    temp = temp_path(path)
+    try:
+        temp.write_text(text, encoding="utf-8")
+    except BaseException:  # a full disk: leave no partial file taking the space that is left
+        temp.unlink(missing_ok=True)
+        raise
+    os.replace(temp, path)
 
-    def factor(step):  # multiplies --lr at optimizer step `step` (0-based)
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
-    return factor
+
+def temp_path(path: Path) -> Path:
+    """A temp name beside path that no other process uses; a leftover one is ignored (*.tmp)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
-def train(model, example_langs: list[str], accumulate, settings: Settings, log_path: Path,
-          progress: Path | None = None, progress_every: int = 100) -> dict:
-    """The optimizer loop of every training in this file: DPO + NLL (step 5), QAlign's two SFT
-    stages, and the toy M0's pre-training. example_langs holds one entry per training example
-    (its language, for per-language metrics). Each step takes --batch-size examples in a seeded
-    shuffled order, epoch after epoch; accumulate(model, example indices) runs their forward and
-    backward passes, each micro-batch's loss divided so that the gradient is the step's mean
-    (accumulate_gradients, nll_gradients), and returns per-example metric tensors and token
-    counts ("tokens": the rate printed at the end counts them, padding not included). Then clip,
-    step, schedule, log: AdamW with warmup then cosine decay, one line of metrics per step in
-    log_path. With progress, everything needed to go on (model, optimizer, schedule, log) is
-    saved there every progress_every steps, and an interrupted training goes on from it.
-    Returns the last epoch's metrics, averaged over its examples and per language."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if settings.optim == "adamw-bf16":
-        masters = params
-        optimizer = BF16AdamW(params, lr=settings.lr, betas=(0.9, settings.adam_beta2),
-                              weight_decay=settings.weight_decay)
-    else:
-        # bf16 weights cannot hold an update smaller than ~1/256 of their value, so at DPO learning
-        # rates most AdamW updates would vanish (a known DPO trap). AdamW updates float32 "master"
-        # copies instead, rounded into the model after each step; a float32 model is its own master.
-        masters = params if all(p.dtype == torch.float32 for p in params) else [p.detach().float() for p in params]
-        # fused: one kernel per tensor, in place, with no float32 temporaries (the default and the
-        # foreach=False step make full-size ones: 4.2 GB for Llama-3-8B's embedding), and 10x
-        # faster than foreach=False at 124M parameters on CPU (test_bench_adamw_step_fused_vs_single_tensor)
-        optimizer = torch.optim.AdamW(masters, lr=settings.lr, betas=(0.9, settings.adam_beta2),
-                                      weight_decay=settings.weight_decay, fused=True)
-    if settings.gradient_checkpointing == "on":
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    model.train()  # HF checkpoints layers only in train mode; dropout was switched off in load_model
-    generator = torch.Generator().manual_seed(settings.seed)
-    steps = [(epoch, step_ids) for epoch in range(settings.epochs)
-             for step_ids in torch.randperm(len(example_langs), generator=generator).split(settings.batch_size)]
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(len(steps), settings.warmup_ratio))
-    parts = {"model": model, "optimizer": optimizer, "schedule": schedule}
-    start, logged, last_epoch, last_epoch_langs = 0, [], [], []
-    if progress is not None and progress.exists():  # an interrupted training's progress: go on from it
+def to_json(value, **options) -> str:
+    """Strict JSON (a NaN or infinity is an error, never a bare NaN that other readers reject)."""
+    return json.dumps(value, ensure_ascii=False, allow_nan=False, **options)
+
+
+def write_jsonl(path: Path, records: list[dict]):
+    write_atomic(path, "".join(to_json(r) + "\n" for r in records))
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [read_json(path, line) for line in read_text(path).splitlines()]
+
+
+def read_json(path: Path, text: str | None = None):
+    """A run folder's JSON (text: one line of a .jsonl file); a damaged one is one line, not a traceback."""
+    try:
+        return json.loads(read_text(path) if text is None else text)
+    except (ValueError, RecursionError):
+        raise LidrError(f"{path} is damaged (not valid JSON); move it away to have that stage redone") from None
+
+
+def read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise LidrError(f"cannot read {path}: {first_line(error)}") from None
+
+
+def stage(path: Path, compute, settings: Settings) -> list[dict]:
+    """Resume: reuse a finished stage's artifact, else compute it and write it. The stage draws its
+    random numbers (sampling at --temperature > 0) from a seed of its own, so a stage redone after
+    an interruption gives what the uninterrupted run gave."""
+    if path.exists():
+        return reuse(path, settings)
+    torch.manual_seed(stage_seed(settings.seed, path))
+    records = compute()
+    write_jsonl(path, records)
+    return records
+
+
+def reuse(path: Path, settings: Settings) -> list[dict]:
+    """A finished stage's records, checked against what lidr writes there."""
+    tqdm.write(f"reusing {path}")
+    records = read_jsonl(path)
+    for line, record in enumerate(records, 1):
+        check_shape(f"{path}:{line}", record, stage_record_shape(path.name, list(parse_languages(settings.langs))))
+    return records
+
+
+def stage_record_shape(name: str, langs: list[str]) -> dict:
+    """What each stage's records hold (see check_shape): the fields later stages read."""
+    translation = {"id": str, "source_lang": langs, "target_lang": langs, "source": str, "raw": str,
+                   "translation": str | None}
+    sft_example = {"id": str, "lang": langs, "prompt": str, "response": str}
+    return {"prompt_translations.jsonl": translation, "translations.jsonl": translation,
+            "prompts.jsonl": {"id": str, "translation_task": bool, langs[0]: str,
+                              **dict.fromkeys(langs[1:], str | None)},
+            "responses.jsonl": {"id": str, "lang": langs, "prompt": str, "response": str, "finished": bool},
+            "pairs.jsonl": {"prompt": str, "chosen": str, "rejected": str, "id": str, "lang": langs, "kind": str,
+                            "other_lang": langs},
+            "question_alignment.jsonl": sft_example, "response_alignment.jsonl": sft_example}[name]
+
+
+def check_shape(where: str, value, shape, key: str = ""):
+    """A reused artifact must hold what lidr wrote there; one edited by hand, cut short or written
+    by another version is one line naming the file and field, not a KeyError a stage later.
+    shape: a dict of required keys and their shapes, a list of allowed values, or a type."""
+    if isinstance(shape, dict):
+        for name, inner in shape.items():
+            if not isinstance(value, dict) or name not in value:
+                raise LidrError(f"{where}: '{key + name}' is missing; move the file away to have that stage redone")
+            check_shape(where, value[name], inner, f"{key}{name}.")
+    elif not (value in shape if isinstance(shape, list) else isinstance(value, shape)):
+        raise LidrError(f"{where}: '{key.rstrip('.')}' is {value!r:.40}, not what lidr writes there; "
+                        f"move the file away to have that stage redone")
+
+
+def stage_seed(seed: int, path: Path) -> int:
+    """A seed for each (--seed, iteration, stage): the artifact's folder and name say which."""
+    return zlib.crc32(f"{seed}/{path.parent.name}/{path.name}".encode())
+
+
+def save_model(model, tokenizer, path: Path):
+    temp = temp_path(path)
+    shutil.rmtree(temp, ignore_errors=True)  # left by a dead process that had our pid
+    try:
+        model.save_pretrained(temp)
+        tokenizer.save_pretrained(temp)
+    except BaseException:  # a full disk: leave no partial model taking the space that is left
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    os.replace(temp, path)
+
+
+# What a resumed run may change: the folder's own name, the number of iterations (to extend a
+# run), and settings that change how fast a run goes, and its results only by float rounding.
+RESUMABLE_CHANGES = {"out", "iters", "device", "gen_batch_size", "engine", "micro_batch_size",
+                     "gradient_checkpointing"}
+
+
+def check_resumable(out: Path, settings: Settings, inputs_sha256: dict[str, str]):
+    """Before anything is loaded: --out must be new, or a run folder made with these settings and
+    inputs (the prompts and evaluation problems as read, by content: a file edited since counts)."""
+    settings_path = out / "settings.json"
+    if settings_path.exists():
         try:
-            saved = torch.load(progress, weights_only=False)
-        except Exception as error:
-            tqdm.write(f"warning: {progress} is unreadable ({first_line(error)}); training from the start")
-        else:
-            for name, part in parts.items():
-                part.load_state_dict(saved[name])
-            with torch.no_grad():  # float32 masters of a bf16 model: the model's weights are rounded
-                for master, value in zip(masters, saved["masters"]):
-                    master.copy_(value)
-            start, logged, last_epoch, last_epoch_langs = (saved[name] for name in (
-                "step", "logged", "last_epoch", "last_epoch_langs"))
-    tqdm.write(f"training on {len(example_langs)} examples: {settings.epochs} epoch(s) of "
-               f"{len(steps) // settings.epochs} steps, {settings.batch_size} per step in micro-batches of "
-               f"{settings.micro_batch_size}")
-    partial_log = temp_path(log_path)  # this process's; renamed into place when training ends
-    tokens_trained, start_time = 0, time.perf_counter()
-    with open(partial_log, "w") as log, \
-            tqdm(total=len(steps), initial=start, desc="training", unit="step") as bar:
-        log.writelines(logged)
-        for step, (epoch, step_ids) in enumerate(steps[start:], start + 1):
-            metrics = accumulate(model, step_ids.tolist())
-            tokens_trained += metrics.pop("tokens").sum().item()
-            if masters is not params:
-                for master, param in zip(masters, params):  # free each bf16 gradient once copied
-                    master.grad, param.grad = (None if param.grad is None else param.grad.float()), None
-            grad_norm = torch.nn.utils.clip_grad_norm_(masters, settings.max_grad_norm)
-            line = {"step": step, "epoch": epoch + 1, **{k: v.mean().item() for k, v in metrics.items()},
-                    "optim/lr": schedule.get_last_lr()[0], "optim/grad_norm": grad_norm.item()}
-            loss = line.get("loss/total", line.get("loss/nll"))  # DPO + NLL, or SFT's NLL
-            if not (math.isfinite(loss) and math.isfinite(line["optim/grad_norm"])):
-                # one step would make every weight NaN: stop before the model is saved or trained on
-                raise RunFault(f"training diverged at step {step}: loss {loss}, gradient norm "
-                               f"{line['optim/grad_norm']}; nothing of this training was saved: lower --lr "
-                               f"(now {settings.lr}) and run again with another --out")
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            if masters is not params:  # round stochastically: the model keeps sub-bf16 updates in expectation
-                with torch.no_grad():
-                    for master, param in zip(masters, params):
-                        param.copy_(round_stochastically(master) if param.dtype == torch.bfloat16 else master)
-            logged.append(to_json(line) + "\n")
-            log.write(logged[-1])
-            log.flush()
-            bar.set_postfix_str(" ".join(f"{label} {line[name]:.3f}" for name, label in (
-                ("loss/total", "loss"), ("rewards/accuracies", "acc"), ("rewards/margins", "margin"),
-                ("loss/nll", "nll")) if name in line))
-            bar.update()
-            if epoch == settings.epochs - 1:
-                last_epoch.append(metrics)
-                last_epoch_langs += [example_langs[i] for i in step_ids]
-            if progress is not None and step % progress_every == 0 and step < len(steps):
-                try:
-                    torch.save({**{name: part.state_dict() for name, part in parts.items()}, "masters": masters,
-                                "step": step, "logged": logged, "last_epoch": last_epoch,
-                                "last_epoch_langs": last_epoch_langs}, temp_path(progress))
-                except RuntimeError as error:  # how torch's writer reports a full disk
-                    temp_path(progress).unlink(missing_ok=True)
-                    raise OSError(None, f"{first_line(error)} (a full disk?)", str(progress)) from None
-                os.replace(temp_path(progress), progress)
-    os.replace(partial_log, log_path)
-    seconds = time.perf_counter() - start_time
-    tqdm.write(f"training: {tokens_trained} tokens in {seconds:.1f} s, {tokens_trained / max(seconds, 1e-9):.0f} "
-               f"tokens/s")
-    model.eval()
-    if settings.gradient_checkpointing == "on":
-        model.activation_checkpointing_disable()
-    merged = {name: torch.cat([m[name] for m in last_epoch]) for name in last_epoch[0]}
-    per_lang = {}
-    for lang in sorted(set(last_epoch_langs)):
-        mask = torch.tensor([example_lang == lang for example_lang in last_epoch_langs])
-        per_lang[lang] = {name: values[mask].mean().item() for name, values in merged.items()}
-    return {"steps": len(steps), "last_epoch": {k: v.mean().item() for k, v in merged.items()}, "per_lang": per_lang}
+            run_record = json.loads(settings_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            run_record = None
+        recorded = run_record.get("settings") if isinstance(run_record, dict) else None
+        if not isinstance(recorded, dict) or not {"model", "max_new_tokens"} <= recorded.keys() or not all(
+                isinstance(run_record.get(part, {}), dict) for part in ("templates", "inputs_sha256")):
+            raise LidrError(f"--out {out}: its settings.json is not a lidr run's (another tool's, or cut short); "
+                            f"pass another --out")
+        # settings added to lidr after the folder was made: what that run did instead
+        recorded = {**dataclasses.asdict(Settings()), **(TINY_DEFAULTS if recorded["model"] == "tiny" else {}),
+                    "eval_max_new_tokens": recorded["max_new_tokens"], **recorded}
+        changed = [f"--{name.replace('_', '-')} {recorded.get(name)!r} -> {value!r}"
+                   for name, value in dataclasses.asdict(settings).items()
+                   if name not in RESUMABLE_CHANGES and recorded.get(name) != value]
+        changed += [f"the text of --{name.replace('_', '-')}" for name in TEMPLATES
+                    if run_record.get("templates", {}).get(name, "") != template(settings, name)]
+        changed += [f"the {name} read" for name, digest in inputs_sha256.items()  # folders made before: unchecked
+                    if run_record.get("inputs_sha256", {}).get(name, digest) != digest]
+        if changed:
+            raise LidrError(f"{out} was made with other settings ({'; '.join(changed)}); "
+                            f"pass another --out, or the same settings to resume it")
+    elif out.exists() and (not out.is_dir() or any(not leftover(entry) for entry in out.iterdir())):
+        raise LidrError(f"--out {out} exists and is not a lidr run folder; pass another --out")
 
 
-def train_on_pairs(model, tokenizer, pairs: list[dict], settings: Settings, log_path: Path) -> dict | None:
-    """Steps 5-6 for one iteration: tokenise the pairs, take the reference log-probs with the
-    model as it is (M_{t-1}), then train it into M_t. None when no pair is left to train on."""
-    end_of_turn = end_of_turn_id(tokenizer)
-    tokenized = [tokenize_pair(tokenizer, pair, settings.system_prompt, end_of_turn, settings.max_len)
-                 for pair in pairs]
-    kept = [pair for pair in tokenized if pair is not None]
-    truncated = sum(pair.truncated for pair in kept)
-    if truncated or len(kept) < len(pairs):
-        tqdm.write(f"warning: --max-len {settings.max_len}: {truncated} pairs have an answer cut short, "
-                   f"{len(pairs) - len(kept)} pairs dropped (prompt alone too long)")
-    if not kept:
-        return None
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_of_turn
-    ref_chosen_logps, ref_rejected_logps = reference_logps(model, kept, settings.micro_batch_size, pad_id)
-    result = train(model, [pair.lang for pair in kept], lambda model, ids: accumulate_gradients(
-        model, [kept[i] for i in ids], ref_chosen_logps[ids], ref_rejected_logps[ids], settings.beta, settings.alpha,
-        settings.micro_batch_size, pad_id), settings, log_path)
-    return {**result, "pairs_truncated": truncated, "pairs_prompt_too_long": len(pairs) - len(kept)}
+def leftover(entry: Path) -> bool:
+    """What a process that died before writing settings.json may leave: never a reason to refuse."""
+    return entry.name == "run.lock" or entry.name.endswith(".tmp")
 
 
-# ------------------------------------------------------------------------ evaluate
+def lock_run_folder(out: Path, command: list[str]):
+    """An exclusive lock on the run folder, held while the returned file is open (the OS drops it
+    when the process dies): a second process on the same folder (the command started twice, a
+    sweep writing into one --out) stops at once, naming the holder, instead of mixing two runs."""
+    out.mkdir(parents=True, exist_ok=True)
+    lock = open(out / "run.lock", "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        raise LidrError(f"{out} is in use by another lidr process ({lock.read().strip() or 'unknown'}); "
+                        f"wait for it to end, or pass another --out") from None
+    lock.truncate(0)
+    lock.write(f"pid {os.getpid()} on {platform.node()}: {shlex.join(command)}\n")
+    lock.flush()
+    return lock
+
+
+def record_run(out: Path, settings: Settings, command: list[str], inputs_sha256: dict[str, str]):
+    """A run folder says how it was made: settings, command, versions, hardware and the code;
+    commands.log adds each invocation, with the hash of the code that ran it."""
+    source = Path(__file__).read_bytes()
+    code_hash = hashlib.sha256(source).hexdigest()
+    if (out / "settings.json").exists():
+        if read_json(out / "settings.json").get("lidr_sha256") != code_hash:
+            print(f"warning: lidr.py changed since {out} was made (see commands.log); lidr.py there is the original")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        device = settings.device
+        write_atomic(out / "settings.json", to_json({
+            "settings": dataclasses.asdict(settings),
+            "command": [sys.executable, *command],
+            "templates": {name: template(settings, name) for name in TEMPLATES if getattr(settings, name)},
+            "inputs_sha256": inputs_sha256,
+            "lidr_sha256": code_hash,
+            "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                         "transformers": transformers.__version__, "datasets": datasets.__version__},
+            "hardware": torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.machine(),
+        }, indent=2))
+        write_atomic(out / "lidr.py", source.decode("utf-8"))
+    with open(out / "commands.log", "a") as log:
+        log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} lidr_sha256={code_hash[:12]} {' '.join(command)}\n")
+
+
+def finished_work(out: Path | None) -> str:
+    """What an interrupted run leaves for the next one to reuse, in a few words."""
+    if out is None or not (out / "settings.json").exists():
+        return "nothing was finished"
+    t = 1
+    while (out / f"iter_{t}" / "model").exists():
+        t += 1
+    stages = sorted(path.name for path in (out / f"iter_{t}").glob("*.json*") if not leftover(path))
+    kept = ([f"M1 to M{t - 1}" if t > 2 else "M1"] if t > 1 else []) + ([f"iteration {t}'s {', '.join(stages)}"]
+                                                                       if stages else [])
+    return f"{out} keeps " + (" and ".join(kept) or "its settings only")
+
+
+# ------------------------------------------------------------------------ report tables
+def failed_translations_into(translations: list[dict], langs: list[str]) -> dict[str, int]:
+    failures = dict.fromkeys(langs, 0)
+    for translation in translations:
+        failures[translation["target_lang"]] += translation["translation"] is None
+    return failures
+
+
+def summary_table(history: list[dict], langs: list[str], settings: Settings) -> str:
+    """Per iteration and language: pairs built and skipped, failed translations into the
+    language, and the last epoch's training metrics over that language's pairs. For QAlign: per
+    stage and language, the examples and their last epoch's NLL."""
+    if settings.method == "qalign":
+        rows = [f"{'stage':>5} {'lang':>4} {'examples':>8} {'nll':>6}", "-" * 26]
+        for t, metrics in enumerate(history, 1):
+            for lang in langs:
+                trained = (metrics["train"] or {"per_lang": {}})["per_lang"].get(lang)
+                nll = f"{trained['loss/nll']:6.3f}" if trained else f"{'-':>6}"
+                rows.append(f"{t:>5} {lang:>4} {metrics['examples'][lang]:>8} {nll}")
+        return "\n".join(rows + ["stage 1: questions into English; stage 2: English questions with English "
+                                 "answers. nll: per answer token, averaged over the stage's examples in its last "
+                                 "epoch."])
+    recipe = settings.recipe
+    header = (f"{'iter':>4} {'lang':>4} {'pairs':>6} {'skipped':>7} {'failed_tr':>9} {'loss':>7} "
+              f"{'reward_acc':>10} {'margin':>7} {'logp_chosen':>11} {'nll':>6}")
+    rows = [f"pairs built by --recipe {recipe}", header, "-" * len(header)]
+    for iteration, metrics in enumerate(history, 1):
+        for lang in langs:
+            counts = metrics["counts"][lang]
+            trained = (metrics["train"] or {"per_lang": {}})["per_lang"].get(lang)
+            numbers = (f"{trained['loss/total']:7.4f} {trained['rewards/accuracies']:10.2f} "
+                       f"{trained['rewards/margins']:7.3f} {trained['logps/chosen']:11.2f} {trained['loss/nll']:6.3f}"
+                       if trained else f"{'-':>7} {'-':>10} {'-':>7} {'-':>11} {'-':>6}")
+            rows.append(f"{iteration:>4} {lang:>4} {counts['pairs']:>6} {sum(counts.values()) - counts['pairs']:>7} "
+                        f"{metrics['translation_failures'][lang]:>9} {numbers}")
+    rows.append("skipped: pairs not built, by reason in metrics.json (a prompt or translation failed, an answer "
+                "was empty or hit the token cap, chosen == rejected; with --recipe scripts only missing prompts, "
+                "failed translations, and the dominant language's pairs against all but the last language: "
+                "overwritten); failed_tr: "
+                "translations into the language with no parseable span. logp_chosen: summed over the answer; "
+                "nll: per token.")
+    return "\n".join(rows)
+
+
+def eval_table(evaluations: list[dict], names: list[str], dominant: str) -> str:
+    """Per benchmark, metric and language: one column per evaluation (M0 -> M1 -> ..., or the runs
+    --compare reads); rates in percent. Accuracy also as the mean over the languages other than
+    the dominant one, the ones LIDR is meant to lift."""
+    widths = [max(6, len(name)) for name in names]
+    header = f"{'benchmark':<9} {'metric':<10} {'lang':>6} " + " ".join(f"{n:>{w}}" for n, w in zip(names, widths))
+    rows = [header, "-" * len(header)]
+
+    def row(benchmark, metric, lang, values):
+        return f"{benchmark:<9} {metric:<10} {lang:>6} " + " ".join(
+            f"{'-':>{w}}" if v is None else f"{v:{w}.1f}" for v, w in zip(values, widths))
+    for benchmark, by_lang in evaluations[0].items():
+        for metric in ("accuracy", "number", "off_target", "finished", "words"):
+            langs = [lang for lang in by_lang if any(metric in e[benchmark][lang] for e in evaluations)]
+            scale = 1 if metric == "words" else 100
+            for lang in langs:  # a metric can be missing for a model: off_target when no answer has letters
+                values = [evaluation[benchmark][lang].get(metric) for evaluation in evaluations]
+                rows.append(row(benchmark, metric, lang, [None if v is None else v * scale for v in values]))
+            others = [lang for lang in langs if lang != dominant]
+            if metric in ("accuracy", "number") and len(others) > 1:
+                rows.append(row(benchmark, metric, "others", [
+                    sum(evaluation[benchmark][lang][metric] for lang in others) * scale / len(others)
+                    for evaluation in evaluations]))
+    rows.append(f"accuracy, number, off_target, finished: % of problems; words: mean answer length; "
+                f"others: mean over the languages but {dominant}. Every answer: iter_<t>/eval_answers.jsonl.")
+    return "\n".join(rows)
+
+
+def model_names(method: str, count: int) -> list[str]:
+    """Column names of a run's evaluations: M0, M1, ... (LIDR's iterations) or QAlign's stages."""
+    return ["M0"] + [f"stage{t}" if method == "qalign" else f"M{t}" for t in range(1, count)]
+
+
+# What decides M0 and its evaluation: runs that differ in any of these don't compare.
+SAME_M0_AND_EVALUATION = ("model", "langs", "eval", "eval_langs", "eval_limit", "eval_max_new_tokens",
+                          "eval_prompt_template", "system_prompt", "temperature", "repetition_penalty", "dtype")
+
+
+def compare_table(folders: list[str]) -> str:
+    """--compare: M0 (the first run's) and the last evaluated model of each run folder, in one
+    eval_table. The runs must start from the same M0 and evaluate it alike (the settings in
+    SAME_M0_AND_EVALUATION, the toy's seed, and the evaluation problems read)."""
+    evaluations, names, first = [], [], None
+    for folder in map(Path, folders):
+        record = read_json(folder / "settings.json") if (folder / "settings.json").exists() else None
+        if not isinstance(record, dict) or not isinstance(record.get("settings"), dict):
+            raise LidrError(f"--compare: {folder} is not a lidr run folder")
+        settings = record["settings"]
+        toy_seed = ("seed",) if settings.get("model") == "tiny" else ()  # each seed pre-trains its own toy M0
+        same = {name: settings.get(name) for name in SAME_M0_AND_EVALUATION + toy_seed}
+        same["evaluation problems"] = record.get("inputs_sha256", {}).get("evaluation problems")
+        run_evaluations = []
+        while (folder / f"iter_{len(run_evaluations)}" / "eval.json").exists():
+            run_evaluations.append(read_json(folder / f"iter_{len(run_evaluations)}" / "eval.json"))
+        if len(run_evaluations) < 2:
+            raise LidrError(f"--compare: {folder} has no evaluated model after M0 (run it with --eval)")
+        if first is None:
+            first = same
+            evaluations.append(run_evaluations[0])
+            names.append("M0")
+        differ = [name for name in same if same[name] != first[name]]
+        if differ:
+            raise LidrError(f"--compare: {folder} and {folders[0]} differ in {', '.join(differ)}: another M0 or "
+                            f"another evaluation, so their numbers don't compare")
+        evaluations.append(run_evaluations[-1])
+        names.append(f"{folder.name}:{model_names(settings.get('method', 'lidr'), len(run_evaluations))[-1]}")
+    return eval_table(evaluations, names, str(first["langs"]).split(",")[0].partition(":")[0])
+
+
+# ======================================================================== evaluation
 # --eval runs on M0 and on every M_t. Each benchmark gives, per language, the prompts to answer
 # and a scorer of one answer; every answer and its scores are kept in the run folder.
 
@@ -1440,6 +2016,7 @@ def last_number(text: str) -> float | None:
 SCRIPT_RANGES = {"cyrillic": [(0x0400, 0x052F)], "thai": [(0x0E00, 0x0E7F)], "bengali": [(0x0980, 0x09FF)],
                  "telugu": [(0x0C00, 0x0C7F)], "kana": [(0x3040, 0x30FF), (0x31F0, 0x31FF)],
                  "han": [(0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF)]}
+
 LANGUAGE_SCRIPTS = {"ru": {"cyrillic"}, "uk": {"cyrillic"}, "th": {"thai"}, "bn": {"bengali"}, "te": {"telugu"},
                     "zh": {"han"}, "ja": {"han", "kana"}}
 
@@ -1602,433 +2179,7 @@ def evaluate(model, tokenizer, problems: dict, settings: Settings, folder: Path,
     return results
 
 
-# ------------------------------------------------------------------------ memory plan: one GPU
-def model_shape(name: str):
-    """(config, parameter count) without loading the weights: the model is built on the meta
-    device, which allocates nothing (the toy model is simply built)."""
-    if name == "tiny":
-        model = untrained_toy_model(toy_tokenizer())
-        return model.config, sum(p.numel() for p in model.parameters())
-    try:
-        config = AutoConfig.from_pretrained(name)
-    except Exception as error:
-        raise model_load_error(name, error) from None
-    try:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
-    except Exception as error:  # no causal LM for the config (T5), or sizes no model can have
-        raise LidrError(f"model '{name}': its config makes no causal language model ({first_line(error)})") from None
-    return config, sum(p.numel() for p in model.parameters())
-
-
-def training_memory(config, n_params: int, settings: Settings, optim: str, checkpointing: str) -> dict[str, float]:
-    """Bytes one training step holds, by part (training_peak adds them up). Each part is what a
-    simulation of the step on fake tensors held (Llama-3-8B, bf16, checkpointing, pairs of 2 x
-    2,048 tokens, one per micro-batch; peak with adamw-bf16 64.8 GB for a one-pair step and 68.6 GB
-    for two, with adamw-fp32 145.6 GB for either; this gives each):
-    - weights, gradients, optimizer state: per parameter, by optimizer (README: Hardware);
-    - step: what the update holds beyond them: BF16AdamW's float32 work on one chunk (5 float32 and
-      3 int32 values per element); or, for the float32 masters of a bf16 model, the bf16 gradient of
-      the largest tensor (the embedding) waiting for its float32 copy; fused AdamW holds nothing;
-    - activations, at the start of the backward pass, where they peak: each layer's input with
-      checkpointing (without: everything a layer keeps, ~8 hidden- and 6 MLP-size values per
-      token, 0.97 GB per Llama-3 layer at 4,096 tokens, against 0.89 GB simulated), the final
-      norm's float32 input and copies, one log-prob chunk's backward (LOGPS_CHUNK_TOKENS) and the
-      output layer's gradient, summed there over the chunks;
-    - earlier_gradients: what the step's earlier micro-batches have accumulated by then, in the
-      model's dtype (none when a step is one micro-batch; 68.6 GB simulated with two)."""
-    width = 2 if settings.dtype == "bfloat16" else 4
-    tokens = 2 * settings.micro_batch_size * settings.max_len  # chosen + rejected sequences
-    hidden, layers, mlp = config.hidden_size, config.num_hidden_layers, config.intermediate_size
-    vocab = config.vocab_size
-    if optim == "adamw-bf16":  # two moments in the model's dtype
-        gradients, optimizer, step = n_params * width, 2 * n_params * width, OPTIMIZER_CHUNK * 32
-    else:  # float32 moments, plus float32 master weights and gradients for a bf16 model
-        gradients, optimizer = 4 * n_params, 8 * n_params + (4 * n_params if width == 2 else 0)
-        step = vocab * hidden * width if width == 2 else 0
-    layer_activations = ((layers + 1) * tokens * hidden * width if checkpointing == "on"
-                         else layers * tokens * (8 * hidden + 6 * mlp) * width)
-    output_layer = tokens * hidden * (4 + 3 * width) + LOGPS_CHUNK_TOKENS * vocab * 16 + vocab * hidden * width
-    earlier_gradients = n_params * width if settings.batch_size > settings.micro_batch_size else 0
-    return {"weights": n_params * width, "gradients": gradients, "optimizer": optimizer, "step": step,
-            "activations": layer_activations + output_layer, "earlier_gradients": earlier_gradients}
-
-
-def training_peak(parts: dict[str, float]) -> float:
-    """Weights and optimizer state are held throughout; the activations are gone before the step's
-    last gradient exists, so the peak is the larger of the two moments."""
-    return parts["weights"] + parts["optimizer"] + max(parts["gradients"] + parts["step"],
-                                                       parts["activations"] + parts["earlier_gradients"])
-
-
-def device_memory(device: str) -> int:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_properties(device).total_memory
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def plan_training_memory(config, n_params: int, settings: Settings, available: int) -> str:
-    """Print the training memory estimate next to the device's memory (available bytes) and return
-    the optimizer to use; when it cannot fit, refuse with the flags that would make it fit."""
-    missing = [name for name in ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size",
-                                 "num_attention_heads") if not getattr(config, name, None)]
-    if missing:
-        raise LidrError(f"model '{settings.model}': its config has no {', '.join(missing)}, which the memory plan "
-                        f"reads (decoder configs in the Llama style have them)")
-
-    def total(trial: Settings) -> int:
-        return training_peak(training_memory(config, n_params, trial, trial.optim, trial.gradient_checkpointing))
-
-    optim = settings.optim
-    if optim == "auto":  # adamw-bf16 saves memory only on bf16 weights
-        fits = total(dataclasses.replace(settings, optim="adamw-fp32")) <= available
-        optim = "adamw-fp32" if fits or settings.dtype != "bfloat16" else "adamw-bf16"
-    parts = training_memory(config, n_params, settings, optim, settings.gradient_checkpointing)
-    gb = {name: value / 1e9 for name, value in parts.items()}
-    print(f"training memory estimate ({optim}, checkpointing {settings.gradient_checkpointing}): weights "
-          f"{gb['weights']:.1f} + optimizer {gb['optimizer']:.1f} + max(gradients {gb['gradients']:.1f} + step "
-          f"{gb['step']:.1f}, activations {gb['activations']:.1f} + earlier micro-batches' gradients "
-          f"{gb['earlier_gradients']:.1f}) = {training_peak(parts) / 1e9:.1f} GB of "
-          f"{available / 1e9:.1f} GB on {settings.device}")
-    if training_peak(parts) > available:
-        trial, fixes = dataclasses.replace(settings, optim=optim), []
-        for flag, change in [("--dtype bfloat16", {"dtype": "bfloat16"}), ("--optim adamw-bf16", {"optim": "adamw-bf16"}),
-                             ("--gradient-checkpointing on", {"gradient_checkpointing": "on"}),
-                             ("--micro-batch-size 1", {"micro_batch_size": 1})]:
-            if any(getattr(trial, name) != value for name, value in change.items()):
-                trial = dataclasses.replace(trial, **change)
-                fixes.append(flag)
-                if total(trial) <= available:
-                    break
-        hint = (f"try {' '.join(fixes)}" if total(trial) <= available
-                else f"even {' '.join(fixes)} would not fit: use a smaller --max-len or model")
-        raise LidrError(f"training needs about {training_peak(parts) / 1e9:.0f} GB but {settings.device} has "
-                        f"{available / 1e9:.0f} GB; {hint}")
-    return optim
-
-
-# ------------------------------------------------------------------------ run folder
-def write_atomic(path: Path, text: str):
-    """Write to a temp file, then rename: a crash never leaves a half-written artifact behind."""
-    temp = temp_path(path)
-    try:
-        temp.write_text(text, encoding="utf-8")
-    except BaseException:  # a full disk: leave no partial file taking the space that is left
-        temp.unlink(missing_ok=True)
-        raise
-    os.replace(temp, path)
-
-
-def temp_path(path: Path) -> Path:
-    """A temp name beside path that no other process uses; a leftover one is ignored (*.tmp)."""
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
-def to_json(value, **options) -> str:
-    """Strict JSON (a NaN or infinity is an error, never a bare NaN that other readers reject)."""
-    return json.dumps(value, ensure_ascii=False, allow_nan=False, **options)
-
-
-def write_jsonl(path: Path, records: list[dict]):
-    write_atomic(path, "".join(to_json(r) + "\n" for r in records))
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [read_json(path, line) for line in read_text(path).splitlines()]
-
-
-def read_json(path: Path, text: str | None = None):
-    """A run folder's JSON (text: one line of a .jsonl file); a damaged one is one line, not a traceback."""
-    try:
-        return json.loads(read_text(path) if text is None else text)
-    except (ValueError, RecursionError):
-        raise LidrError(f"{path} is damaged (not valid JSON); move it away to have that stage redone") from None
-
-
-def read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise LidrError(f"cannot read {path}: {first_line(error)}") from None
-
-
-def stage(path: Path, compute, settings: Settings) -> list[dict]:
-    """Resume: reuse a finished stage's artifact, else compute it and write it. The stage draws its
-    random numbers (sampling at --temperature > 0) from a seed of its own, so a stage redone after
-    an interruption gives what the uninterrupted run gave."""
-    if path.exists():
-        return reuse(path, settings)
-    torch.manual_seed(stage_seed(settings.seed, path))
-    records = compute()
-    write_jsonl(path, records)
-    return records
-
-
-def reuse(path: Path, settings: Settings) -> list[dict]:
-    """A finished stage's records, checked against what lidr writes there."""
-    tqdm.write(f"reusing {path}")
-    records = read_jsonl(path)
-    for line, record in enumerate(records, 1):
-        check_shape(f"{path}:{line}", record, stage_record_shape(path.name, list(parse_languages(settings.langs))))
-    return records
-
-
-def stage_record_shape(name: str, langs: list[str]) -> dict:
-    """What each stage's records hold (see check_shape): the fields later stages read."""
-    translation = {"id": str, "source_lang": langs, "target_lang": langs, "source": str, "raw": str,
-                   "translation": str | None}
-    sft_example = {"id": str, "lang": langs, "prompt": str, "response": str}
-    return {"prompt_translations.jsonl": translation, "translations.jsonl": translation,
-            "prompts.jsonl": {"id": str, "translation_task": bool, langs[0]: str,
-                              **dict.fromkeys(langs[1:], str | None)},
-            "responses.jsonl": {"id": str, "lang": langs, "prompt": str, "response": str, "finished": bool},
-            "pairs.jsonl": {"prompt": str, "chosen": str, "rejected": str, "id": str, "lang": langs, "kind": str,
-                            "other_lang": langs},
-            "question_alignment.jsonl": sft_example, "response_alignment.jsonl": sft_example}[name]
-
-
-def check_shape(where: str, value, shape, key: str = ""):
-    """A reused artifact must hold what lidr wrote there; one edited by hand, cut short or written
-    by another version is one line naming the file and field, not a KeyError a stage later.
-    shape: a dict of required keys and their shapes, a list of allowed values, or a type."""
-    if isinstance(shape, dict):
-        for name, inner in shape.items():
-            if not isinstance(value, dict) or name not in value:
-                raise LidrError(f"{where}: '{key + name}' is missing; move the file away to have that stage redone")
-            check_shape(where, value[name], inner, f"{key}{name}.")
-    elif not (value in shape if isinstance(shape, list) else isinstance(value, shape)):
-        raise LidrError(f"{where}: '{key.rstrip('.')}' is {value!r:.40}, not what lidr writes there; "
-                        f"move the file away to have that stage redone")
-
-
-def stage_seed(seed: int, path: Path) -> int:
-    """A seed for each (--seed, iteration, stage): the artifact's folder and name say which."""
-    return zlib.crc32(f"{seed}/{path.parent.name}/{path.name}".encode())
-
-
-def save_model(model, tokenizer, path: Path):
-    temp = temp_path(path)
-    shutil.rmtree(temp, ignore_errors=True)  # left by a dead process that had our pid
-    try:
-        model.save_pretrained(temp)
-        tokenizer.save_pretrained(temp)
-    except BaseException:  # a full disk: leave no partial model taking the space that is left
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
-    os.replace(temp, path)
-
-
-def check_resumable(out: Path, settings: Settings, inputs_sha256: dict[str, str]):
-    """Before anything is loaded: --out must be new, or a run folder made with these settings and
-    inputs (the prompts and evaluation problems as read, by content: a file edited since counts)."""
-    settings_path = out / "settings.json"
-    if settings_path.exists():
-        try:
-            run_record = json.loads(settings_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError):
-            run_record = None
-        recorded = run_record.get("settings") if isinstance(run_record, dict) else None
-        if not isinstance(recorded, dict) or not {"model", "max_new_tokens"} <= recorded.keys() or not all(
-                isinstance(run_record.get(part, {}), dict) for part in ("templates", "inputs_sha256")):
-            raise LidrError(f"--out {out}: its settings.json is not a lidr run's (another tool's, or cut short); "
-                            f"pass another --out")
-        # settings added to lidr after the folder was made: what that run did instead
-        recorded = {**dataclasses.asdict(Settings()), **(TINY_DEFAULTS if recorded["model"] == "tiny" else {}),
-                    "eval_max_new_tokens": recorded["max_new_tokens"], **recorded}
-        changed = [f"--{name.replace('_', '-')} {recorded.get(name)!r} -> {value!r}"
-                   for name, value in dataclasses.asdict(settings).items()
-                   if name not in RESUMABLE_CHANGES and recorded.get(name) != value]
-        changed += [f"the text of --{name.replace('_', '-')}" for name in TEMPLATES
-                    if run_record.get("templates", {}).get(name, "") != template(settings, name)]
-        changed += [f"the {name} read" for name, digest in inputs_sha256.items()  # folders made before: unchecked
-                    if run_record.get("inputs_sha256", {}).get(name, digest) != digest]
-        if changed:
-            raise LidrError(f"{out} was made with other settings ({'; '.join(changed)}); "
-                            f"pass another --out, or the same settings to resume it")
-    elif out.exists() and (not out.is_dir() or any(not leftover(entry) for entry in out.iterdir())):
-        raise LidrError(f"--out {out} exists and is not a lidr run folder; pass another --out")
-
-
-def leftover(entry: Path) -> bool:
-    """What a process that died before writing settings.json may leave: never a reason to refuse."""
-    return entry.name == "run.lock" or entry.name.endswith(".tmp")
-
-
-def lock_run_folder(out: Path, command: list[str]):
-    """An exclusive lock on the run folder, held while the returned file is open (the OS drops it
-    when the process dies): a second process on the same folder (the command started twice, a
-    sweep writing into one --out) stops at once, naming the holder, instead of mixing two runs."""
-    out.mkdir(parents=True, exist_ok=True)
-    lock = open(out / "run.lock", "a+")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
-        raise LidrError(f"{out} is in use by another lidr process ({lock.read().strip() or 'unknown'}); "
-                        f"wait for it to end, or pass another --out") from None
-    lock.truncate(0)
-    lock.write(f"pid {os.getpid()} on {platform.node()}: {shlex.join(command)}\n")
-    lock.flush()
-    return lock
-
-
-def record_run(out: Path, settings: Settings, command: list[str], inputs_sha256: dict[str, str]):
-    """A run folder says how it was made: settings, command, versions, hardware and the code;
-    commands.log adds each invocation, with the hash of the code that ran it."""
-    source = Path(__file__).read_bytes()
-    code_hash = hashlib.sha256(source).hexdigest()
-    if (out / "settings.json").exists():
-        if read_json(out / "settings.json").get("lidr_sha256") != code_hash:
-            print(f"warning: lidr.py changed since {out} was made (see commands.log); lidr.py there is the original")
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        device = settings.device
-        write_atomic(out / "settings.json", to_json({
-            "settings": dataclasses.asdict(settings),
-            "command": [sys.executable, *command],
-            "templates": {name: template(settings, name) for name in TEMPLATES if getattr(settings, name)},
-            "inputs_sha256": inputs_sha256,
-            "lidr_sha256": code_hash,
-            "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                         "transformers": transformers.__version__, "datasets": datasets.__version__},
-            "hardware": torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.machine(),
-        }, indent=2))
-        write_atomic(out / "lidr.py", source.decode("utf-8"))
-    with open(out / "commands.log", "a") as log:
-        log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} lidr_sha256={code_hash[:12]} {' '.join(command)}\n")
-
-
-def summary_table(history: list[dict], langs: list[str], settings: Settings) -> str:
-    """Per iteration and language: pairs built and skipped, failed translations into the
-    language, and the last epoch's training metrics over that language's pairs. For QAlign: per
-    stage and language, the examples and their last epoch's NLL."""
-    if settings.method == "qalign":
-        rows = [f"{'stage':>5} {'lang':>4} {'examples':>8} {'nll':>6}", "-" * 26]
-        for t, metrics in enumerate(history, 1):
-            for lang in langs:
-                trained = (metrics["train"] or {"per_lang": {}})["per_lang"].get(lang)
-                nll = f"{trained['loss/nll']:6.3f}" if trained else f"{'-':>6}"
-                rows.append(f"{t:>5} {lang:>4} {metrics['examples'][lang]:>8} {nll}")
-        return "\n".join(rows + ["stage 1: questions into English; stage 2: English questions with English "
-                                 "answers. nll: per answer token, averaged over the stage's examples in its last "
-                                 "epoch."])
-    recipe = settings.recipe
-    header = (f"{'iter':>4} {'lang':>4} {'pairs':>6} {'skipped':>7} {'failed_tr':>9} {'loss':>7} "
-              f"{'reward_acc':>10} {'margin':>7} {'logp_chosen':>11} {'nll':>6}")
-    rows = [f"pairs built by --recipe {recipe}", header, "-" * len(header)]
-    for iteration, metrics in enumerate(history, 1):
-        for lang in langs:
-            counts = metrics["counts"][lang]
-            trained = (metrics["train"] or {"per_lang": {}})["per_lang"].get(lang)
-            numbers = (f"{trained['loss/total']:7.4f} {trained['rewards/accuracies']:10.2f} "
-                       f"{trained['rewards/margins']:7.3f} {trained['logps/chosen']:11.2f} {trained['loss/nll']:6.3f}"
-                       if trained else f"{'-':>7} {'-':>10} {'-':>7} {'-':>11} {'-':>6}")
-            rows.append(f"{iteration:>4} {lang:>4} {counts['pairs']:>6} {sum(counts.values()) - counts['pairs']:>7} "
-                        f"{metrics['translation_failures'][lang]:>9} {numbers}")
-    rows.append("skipped: pairs not built, by reason in metrics.json (a prompt or translation failed, an answer "
-                "was empty or hit the token cap, chosen == rejected; with --recipe scripts only missing prompts, "
-                "failed translations, and the dominant language's pairs against all but the last language: "
-                "overwritten); failed_tr: "
-                "translations into the language with no parseable span. logp_chosen: summed over the answer; "
-                "nll: per token.")
-    return "\n".join(rows)
-
-
-def eval_table(evaluations: list[dict], names: list[str], dominant: str) -> str:
-    """Per benchmark, metric and language: one column per evaluation (M0 -> M1 -> ..., or the runs
-    --compare reads); rates in percent. Accuracy also as the mean over the languages other than
-    the dominant one, the ones LIDR is meant to lift."""
-    widths = [max(6, len(name)) for name in names]
-    header = f"{'benchmark':<9} {'metric':<10} {'lang':>6} " + " ".join(f"{n:>{w}}" for n, w in zip(names, widths))
-    rows = [header, "-" * len(header)]
-
-    def row(benchmark, metric, lang, values):
-        return f"{benchmark:<9} {metric:<10} {lang:>6} " + " ".join(
-            f"{'-':>{w}}" if v is None else f"{v:{w}.1f}" for v, w in zip(values, widths))
-    for benchmark, by_lang in evaluations[0].items():
-        for metric in ("accuracy", "number", "off_target", "finished", "words"):
-            langs = [lang for lang in by_lang if any(metric in e[benchmark][lang] for e in evaluations)]
-            scale = 1 if metric == "words" else 100
-            for lang in langs:  # a metric can be missing for a model: off_target when no answer has letters
-                values = [evaluation[benchmark][lang].get(metric) for evaluation in evaluations]
-                rows.append(row(benchmark, metric, lang, [None if v is None else v * scale for v in values]))
-            others = [lang for lang in langs if lang != dominant]
-            if metric in ("accuracy", "number") and len(others) > 1:
-                rows.append(row(benchmark, metric, "others", [
-                    sum(evaluation[benchmark][lang][metric] for lang in others) * scale / len(others)
-                    for evaluation in evaluations]))
-    rows.append(f"accuracy, number, off_target, finished: % of problems; words: mean answer length; "
-                f"others: mean over the languages but {dominant}. Every answer: iter_<t>/eval_answers.jsonl.")
-    return "\n".join(rows)
-
-
-def model_names(method: str, count: int) -> list[str]:
-    """Column names of a run's evaluations: M0, M1, ... (LIDR's iterations) or QAlign's stages."""
-    return ["M0"] + [f"stage{t}" if method == "qalign" else f"M{t}" for t in range(1, count)]
-
-
-# What decides M0 and its evaluation: runs that differ in any of these don't compare.
-SAME_M0_AND_EVALUATION = ("model", "langs", "eval", "eval_langs", "eval_limit", "eval_max_new_tokens",
-                          "eval_prompt_template", "system_prompt", "temperature", "repetition_penalty", "dtype")
-
-
-def compare_table(folders: list[str]) -> str:
-    """--compare: M0 (the first run's) and the last evaluated model of each run folder, in one
-    eval_table. The runs must start from the same M0 and evaluate it alike (the settings in
-    SAME_M0_AND_EVALUATION, the toy's seed, and the evaluation problems read)."""
-    evaluations, names, first = [], [], None
-    for folder in map(Path, folders):
-        record = read_json(folder / "settings.json") if (folder / "settings.json").exists() else None
-        if not isinstance(record, dict) or not isinstance(record.get("settings"), dict):
-            raise LidrError(f"--compare: {folder} is not a lidr run folder")
-        settings = record["settings"]
-        toy_seed = ("seed",) if settings.get("model") == "tiny" else ()  # each seed pre-trains its own toy M0
-        same = {name: settings.get(name) for name in SAME_M0_AND_EVALUATION + toy_seed}
-        same["evaluation problems"] = record.get("inputs_sha256", {}).get("evaluation problems")
-        run_evaluations = []
-        while (folder / f"iter_{len(run_evaluations)}" / "eval.json").exists():
-            run_evaluations.append(read_json(folder / f"iter_{len(run_evaluations)}" / "eval.json"))
-        if len(run_evaluations) < 2:
-            raise LidrError(f"--compare: {folder} has no evaluated model after M0 (run it with --eval)")
-        if first is None:
-            first = same
-            evaluations.append(run_evaluations[0])
-            names.append("M0")
-        differ = [name for name in same if same[name] != first[name]]
-        if differ:
-            raise LidrError(f"--compare: {folder} and {folders[0]} differ in {', '.join(differ)}: another M0 or "
-                            f"another evaluation, so their numbers don't compare")
-        evaluations.append(run_evaluations[-1])
-        names.append(f"{folder.name}:{model_names(settings.get('method', 'lidr'), len(run_evaluations))[-1]}")
-    return eval_table(evaluations, names, str(first["langs"]).split(",")[0].partition(":")[0])
-
-
-# ------------------------------------------------------------------------ main: the loop
-def lidr_iteration(model, tokenizer, prompts: list[dict], languages: dict[str, str], settings: Settings,
-                   folder: Path) -> dict:
-    """One LIDR iteration, M_{t-1} -> M_t, in place on `model`; each stage's artifact is reused
-    if a previous run finished it. Returns the iteration's metrics."""
-    langs = list(languages)
-    prompts, prompts_too_long = drop_untrainable_prompts(prompts, tokenizer, languages, settings)
-    prompt_translations = stage(folder / "prompt_translations.jsonl", lambda: translate(
-        model, tokenizer, prompt_translation_requests(prompts, langs), languages, settings, "translating prompts"),
-        settings)
-    prompts = stage(folder / "prompts.jsonl", lambda: fill_prompts(prompts, prompt_translations, langs),
-                    settings)
-    responses = stage(folder / "responses.jsonl", lambda: sample_responses(model, tokenizer, prompts, languages,
-                                                                           settings), settings)
-    translations = stage(folder / "translations.jsonl", lambda: translate(
-        model, tokenizer, translation_requests(prompts, responses, langs, settings.pairing, settings.recipe),
-        languages, settings, "self-translating"), settings)
-    built, counts = build_pairs(prompts, responses, translations, langs, settings.pairing, settings.recipe)
-    pairs = stage(folder / "pairs.jsonl", lambda: built, settings)  # train on exactly what the folder holds
-    failures = failed_translations_into(prompt_translations + translations, langs)
-    trained = train_on_pairs(model, tokenizer, pairs, settings, folder / "train_log.jsonl")
-    return {"counts": counts, "translation_failures": failures, "prompts_too_long": prompts_too_long,
-            "train": trained}
-
-
-# ------------------------------------------------------------------------ QAlign, for comparison
+# ======================================================================== QAlign, for comparison
 # QAlign (Zhu et al. 2024, arXiv 2401.07817; NJUNLP/QAlign) moves English ability into other
 # languages by SFT alone: stage 1 teaches the model to translate each question into English
 # (question alignment), stage 2 fine-tunes it on English questions with English answers
@@ -2102,174 +2253,34 @@ def train_on_examples(model, tokenizer, examples: list[dict], settings: Settings
     return {**result, "examples_prompt_too_long": len(examples) - len(kept)}
 
 
-def evaluate_once(model, tokenizer, problems: dict, settings: Settings, out: Path, t: int, in_memory: bool) -> dict:
-    """--eval of M_t, kept in iter_<t>/eval.json (reused from it when resuming); in_memory: whether
-    `model` is M_t, so that a missing evaluation can be redone."""
-    folder = out / f"iter_{t}"
-    if (folder / "eval.json").exists():
-        results = read_json(folder / "eval.json")
-        check_shape(str(folder / "eval.json"), results, {benchmark: dict.fromkeys(by_lang, dict)
-                                                         for benchmark, by_lang in problems.items()})
-        return results
-    if not in_memory:
-        raise LidrError(f"{folder / 'eval.json'} is missing and M{t} is not the model being resumed; "
-                        f"to redo it, move the later iter_* folders out of {out}")
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(stage_seed(settings.seed, folder / "eval.json"))  # as a stage: resumed == uninterrupted
-    model_name = f"{Path(settings.model).name}-{settings.method}-{model_names(settings.method, t + 1)[t]}"
-    results = evaluate(model, tokenizer, problems, settings, folder, model_name)
-    write_atomic(folder / "eval.json", to_json(results, indent=2))
-    return results
+def tokenize_example(tokenizer, example: dict, system_prompt: str, end_of_turn: int,
+                     max_len: int) -> tuple[list[int], int] | None:
+    """An SFT example {"prompt", "response"} as (ids, prompt length), built as tokenize_pair
+    builds a pair; None if the prompt alone fills max_len."""
+    prompt_ids = chat_prompt_ids(tokenizer, example["prompt"], system_prompt)
+    room = max_len - len(prompt_ids)
+    answer_ids = tokenizer(example["response"], add_special_tokens=False).input_ids + [end_of_turn]
+    return (prompt_ids + answer_ids[:room], len(prompt_ids)) if room >= 1 else None
 
 
-def run(settings: Settings, command: list[str]):
-    languages = parse_languages(settings.langs)
-    langs = list(languages)
-    all_prompts = load_prompts(settings.prompts, settings.prompt_field, languages, settings.translation_tasks,
-                               answer_field=settings.answer_field)
-    problems = eval_problems(settings)
-    settings = resolve(settings)
-    out = Path(settings.out)
-    finished = [t for t in range(1, settings.iters + 1) if (out / f"iter_{t}" / "model").exists()]
-    start_model = str(out / f"iter_{finished[-1]}" / "model") if finished else settings.model
-    config, n_params = model_shape(start_model)
-    optim = plan_training_memory(config, n_params, settings, device_memory(settings.device))
-    settings = dataclasses.replace(settings, optim=optim)
-    inputs_sha256 = {name: hashlib.sha256(to_json(records).encode()).hexdigest()
-                     for name, records in (("prompts", all_prompts), ("evaluation problems", problems))}
-    check_resumable(out, settings, inputs_sha256)
-    nearest = next(folder for folder in (out, *out.parents) if folder.exists())
-    try:  # before minutes of work, not after; a real file, as permissions don't tell (/proc, a full disk)
-        tempfile.TemporaryFile(dir=nearest).close()
-    except OSError as error:
-        raise LidrError(f"--out {out}: cannot write into {nearest} ({error.strerror or error})") from None
-    toy_inputs_only = (settings.prompts == "toy" and not settings.system_prompt
-                       and set(settings.eval.split(",")) <= {"", "toy"}
-                       and not any(getattr(settings, name) for name in TEMPLATES))
-    if settings.model == "tiny" and not toy_inputs_only:
-        print("warning: the toy model knows only the toy world's words and its translation request: other "
-              "prompts, templates, system turns and benchmarks reach it as <|unk|> tokens")
-    # the toy world's M0, pre-trained once and kept next to the run folders (not when resuming from M_t)
-    toy_m0 = toy_model(out.parent, settings.seed, langs) if start_model == "tiny" else None
-    transformers.set_seed(settings.seed)
-    model, tokenizer = load_model(str(toy_m0 or start_model), settings.device, settings.dtype, settings.system_prompt)
-    run_folder_lock = lock_run_folder(out, command)  # held until run() returns: one process per folder
-    record_run(out, settings, command, inputs_sha256)  # only now: bad input above has written nothing
-    if toy_m0:  # which cached M0 the run started from, and how it was made
-        shutil.copy(toy_m0 / "toy_recipe.json", out / "toy_recipe.json")
-    print(f"run folder {out} | {settings.model}: {sum(p.numel() for p in model.parameters()):,} parameters "
-          f"on {settings.device} ({settings.dtype}) | {len(all_prompts)} prompts, "
-          f"{min(settings.num_prompts, len(all_prompts))} per iteration, "
-          f"{sum(p['translation_task'] for p in all_prompts)} translation tasks | langs {','.join(langs)} | "
-          + (f"method qalign: stage 1 question alignment, stage 2 response alignment with "
-             f"{settings.answer_field or 'M0'}'s answers" if settings.method == "qalign" else
-             f"pairing {settings.pairing} | recipe {settings.recipe}")
-          + f" | translation request: {settings.translation_request or 'lidr.py TRANSLATION_REQUEST'}")
-    history, evaluations = [], []
-    if problems:  # iter_0 holds M0's evaluation
-        evaluations.append(evaluate_once(model, tokenizer, problems, settings, out, 0, in_memory=not finished))
-        print(eval_table(evaluations, model_names(settings.method, 1), langs[0]))
-    for t in range(1, settings.iters + 1):
-        folder = out / f"iter_{t}"
-        if t in finished:
-            tqdm.write(f"reusing {folder}")
-            metrics = read_json(folder / "metrics.json")
-            check_shape(str(folder / "metrics.json"), metrics, {
-                "examples": dict.fromkeys(langs, int), "train": dict | None} if settings.method == "qalign" else {
-                "counts": dict.fromkeys(langs, {"pairs": int}), "translation_failures": dict.fromkeys(langs, int),
-                "train": dict | None})
-            check_shape(str(folder / "metrics.json"), metrics["train"] or {"per_lang": {}}, {"per_lang": dict}, "train.")
-            history.append(metrics)
-            if problems:  # a run stopped between saving M_t and evaluating it: M_t is the model loaded
-                evaluations.append(evaluate_once(model, tokenizer, problems, settings, out, t, t == finished[-1]))
-            continue
-        folder.mkdir(exist_ok=True)
-        if settings.method == "qalign":  # both stages on the prompts of LIDR's first iteration
-            print(f"== QAlign stage {t} ({['question', 'response'][t - 1]} alignment): M{t - 1} -> M{t}")
-            metrics = qalign_stage(t, model, tokenizer, prompts_for_iteration(all_prompts, 1, settings.num_prompts),
-                                   languages, settings, folder)
-        else:
-            print(f"== iteration {t}: M{t - 1} -> M{t}")
-            metrics = lidr_iteration(model, tokenizer, prompts_for_iteration(all_prompts, t, settings.num_prompts),
-                                     languages, settings, folder)
-        if metrics["train"] is None:
-            tqdm.write(f"nothing to train on in {'stage' if settings.method == 'qalign' else 'iteration'} {t}: "
-                       f"M{t} = M{t - 1}")
-        write_atomic(folder / "metrics.json", to_json(metrics, indent=2))
-        save_model(model, tokenizer, folder / "model")  # M_t: the model of iteration t + 1
-        if problems:
-            (folder / "eval.json").unlink(missing_ok=True)  # only there if an earlier M_t was deleted: stale
-            evaluations.append(evaluate_once(model, tokenizer, problems, settings, out, t, in_memory=True))
-        history.append(metrics)
-        print(summary_table(history, langs, settings))
-        if problems:
-            print(eval_table(evaluations, model_names(settings.method, len(evaluations)), langs[0]))
-    summary = summary_table(history, langs, settings) + (
-        "\n\n" + eval_table(evaluations, model_names(settings.method, len(evaluations)), langs[0]) if problems else "")
-    write_atomic(out / "summary.txt", summary + "\n")
-    if finished == list(range(1, settings.iters + 1)):
-        print(summary)
-    print(f"final model: {out / f'iter_{settings.iters}' / 'model'}")
-    # LIDR's and QAlign's default folders sit side by side: the second run to finish compares them
-    lidr_out, qalign_out = (out.with_name(out.name.removesuffix("-qalign")), out) if settings.method == "qalign" \
-        else (out, out.with_name(out.name + "-qalign"))
-    if problems and lidr_out != qalign_out and all((folder / "iter_1" / "eval.json").exists()
-                                                    for folder in (lidr_out, qalign_out)):
-        try:
-            table = compare_table([str(lidr_out), str(qalign_out)])
-            print(f"\nLIDR and QAlign (--compare {lidr_out},{qalign_out}):\n{table}")
-        except LidrError as error:
-            print(f"\n{error}")
+def nll_gradients(model, sequences: list[tuple[list[int], int]], micro_batch_size: int, pad_id: int) -> dict:
+    """SFT's backward over one optimizer step's (ids, prompt length) sequences, in length-grouped
+    micro-batches: the NLL of the answer tokens, averaged over all the step's answer tokens (each
+    micro-batch's sum is divided by the step's count, so micro-batching changes nothing). collate
+    labels prompt and padding tokens -100: they are out of the loss. Returns each sequence's NLL
+    per token and its token count, in the order of sequences."""
+    answer_tokens = sum(len(ids) - prompt_length for ids, prompt_length in sequences)
+    micro_batches = length_grouped([len(ids) for ids, _ in sequences], micro_batch_size)
+    metrics = []
+    for micro in micro_batches:
+        batch = collate([sequences[i] for i in micro], pad_id)
+        logps, lengths = sequence_logps(model, *(t.to(model.device) for t in batch))
+        (-logps.sum() / answer_tokens).backward()
+        metrics.append({"loss/nll": (-logps / lengths).detach(), "tokens": batch[1].sum(-1)})
+    return in_step_order(micro_batches, metrics)
 
 
-def main(argv: list[str] | None = None) -> int:
-    command = sys.argv if argv is None else ["lidr.py", *argv]
-    settings = None
-    on_sigterm = signal.signal(signal.SIGTERM, raise_terminated)
-    try:
-        settings = parse_settings(command[1:])
-        if settings.compare:
-            print(compare_table(settings.compare.split(",")))
-            return 0
-        run(settings, command)
-    except LidrError as error:
-        print(f"lidr: error: {error}", file=sys.stderr)
-        return error.exit_code
-    except OSError as error:  # a full disk, a folder that became read-only: during the run, after the checks
-        print(f"lidr: error: {error.strerror or error}: {error.filename or 'a file of the run'}", file=sys.stderr)
-        return 1
-    except (KeyboardInterrupt, Terminated) as interrupt:  # every finished stage is already on disk, whole
-        out = Path(resolve(settings).out) if settings else None
-        print(f"lidr: interrupted; {finished_work(out)}; to resume, run the same command: "
-              f"python {shlex.join(command)}", file=sys.stderr)
-        return 143 if isinstance(interrupt, Terminated) else 130
-    finally:
-        signal.signal(signal.SIGTERM, on_sigterm)
-    return 0
-
-
-class Terminated(Exception):
-    """SIGTERM (a job scheduler's stop), raised where the run is, as Ctrl-C raises KeyboardInterrupt."""
-
-
-def raise_terminated(signum, frame):
-    raise Terminated
-
-
-def finished_work(out: Path | None) -> str:
-    """What an interrupted run leaves for the next one to reuse, in a few words."""
-    if out is None or not (out / "settings.json").exists():
-        return "nothing was finished"
-    t = 1
-    while (out / f"iter_{t}" / "model").exists():
-        t += 1
-    stages = sorted(path.name for path in (out / f"iter_{t}").glob("*.json*") if not leftover(path))
-    kept = ([f"M1 to M{t - 1}" if t > 2 else "M1"] if t > 1 else []) + ([f"iteration {t}'s {', '.join(stages)}"]
-                                                                       if stages else [])
-    return f"{out} keeps " + (" and ".join(kept) or "its settings only")
-
-
-# ------------------------------------------------------------------------ built-in prompts
+# ======================================================================== built-in prompts
 # Used when --prompts is omitted, so the whole loop runs with no download.
 BUILTIN_PROMPTS = [  # written for this kit; the same instruction in the five languages of the paper
     {"id": "b01",
@@ -2371,7 +2382,6 @@ BUILTIN_PROMPTS = [  # written for this kit; the same instruction in the five la
 ]
 
 
-
 # ======================================================================== the toy world
 # A teaching device, not a result about real LLMs. --model tiny is a 0.4M-parameter Llama that
 # lidr pre-trains in a few CPU minutes, in the toy languages of --langs, on a world built in with
@@ -2387,7 +2397,9 @@ BUILTIN_PROMPTS = [  # written for this kit; the same instruction in the five la
 # M0 then answers English well and the others badly, and translates well, so the unchanged loop
 # has real pairs to learn from; --eval toy scores exact answers on held-out problems.
 TOY_LANGS = ("en", "es", "ru", "de", "fr")
+
 TOY_SYSTEM_PROMPT = TINY_DEFAULTS["system_prompt"]  # none: shorter sequences, faster pre-training
+
 TOY_NUMBERS = {  # 2, 3, ...
     "en": "two three four five six seven eight nine ten eleven twelve",
     "es": "dos tres cuatro cinco seis siete ocho nueve diez once doce",
@@ -2395,9 +2407,12 @@ TOY_NUMBERS = {  # 2, 3, ...
     "de": "zwei drei vier fünf sechs sieben acht neun zehn elf zwölf",
     "fr": "deux trois quatre cinq six sept huit neuf dix onze douze",
 }
+
 TOY_OBJECTS = {"en": "apples pears coins flowers", "es": "manzanas peras monedas flores",
                "ru": "яблок груш монет цветов", "de": "Äpfel Birnen Münzen Blumen", "fr": "pommes poires pièces fleurs"}
+
 TOY_NAMES = "Ana Ben Eva Max Lea Tom Sam Mia".split()
+
 TOY_TEMPLATES = {  # (gets more, gives away, answer)
     "en": ("{name} has {a} {obj} and gets {b} more. How many {obj} does {name} have now?",
            "{name} has {a} {obj} and gives {b} away. How many {obj} does {name} have now?", "{name} has {c} {obj}."),
@@ -2410,6 +2425,7 @@ TOY_TEMPLATES = {  # (gets more, gives away, answer)
     "fr": ("{name} a {a} {obj} et reçoit {b} de plus. Combien de {obj} a {name} maintenant ?",
            "{name} a {a} {obj} et donne {b}. Combien de {obj} a {name} maintenant ?", "{name} a {c} {obj}."),
 }
+
 # English: ~2,700 examples, all correct; every weaker language 1,000, 60% careless. With 300 each, M0
 # was as weak but the loop lifted them only +9 points in two iterations; with 800 steps, one seed's
 # M0 translated half its Russian wrong; with half the sequences in steps of 32, one seed's M0 got 25%
@@ -2417,6 +2433,7 @@ TOY_TEMPLATES = {  # (gets more, gives away, answer)
 TOY_RECIPE = dict(largest_number=12, eval_problems=200, weak_examples=1000, weak_careless=0.6,  # the world
                   hidden_size=96, layers=3, sequences_seen=76_800, batch_size=64, lr=3e-3,  # M0 and its pre-training
                   adam_beta2=0.98)
+
 TOY_PROGRESS_STEPS = 100  # pre-training steps between saves of its progress (not part of the recipe)
 
 
