@@ -32,7 +32,7 @@ file it was checked against: README, Departures; --recipe scripts undoes the dat
 Commands:
   python lidr.py --iters 2                # the paper's model on a CUDA GPU, else the toy world (end of
                                           # this file): LIDR closing a built-in language gap, CPU, offline
-  python lidr.py --iters 2 --model tiny   # the toy world, whatever the machine
+  python lidr.py --iters 2 --model toy   # the toy world, whatever the machine
   python lidr.py --method qalign          # QAlign on the same M0, prompts and evaluation, for comparison
   python lidr.py --compare RUN,RUN        # their evaluations in one table
   The paper's two runs, on the authors' released data: README, "The paper's runs".
@@ -90,10 +90,10 @@ class Settings:
                            "Re-running into the same folder resumes it")
     seed: int = setting(0, "seed for the toy model's pre-training, sampling and the order of training pairs")
     # model
-    model: str = setting("auto", "hub id or local path of a chat model; tiny: the toy world's 0.4M-parameter model "
+    model: str = setting("auto", "hub id or local path of a chat model; toy: the toy world's 0.4M-parameter model "
                                  "(end of this file), pre-trained on CPU in minutes on first use and cached next to "
-                                 "the run folder, with the tiny defaults; auto: the paper's " + PAPER_MODEL
-                                 + " where a CUDA GPU is visible, else tiny")
+                                 "the run folder, with the toy defaults; auto: the paper's " + PAPER_MODEL
+                                 + " where a CUDA GPU is visible, else toy")
     device: str = setting("auto", "cpu, cuda, cuda:1, ...; auto = cuda if present")
     dtype: str = setting("auto", "bfloat16 or float32; auto = bfloat16 on GPU, float32 on CPU")
     recipe: str = setting("lidr", "lidr: this kit's pipeline; scripts: the authors' released data pipeline step "
@@ -186,13 +186,13 @@ CHOICES = {"method": ("lidr", "qalign"), "dtype": ("auto", "bfloat16", "float32"
            "engine": ("generate", "continuous"), "pairing": ("dominant", "ranked"),
            "optim": ("auto", "adamw-fp32", "adamw-bf16"), "gradient_checkpointing": ("auto", "on", "off")}
 
-# --model tiny runs the toy world on CPU: its prompts and evaluation, and lengths that fit its answers.
+# --model toy runs the toy world on CPU: its prompts and evaluation, and lengths that fit its answers.
 # No repetition penalty: a toy answer repeats the question's name and object, and often one of its
 # numbers ("12 minus 6" is 6); penalised, the correct answer lost to a neighbour (README: The toy world).
 # NLL weight 2: DPO also lowers the end-of-turn token that ends chosen and rejected answers alike; at
 # 1, two seeds in three of a 4 x 96 toy lost 3 to 4.5 points of English, some answers running on
 # into "</translated>".
-TINY_DEFAULTS = dict(prompts="toy", eval="toy", num_prompts=300, system_prompt="", repetition_penalty=1.0,
+TOY_DEFAULTS = dict(prompts="toy", eval="toy", num_prompts=300, system_prompt="", repetition_penalty=1.0,
                      max_new_tokens=48, translation_max_new_tokens=64, eval_max_new_tokens=48, lr=1e-4, alpha=2.0,
                      batch_size=8, micro_batch_size=8, max_len=512)
 
@@ -200,7 +200,7 @@ TINY_DEFAULTS = dict(prompts="toy", eval="toy", num_prompts=300, system_prompt="
 # lr 2e-5, 128 examples per step, 3% warmup, cosine). The toy keeps its own lr and batch size.
 QALIGN_DEFAULTS = dict(lr=2e-5, epochs=3, batch_size=128, warmup_ratio=0.03)
 
-QALIGN_TINY_DEFAULTS = dict(epochs=3, warmup_ratio=0.03)
+QALIGN_TOY_DEFAULTS = dict(epochs=3, warmup_ratio=0.03)
 
 LANGUAGE_NAMES = {
     "en": "English", "es": "Spanish", "ru": "Russian", "de": "German", "fr": "French",
@@ -913,11 +913,11 @@ def run(settings: Settings, command: list[str]):
     toy_inputs_only = (settings.prompts == "toy" and not settings.system_prompt
                        and set(settings.eval.split(",")) <= {"", "toy"}
                        and not any(getattr(settings, name) for name in TEMPLATES))
-    if settings.model == "tiny" and not toy_inputs_only:
+    if settings.model == "toy" and not toy_inputs_only:
         print("warning: the toy model knows only the toy world's words and its translation request: other "
               "prompts, templates, system turns and benchmarks reach it as <|unk|> tokens")
     # the toy world's M0, pre-trained once and kept next to the run folders (not when resuming from M_t)
-    toy_m0 = toy_model(out.parent, settings.seed, langs) if start_model == "tiny" else None
+    toy_m0 = toy_model(out.parent, settings.seed, langs) if start_model == "toy" else None
     transformers.set_seed(settings.seed)
     model, tokenizer = load_model(str(toy_m0 or start_model), settings.device, settings.dtype, settings.system_prompt)
     run_folder_lock = lock_run_folder(out, command)  # held until run() returns: one process per folder
@@ -1062,10 +1062,10 @@ HELP = ("LIDR (Language Imbalance Driven Rewarding, Yang et al., ICLR 2025): eac
 def parse_settings(argv: list[str]) -> Settings:
     parser = OneLineArgumentParser(description=HELP, argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(Settings):
-        tiny = f"; tiny: {TINY_DEFAULTS[f.name]}" if f.name in TINY_DEFAULTS else ""
+        toy = f"; toy: {TOY_DEFAULTS[f.name]}" if f.name in TOY_DEFAULTS else ""
         qalign = f"; qalign: {QALIGN_DEFAULTS[f.name]}" if f.name in QALIGN_DEFAULTS else ""
         parser.add_argument("--" + f.name.replace("_", "-"), type=f.type, choices=CHOICES.get(f.name),
-                            help=f"{f.metadata['help']} [default: {f.default!r}{tiny}{qalign}]")
+                            help=f"{f.metadata['help']} [default: {f.default!r}{toy}{qalign}]")
     given = vars(parser.parse_args(argv))  # only the flags on the command line (SUPPRESS)
     for name, value in given.items():  # argparse reads "--iters=--" as an empty list
         if isinstance(value, list):
@@ -1077,12 +1077,12 @@ def parse_settings(argv: list[str]) -> Settings:
         if not all(folders):
             raise LidrError(f"--compare: expected run folders, comma-separated (got '{given['compare']}')")
         return Settings(compare=",".join(folders))
-    if given.get("model", "auto") == "auto":  # resolved (and said) here: it decides the tiny defaults
+    if given.get("model", "auto") == "auto":  # resolved (and said) here: it decides the toy defaults
         given["model"] = choose_model(given.get("device", "auto"))
-    tiny, qalign = given.get("model") == "tiny", given.get("method") == "qalign"
+    toy, qalign = given.get("model") == "toy", given.get("method") == "qalign"
     # in this order: QAlign's SFT settings, then the toy's, which keep QAlign's epochs and warmup
-    preset = {**(QALIGN_DEFAULTS if qalign else {}), **(TINY_DEFAULTS if tiny else {}),
-              **(QALIGN_TINY_DEFAULTS if qalign and tiny else {})}
+    preset = {**(QALIGN_DEFAULTS if qalign else {}), **(TOY_DEFAULTS if toy else {}),
+              **(QALIGN_TOY_DEFAULTS if qalign and toy else {})}
     settings = Settings(**{**preset, **given})
     for name in ("langs", "eval_langs", "eval"):  # "en, de" and "en,de" are one setting
         setattr(settings, name, ",".join(item.strip() for item in getattr(settings, name).split(",")))
@@ -1107,12 +1107,12 @@ def parse_settings(argv: list[str]) -> Settings:
 def choose_model(device: str) -> str:
     """--model auto: the paper's model where it can run (a CUDA GPU), else the toy world; says which."""
     if device != "cpu" and torch.cuda.is_available():
-        print(f"--model auto: a CUDA GPU is visible, so the paper's model {PAPER_MODEL}; --model tiny runs the toy world")
+        print(f"--model auto: a CUDA GPU is visible, so the paper's model {PAPER_MODEL}; --model toy runs the toy world")
         return PAPER_MODEL
     why = "--device cpu" if device == "cpu" else "no CUDA GPU is visible"
-    print(f"--model auto: {why}, so the toy world (--model tiny, README: The toy world); "
+    print(f"--model auto: {why}, so the toy world (--model toy, README: The toy world); "
           f"--model {PAPER_MODEL} runs the paper's model")
-    return "tiny"
+    return "toy"
 
 
 def check_settings(settings: Settings):
@@ -1163,8 +1163,8 @@ def check_settings(settings: Settings):
                         "--pairing ranked); pass --recipe lidr for it")
     for name in TEMPLATES:
         template(settings, name)  # a template that can't be read or filled fails here, before any work
-    if settings.model == "tiny":
-        check_toy_languages(parse_languages(settings.langs), "--model tiny")
+    if settings.model == "toy":
+        check_toy_languages(parse_languages(settings.langs), "--model toy")
     if len(parse_languages(settings.langs)) < 2:
         raise LidrError(f"--langs needs at least two languages, dominant first (got '{settings.langs}')")
     if settings.eval_langs:
@@ -1470,13 +1470,13 @@ def load_model(name: str, device: str, dtype: str, system_prompt: str):
 
 def model_load_error(name: str, error: Exception) -> LidrError:
     return LidrError(f"could not load model '{name}' ({first_line(error)}); offline or without hub access, "
-                     f"try --model tiny")
+                     f"try --model toy")
 
 
 def model_shape(name: str):
     """(config, parameter count) without loading the weights: the model is built on the meta
     device, which allocates nothing (the toy model is simply built)."""
-    if name == "tiny":
+    if name == "toy":
         model = untrained_toy_model(toy_tokenizer())
         return model.config, sum(p.numel() for p in model.parameters())
     try:
@@ -1802,7 +1802,7 @@ def check_resumable(out: Path, settings: Settings, inputs_sha256: dict[str, str]
             raise LidrError(f"--out {out}: its settings.json is not a lidr run's (another tool's, or cut short); "
                             f"pass another --out")
         # settings added to lidr after the folder was made: what that run did instead
-        recorded = {**dataclasses.asdict(Settings()), **(TINY_DEFAULTS if recorded["model"] == "tiny" else {}),
+        recorded = {**dataclasses.asdict(Settings()), **(TOY_DEFAULTS if recorded["model"] == "toy" else {}),
                     "eval_max_new_tokens": recorded["max_new_tokens"], **recorded}
         changed = [f"--{name.replace('_', '-')} {recorded.get(name)!r} -> {value!r}"
                    for name, value in dataclasses.asdict(settings).items()
@@ -1972,7 +1972,7 @@ def compare_table(folders: list[str]) -> str:
         if not isinstance(record, dict) or not isinstance(record.get("settings"), dict):
             raise LidrError(f"--compare: {folder} is not a lidr run folder")
         settings = record["settings"]
-        toy_seed = ("seed",) if settings.get("model") == "tiny" else ()  # each seed pre-trains its own toy M0
+        toy_seed = ("seed",) if settings.get("model") == "toy" else ()  # each seed pre-trains its own toy M0
         same = {name: settings.get(name) for name in SAME_M0_AND_EVALUATION + toy_seed}
         same["evaluation problems"] = record.get("inputs_sha256", {}).get("evaluation problems")
         run_evaluations = []
@@ -2383,7 +2383,7 @@ BUILTIN_PROMPTS = [  # written for this kit; the same instruction in the five la
 
 
 # ======================================================================== the toy world
-# A teaching device, not a result about real LLMs. --model tiny is a 0.4M-parameter Llama that
+# A teaching device, not a result about real LLMs. --model toy is a 0.4M-parameter Llama that
 # lidr pre-trains in a few CPU minutes, in the toy languages of --langs, on a world built in with
 # a language imbalance:
 #   - the task: small arithmetic word problems with one exact answer ("Ana has three apples and
@@ -2398,7 +2398,7 @@ BUILTIN_PROMPTS = [  # written for this kit; the same instruction in the five la
 # has real pairs to learn from; --eval toy scores exact answers on held-out problems.
 TOY_LANGS = ("en", "es", "ru", "de", "fr")
 
-TOY_SYSTEM_PROMPT = TINY_DEFAULTS["system_prompt"]  # none: shorter sequences, faster pre-training
+TOY_SYSTEM_PROMPT = TOY_DEFAULTS["system_prompt"]  # none: shorter sequences, faster pre-training
 
 TOY_NUMBERS = {  # 2, 3, ...
     "en": "two three four five six seven eight nine ten eleven twelve",
@@ -2561,7 +2561,7 @@ def toy_pretraining_data(tokenizer, seed: int, langs) -> list[tuple[list[int], i
 
 
 def toy_model_folder(root: Path, seed: int, langs) -> Path:
-    """root/tiny-m0-<langs>-seed<seed>-<recipe hash>: any change to the toy's data, model or
+    """root/toy-m0-<langs>-seed<seed>-<recipe hash>: any change to the toy's data, model or
     pre-training (its code included) makes another M0."""
     functions = (toy_problem_list, toy_text, toy_answer, toy_translation_requests, toy_tokenizer,
                  untrained_toy_model, toy_pretraining_data, toy_model, train, nll_gradients, length_grouped,
@@ -2569,7 +2569,7 @@ def toy_model_folder(root: Path, seed: int, langs) -> Path:
     recipe = json.dumps([TOY_RECIPE, TOY_TEMPLATES, TOY_NUMBERS, TOY_OBJECTS, TOY_NAMES, TOY_SYSTEM_PROMPT,
                          TRANSLATION_REQUEST, TRANSLATION_PREFIX, LANGUAGE_NAMES])
     recipe += "".join(inspect.getsource(function) for function in functions)
-    return root / f"tiny-m0-{'-'.join(langs)}-seed{seed}-{hashlib.sha256(recipe.encode()).hexdigest()[:8]}"
+    return root / f"toy-m0-{'-'.join(langs)}-seed{seed}-{hashlib.sha256(recipe.encode()).hexdigest()[:8]}"
 
 
 def toy_model(root: Path, seed: int, langs) -> Path:

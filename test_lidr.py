@@ -1,9 +1,50 @@
-"""Tests for lidr.py: CPU only, no downloads. Run: python -m pytest -q test_lidr.py"""
+"""Tests for lidr.py: CPU only, no downloads. Run: python -m pytest -q test_lidr.py
+
+Index: the sections in file order, each with what its tests guard. A test sits in the section of what
+it tests; wiring tests read a recorded call's arguments by name (arguments(), in the shared helpers).
+
+Shared helpers                 tiny byte-level models, tokenized pairs, file writers, arguments(); the steered run
+                               (the whole loop in seconds on a tiny model fitted to answer and translate)
+THE PAPER'S SEMANTICS: what LIDR computes, as the paper and the authors' scripts define it
+  The objective: DPO + NLL     the loss by hand, ln 2 at the reference, the NLL's length, dropout off so training
+                               starts at the reference, one step raising the margin
+  Preference pairs             build_pairs: dominant and ranked, --recipe lidr and scripts, skipped pairs counted
+                               by reason, translation tasks recognised and paired untranslated
+  Self-translation             the model's translations parsed, asked without a repetition penalty, failures counted
+  Prompts per iteration and    fresh prompts each iteration, untrainable ones left out before sampling, the system
+    the settings it fixes      prompt and the penalty, warmup + cosine, weight decay and clipping passed through
+  The loop end to end          one iteration builds real pairs and trains on them (the steered run)
+  QAlign beside LIDR           question alignment, response alignment, SFT, a QAlign run killed after each stage
+  The toy world                held-out problems, its metric and tokenizer, its cached M0; the loop closing the
+                               weaker language's gap (opt-in: pytest -m toy)
+NUMERICS: the same numbers, to float rounding, in less memory and time
+  Tokenisation and log-probs   ids concatenated not re-tokenised, truncation, masked prompts and padding, batched =
+                               one at a time, chunked = full-vocab, long sums exact to float32 rounding
+  Gradients                    accumulation = one big batch, length-grouped micro-batches, checkpointing
+  bf16 training                which optimizer train uses, BF16AdamW = AdamW, stochastic rounding, small updates kept
+  The memory plan              an 8B step in 80 GB, generation's prefill counted, what cannot fit refused up front
+  Generation                   batched = one at a time = continuous batching, reproducible sampling, batches that fit
+PLUMBING: getting data in and results out, and failing in one line
+  The command line             --help, the toy defaults, custom languages, one setting however it is written
+  Prompt sources               datasets, JSON(L), the authors' per-language folders and template files (never run)
+  Evaluation                   MGSM and X-AlpacaEval readers, the last number, off-target by script, alpaca_eval files
+  Result tables                the eval table, --compare
+  Bad input                    one line, exit 2, nothing written: flags, files, fuzzed input, no traceback
+  The run folder and resuming  what a run leaves, the command recorded, finished stages reused, other settings refused
+  Faults                       divergence, kills at every stage, interrupts, locks, the toy M0 interrupted or built
+                               twice at once, damaged artifacts, a full disk
+  The paper's runs             the README's commands on the authors' layout, --model auto
+OPT-IN BENCHMARKS              figures next to the simplest correct alternative (pytest -m bench -s test_lidr.py)
+
+Opt-in markers, skipped by default: `pytest -m toy test_lidr.py` (minutes; CI runs it) and
+`pytest -m bench -s test_lidr.py` (not in CI).
+"""
 
 import copy
 import ctypes
 import dataclasses
 import gc
+import inspect
 import json
 import math
 import multiprocessing
@@ -40,6 +81,7 @@ SYSTEM = "You are a helpful assistant."
 LN2 = math.log(2)
 
 
+# ---------------------------------------- shared helpers: tiny models, tokenized pairs, file writers, arguments by name
 def build_byte_level_model():
     """A randomly initialised 2-layer Llama (~90k parameters) with a byte-level tokenizer (any text
     round-trips, unlike the toy world's word-level one) and a Llama-3-style chat template."""
@@ -73,11 +115,157 @@ def tiny_model(seed=0, **config):
     return model.eval(), tokenizer
 
 
+def varied_byte_level_model():
+    """The byte-level model with a larger initialisation, so that its output varies token to token."""
+    torch.manual_seed(1)
+    model, tokenizer = build_byte_level_model()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    return model.eval(), tokenizer
+
+
 def pair(prompt, chosen, rejected, lang="en"):
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "lang": lang}
 
 
-# ------------------------------------------------------------------------ loss
+def tokenized_pairs(tokenizer, n):
+    eot = lidr.end_of_turn_id(tokenizer)
+    texts = [("Name a colour.", "Blue is nice.", "xq zz"), ("Count to three.", "1, 2, 3.", "one one one one"),
+             ("Say hi.", "Hi!", "bye"), ("Capital of France?", "Paris.", "Lyon, maybe"), ("2+2?", "4", "22")]
+    return [lidr.tokenize_pair(tokenizer, pair(*texts[i % 5]), SYSTEM, eot, 256) for i in range(n)]
+
+
+def dpo_train(model, pairs, ref_chosen, ref_rejected, settings, log_path):
+    """lidr.train on tokenized pairs with DPO + NLL, as train_on_pairs runs it."""
+    return lidr.train(model, [p.lang for p in pairs], lambda model, ids: lidr.accumulate_gradients(
+        model, [pairs[i] for i in ids], ref_chosen[ids], ref_rejected[ids], settings.beta, settings.alpha,
+        settings.micro_batch_size, 0), settings, log_path)
+
+
+def full_vocab_sequence_logps(model, input_ids, attention_mask, labels):
+    """The simplest correct log-probs: float32 logits over the whole vocabulary for every position."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+    targets = labels[:, 1:]
+    mask = targets != -100
+    token_logps = logits.log_softmax(-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (token_logps * mask).sum(-1), mask.sum(-1)
+
+
+@torch.no_grad()
+def long_answer_log_prob_sums() -> tuple[float, float, float]:
+    """A 4,000-token answer's log-prob under the byte-level model: lidr's sum, the exact one
+    (float64 throughout), and a float32 running sum of the float32 token log-probs."""
+    model, _ = tiny_model()
+    ids = torch.randint(3, 250, (4000,), generator=torch.Generator().manual_seed(0)).tolist()
+    batch = lidr.collate([(ids, 5)], pad_id=0)
+    logps, _ = lidr.sequence_logps(model, *batch)
+    logits, targets = model(batch[0]).logits[0, 4:-1], torch.tensor(ids[5:]).unsqueeze(-1)
+    exact = logits.double().log_softmax(-1).gather(-1, targets).sum().item()
+    terms = logits.log_softmax(-1).gather(-1, targets).squeeze(-1)
+    running_sum = torch.zeros(1).index_add(0, torch.zeros(len(terms), dtype=torch.long), terms).item()
+    return logps.item(), exact, running_sum
+
+
+def write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def write_language_folder(folder: Path, records_by_lang: dict):
+    folder.mkdir(parents=True, exist_ok=True)
+    for lang, records in records_by_lang.items():
+        write(folder / f"{lang}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    return str(folder)
+
+
+def arguments(function, args, kwargs) -> dict:
+    """A recorded call's arguments by parameter name, whether passed by position or keyword: bound to
+    the real function's signature, defaults filled in. Wiring tests read calls through this, never by
+    position in a mock's call list, so a reordered or keyword-passed argument cannot fool them."""
+    bound = inspect.signature(function).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return bound.arguments
+
+
+# ----------------------------------------- shared: the steered run (the loop, QAlign, the run folder and faults use it)
+def run_lidr(*args, cwd):
+    result = subprocess.run([sys.executable, str(ROOT / "lidr.py"), *args], capture_output=True, text=True, cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+def steered_tiny_model(folder: Path) -> Path:
+    """A tiny model fitted for a few seconds to answer 'Sure.' and to translate anything as
+    'Ja.' in the tagged format, so the loop's translations parse and real pairs get built.
+    It is fitted with lidr's own chat format and sequence_logps (plain NLL)."""
+    model, tokenizer = tiny_model()
+    eot = lidr.end_of_turn_id(tokenizer)
+    texts = [record[lang] for record in lidr.BUILTIN_PROMPTS for lang in ("en", "de", "fr")]
+    examples = []
+    for i, text in enumerate(texts):
+        request = lidr.TRANSLATION_REQUEST.format(source="English", target="German", text="Sure." if i % 2 else text)
+        for prompt_ids, answer in ((lidr.chat_prompt_ids(tokenizer, text, SYSTEM), "Sure."),
+                                   (lidr.chat_prompt_ids(tokenizer, request, SYSTEM, lidr.TRANSLATION_PREFIX),
+                                    "Ja.</translated>")):
+            examples.append((prompt_ids + tokenizer(answer).input_ids + [eot], len(prompt_ids)))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(60):
+        batch = [examples[i] for i in torch.randint(len(examples), (16,), generator=generator)]
+        logps, lengths = lidr.sequence_logps(model, *lidr.collate(batch, tokenizer.pad_token_id))
+        (-(logps / lengths).mean()).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(folder / "steered")
+    tokenizer.save_pretrained(folder / "steered")
+    return folder / "steered"
+
+
+STEERED_PROMPTS = [
+    {"id": "a", "en": "Give three tips for staying healthy.", "de": "Nenne drei Tipps.", "fr": "Donne trois conseils."},
+    {"id": "b", "en": "What is the capital of Australia?", "de": "Was ist die Hauptstadt von Australien?"},
+    {"id": "c", "translation_task": True, "en": "Say 'cat' in French.", "de": "Sag 'cat' auf Französisch.",
+     "fr": "Dis 'cat' en français."}]
+STEERED_RUN = ["--iters", "2", "--prompts", "prompts.jsonl", "--langs", "en,de,fr", "--max-new-tokens", "12",
+               "--translation-max-new-tokens", "16", "--lr", "1e-3", "--batch-size", "4", "--micro-batch-size", "2",
+               "--max-len", "512", "--eval", "alpaca", "--eval-limit", "2"]
+
+
+@pytest.fixture(scope="session")
+def steered_run(tmp_path_factory):
+    """The whole loop, in a subprocess, on the steered model: seconds, and real pairs."""
+    folder = tmp_path_factory.mktemp("steered")
+    model_path = steered_tiny_model(folder)
+    write(folder / "prompts.jsonl", "".join(json.dumps(p) + "\n" for p in STEERED_PROMPTS))
+    output = run_lidr(*STEERED_RUN, "--model", str(model_path), "--out", "run", cwd=folder)
+    return folder / "run", model_path, output
+
+
+def kill_at_each(points: list[str], argv: list[str], cwd: Path, out: str):
+    """Run lidr.py with argv into out, SIGKILL it (no chance to clean up) right after each point's
+    artifact appears, and start the same command again, up to the next point."""
+    command = [sys.executable, str(ROOT / "lidr.py"), *argv, "--out", out]
+    for kill_after in points:
+        process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while not (cwd / out / kill_after).exists() and process.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        process.kill()
+        assert process.wait() == -signal.SIGKILL, f"the run ended before it could be killed after {kill_after}"
+
+
+def same_final_model(*runs: Path):
+    weights = [AutoModelForCausalLM.from_pretrained(run / "iter_2" / "model").state_dict() for run in runs]
+    return all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+
+
+# ======================================================================================================================
+# THE PAPER'S SEMANTICS: what LIDR computes, as the paper and the authors' scripts define it
+# ======================================================================================================================
+# --------------------------------------------------------------------------------------------- The objective: DPO + NLL
 def test_loss_matches_hand_computation():
     pc, pr, rc, rr = [-3.0, -10.0], [-4.0, -2.0], [-3.5, -9.0], [-3.0, -2.5]
     lengths, beta, alpha = [3, 5], 0.5, 0.7
@@ -111,116 +299,40 @@ def test_swapping_chosen_and_rejected_flips_the_margin():
     assert forward["rewards/margins"].item() > 0
 
 
-# ------------------------------------------------------------------------ tokenise and log-probs
-def test_tokenized_pair_is_prompt_then_answer_then_end_of_turn():
-    _, tokenizer = tiny_model()
-    eot = lidr.end_of_turn_id(tokenizer)
-    tokenized = lidr.tokenize_pair(tokenizer, pair("Hi there", " spaced answer", "no"), SYSTEM, eot, 512)
-    prompt_ids = lidr.chat_prompt_ids(tokenizer, "Hi there", SYSTEM)
-    answer_ids = tokenizer(" spaced answer", add_special_tokens=False).input_ids
-    assert tokenized.chosen_input_ids == prompt_ids + answer_ids + [eot], "ids must be concatenated, not re-tokenised"
-    assert tokenized.chosen_input_ids.count(tokenizer.bos_token_id) == 1, "doubled BOS"
-    assert eot == tokenizer.convert_tokens_to_ids("<|eot_id|>")
-    assert tokenized.prompt_length == len(prompt_ids) and not tokenized.truncated
-
-
-def test_prompt_tokens_never_reach_the_loss():
+def test_chosen_lengths_count_the_chosen_answer_and_its_end_of_turn():
     model, tokenizer = tiny_model()
-    eot = lidr.end_of_turn_id(tokenizer)
-    tokenized = lidr.tokenize_pair(tokenizer, pair("A long prompt " * 5, "ok", "no"), SYSTEM, eot, 512)
-    prompt_length, chosen = tokenized.prompt_length, tokenized.chosen_input_ids
-    input_ids, attention_mask, labels = lidr.collate([(chosen, prompt_length), (chosen[:-3], prompt_length)], pad_id=0)
-    assert (labels[0, :prompt_length] == -100).all()
-    assert labels[0, prompt_length:].tolist() == chosen[prompt_length:]
-    assert (labels[1, len(chosen) - 3:] == -100).all(), "padding must be masked"
-    # only 'ok' and the end-of-turn token are scored
-    _, lengths = lidr.sequence_logps(model, input_ids[:1], attention_mask[:1], labels[:1])
-    assert lengths.item() == 3
+    pairs = tokenized_pairs(tokenizer, 3)
+    _, _, lengths = lidr.chosen_rejected_logps(model, pairs, 0)
+    assert lengths.tolist() == [len(p.chosen_input_ids) - p.prompt_length for p in pairs]
 
 
-def test_sequence_logps_equal_one_at_a_time_and_ignore_padding():
+def test_dropout_is_switched_off_so_training_starts_at_the_reference(tmp_path):
     model, tokenizer = tiny_model()
-    sequences = [(list(range(60, 60 + n)), p) for n, p in ((12, 4), (30, 10), (7, 2))]
-    batched, _ = lidr.sequence_logps(model, *lidr.collate(sequences, pad_id=0))
-    for row, (ids, prompt_length) in enumerate(sequences):
-        log_probs = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
-        by_hand = sum(log_probs[k - 1, ids[k]] for k in range(prompt_length, len(ids)))
-        assert batched[row].item() == pytest.approx(by_hand.item(), abs=1e-4)
-    # the same sequence next to a much longer one (more padding) and in another position
-    recombined, _ = lidr.sequence_logps(model, *lidr.collate([sequences[2], (list(range(70, 150)), 5)], pad_id=9))
-    assert recombined[0].item() == pytest.approx(batched[2].item(), abs=1e-4)
+    model.config.attention_dropout = 0.5
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    loaded, _ = lidr.load_model(str(tmp_path / "m"), "cpu", "float32", SYSTEM)
+    ids = torch.tensor([list(range(60, 80))])
+    evaluated = loaded(ids).logits
+    assert torch.equal(loaded.train()(ids).logits, evaluated), "train mode must not add dropout"
 
 
-def test_truncation_cuts_answers_and_keeps_the_prompt_whole():
-    _, tokenizer = tiny_model()
-    eot = lidr.end_of_turn_id(tokenizer)
-    prompt_ids = lidr.chat_prompt_ids(tokenizer, "Hi", SYSTEM)
-    max_len = len(prompt_ids) + 10
-    tokenized = lidr.tokenize_pair(tokenizer, pair("Hi", "a" * 50, "short"), SYSTEM, eot, max_len)
-    assert tokenized.chosen_input_ids == prompt_ids + [ord("a")] * 10, "the long answer is cut at its end"
-    assert tokenized.rejected_input_ids == prompt_ids + list(b"short") + [eot] and tokenized.truncated
-    exact = lidr.tokenize_pair(tokenizer, pair("Hi", "a" * 9, "b"), SYSTEM, eot, max_len)
-    assert len(exact.chosen_input_ids) == max_len and not exact.truncated, "an exact fit is not truncated"
-    assert lidr.tokenize_pair(tokenizer, pair("Hi", "a", "b"), SYSTEM, eot, len(prompt_ids)) is None
+def test_gradient_step_raises_the_margin():
+    model, tokenizer = tiny_model()
+    pairs = tokenized_pairs(tokenizer, 4)
+    ref_chosen, ref_rejected = lidr.reference_logps(model, pairs, 2, 0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    before = lidr.accumulate_gradients(model, pairs, ref_chosen, ref_rejected, beta=0.1, alpha=0.0,
+                                       micro_batch_size=2, pad_id=0)
+    optimizer.step()
+    optimizer.zero_grad()
+    after = lidr.accumulate_gradients(model, pairs, ref_chosen, ref_rejected, beta=0.1, alpha=0.0,
+                                      micro_batch_size=2, pad_id=0)
+    assert before["rewards/margins"].abs().max() < 1e-5, "policy == reference before the first step"
+    assert after["rewards/margins"].mean() > 1e-3, "one step of DPO must raise chosen over rejected"
 
 
-# ------------------------------------------------------------------------ sampling and translation
-def varied_byte_level_model():
-    """The byte-level model with a larger initialisation, so that its output varies token to token."""
-    torch.manual_seed(1)
-    model, tokenizer = build_byte_level_model()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3)
-    return model.eval(), tokenizer
-
-
-@pytest.mark.parametrize("penalty", [1.0, 1.1])
-def test_greedy_answers_are_the_same_in_batches_one_at_a_time_and_with_either_engine(capsys, penalty):
-    model, tokenizer = varied_byte_level_model()
-    prompts = [lidr.chat_prompt_ids(tokenizer, text, SYSTEM)
-               for text in ("Hi", "A much longer prompt that needs no padding at all.", "Wie geht's?", "x" * 19)]
-    one_by_one = lidr.generate(model, tokenizer, prompts, 24, 1, penalty, 0.0, "test")
-    batched = lidr.generate(model, tokenizer, prompts, 24, 4, penalty, 0.0, "test")
-    assert batched == one_by_one, "left padding or the repetition penalty changes batched greedy output"
-    assert len(set(batched)) == len(prompts), "the test needs a model whose answers differ"
-    continuous = lidr.generate(model, tokenizer, prompts, 24, 4, penalty, 0.0, "test", engine="continuous")
-    assert continuous == one_by_one
-    lines = capsys.readouterr().out.splitlines()
-    plan, rate = lines[0], lines[1]  # the plan before generating, the rate after
-    lengths = sorted(map(len, prompts))
-    assert plan == f"test: 4 sequences, prompts of {lengths[0]}-{lengths[-1]} tokens, at most 24 new tokens each, " \
-                   f"by HF generate in padded batches"
-    assert re.fullmatch(r"test: \d+ new tokens in [\d.]+ s, \d+ tokens/s", rate), rate
-    # continuous batching cannot apply a repetition penalty (transformers drops it): generate serves those
-    assert lines[4].endswith("by continuous batching" if penalty == 1.0 else "by HF generate in padded batches")
-
-
-def test_continuous_batching_samples_reproducibly_and_leaves_the_random_stream_as_it_was():
-    model, tokenizer = build_byte_level_model()
-    prompts = [lidr.chat_prompt_ids(tokenizer, text, SYSTEM) for text in ("Hi", "Wie geht's?", "x" * 19)]
-    runs = []
-    for _ in range(2):
-        torch.manual_seed(3)
-        answers = lidr.generate(model, tokenizer, prompts, 12, 4, 1.0, 1.0, "test", engine="continuous")
-        runs.append((answers, torch.rand(1)))
-    torch.manual_seed(3)
-    assert runs[0][0] == runs[1][0], "a stage redone after an interruption samples what it sampled"
-    assert torch.equal(runs[0][1], torch.rand(1)), "transformers reseeds torch's generator: it must be restored"
-
-
-@pytest.mark.parametrize("generated, expected", [
-    ("Hallo Welt</translated>", "Hallo Welt"),          # well-formed
-    ("\n  Hallo Welt \n</translated>", "Hallo Welt"),   # whitespace around the span
-    ("Hallo Welt", None),                               # missing close tag: the model ran on
-    ("  </translated>", None),                          # empty span
-    ("Hallo</translated> Here is your translation!", "Hallo"),  # extra text after the span
-])
-def test_parse_translation(generated, expected):
-    assert lidr.parse_translation(generated) == expected
-
-
-# ------------------------------------------------------------------------ pairs
+# ---------------------------------- Preference pairs: dominant and ranked, --recipe lidr and scripts, translation tasks
 PROMPTS = [{"id": "p1", "translation_task": False, "en": "Hi?", "de": "Hallo?", "fr": "Salut ?"},
            {"id": "p2", "translation_task": True, "en": "Translate 'cat' into German.",
             "de": "Übersetze 'cat' ins Deutsche.", "fr": "Traduis 'cat' en allemand."}]
@@ -284,22 +396,6 @@ def test_skipped_pairs_are_counted_by_reason():
     assert counts["en"] == {"pairs": 0, "no_prompt": 1, "unfinished": 0, "empty": 1, "translation_failed": 0,
                             "identical": 1, "overwritten": 0}
     assert counts["de"]["empty"] == 1 and counts["fr"]["identical"] == 1 and counts["es"]["no_prompt"] == 1
-
-
-def test_translations_have_no_repetition_penalty(monkeypatch):
-    calls = []
-    monkeypatch.setattr(lidr, "generate", lambda *args, **kwargs: calls.append(args) or [("x</translated>", True)])
-    model, tokenizer = tiny_model()
-    request = {"id": "a", "source_lang": "en", "target_lang": "de", "source": "Hello"}
-    done = lidr.translate(model, tokenizer, [request], {"en": "English", "de": "German"}, lidr.Settings(), "test")
-    assert calls[0][5] == 1.0, "the penalty would push down the closing tag and the words to copy"
-    assert done[0]["translation"] == "x"
-
-
-def test_failed_translations_are_counted_per_target_language():
-    translations = [{"target_lang": "de", "translation": None}, {"target_lang": "de", "translation": "ok"},
-                    {"target_lang": "en", "translation": None}, {"target_lang": "en", "translation": None}]
-    assert lidr.failed_translations_into(translations, ["en", "de", "fr"]) == {"en": 2, "de": 1, "fr": 0}
 
 
 def test_unfinished_answers_are_neither_translated_nor_paired():
@@ -378,12 +474,37 @@ def test_translation_tasks_are_recognised(tmp_path, text, expected):
     assert lidr.load_prompts(prompts, "instruction", lidr.parse_languages("en,de"))[0]["translation_task"] is expected
 
 
-def test_custom_languages_are_accepted_and_named():
-    languages = lidr.parse_languages("en, de,tlh:Klingon")
-    assert languages == {"en": "English", "de": "German", "tlh": "Klingon"}
-    assert lidr.looks_like_translation_task("Translate 'hello' into Klingon.", list(languages.values()))
+# ----------------------------------------------------------------------- Self-translation: the model's own translations
+@pytest.mark.parametrize("generated, expected", [
+    ("Hallo Welt</translated>", "Hallo Welt"),          # well-formed
+    ("\n  Hallo Welt \n</translated>", "Hallo Welt"),   # whitespace around the span
+    ("Hallo Welt", None),                               # missing close tag: the model ran on
+    ("  </translated>", None),                          # empty span
+    ("Hallo</translated> Here is your translation!", "Hallo"),  # extra text after the span
+])
+def test_parse_translation(generated, expected):
+    assert lidr.parse_translation(generated) == expected
 
 
+def test_translations_have_no_repetition_penalty(monkeypatch):
+    calls, generate = [], lidr.generate
+    monkeypatch.setattr(lidr, "generate",
+                        lambda *args, **kwargs: calls.append((args, kwargs)) or [("x</translated>", True)])
+    model, tokenizer = tiny_model()
+    request = {"id": "a", "source_lang": "en", "target_lang": "de", "source": "Hello"}
+    done = lidr.translate(model, tokenizer, [request], {"en": "English", "de": "German"}, lidr.Settings(), "test")
+    assert arguments(generate, *calls[0])["repetition_penalty"] == 1.0, \
+        "the penalty would push down the closing tag and the words to copy"
+    assert done[0]["translation"] == "x"
+
+
+def test_failed_translations_are_counted_per_target_language():
+    translations = [{"target_lang": "de", "translation": None}, {"target_lang": "de", "translation": "ok"},
+                    {"target_lang": "en", "translation": None}, {"target_lang": "en", "translation": None}]
+    assert lidr.failed_translations_into(translations, ["en", "de", "fr"]) == {"en": 2, "de": 1, "fr": 0}
+
+
+# ----------------------------------------- Prompts per iteration and the sampling and training settings the paper fixes
 def test_iterations_take_fresh_slices_then_wrap():
     prompts = [{"id": str(i)} for i in range(5)]
     assert [p["id"] for p in lidr.prompts_for_iteration(prompts, 1, 2)] == ["0", "1"]
@@ -392,102 +513,29 @@ def test_iterations_take_fresh_slices_then_wrap():
     assert len(lidr.prompts_for_iteration(prompts, 1, 1000)) == 5
 
 
-def test_prompt_sources(tmp_path):
-    folder = tmp_path / "dataset"  # a local dataset folder takes the datasets.load_dataset path
-    folder.mkdir()
-    (folder / "train.jsonl").write_text('{"instruction": "Add them.", "input": "1 2"}\n{"instruction": "Hi."}\n')
-    records = lidr.load_prompts(str(folder), "instruction", lidr.parse_languages("en,de"))
-    assert [r["en"] for r in records] == ["Add them.\n1 2", "Hi."], "an input joined as the scripts join it"
-    assert records[0]["id"] == "0"
-    listed = tmp_path / "prompts.json"
-    listed.write_text(json.dumps([{"id": "a", "en": "Hi", "de": "Hallo", "translation_task": True}]))
-    assert lidr.load_prompts(str(listed), "instruction", lidr.parse_languages("en,de")) == [
-        {"id": "a", "translation_task": True, "en": "Hi", "de": "Hallo"}]
-
-
-def write_language_folder(folder: Path, records_by_lang: dict):
-    folder.mkdir(parents=True, exist_ok=True)
-    for lang, records in records_by_lang.items():
-        write(folder / f"{lang}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    return str(folder)
-
-
-def test_the_authors_per_language_folders_are_read_as_released(tmp_path):
-    first = write_language_folder(tmp_path / "id_0_2", {
-        "en": [{"id": "alpagasus-0", "instruction": "Add them.", "input": "1, 2"},
-               {"id": "alpagasus-1", "instruction": "Translate 'hi' into French.", "output": "ignored"}],
-        "de": [{"id": "alpagasus-1", "instruction": "Übersetze 'hi' ins Französische."},  # order need not match
-               {"id": "alpagasus-0", "instruction": "Addiere sie.\n1, 2"}]})
-    second = write_language_folder(tmp_path / "id_2_3", {  # GSM8K's layout: ids carry the language code
-        "en": [{"id": "engsm8k_0", "instruction": "2 + 2?", "answer": "", "final_answer": "4"}],
-        "de": [{"id": "degsm8k_0", "instruction": "2 + 2?", "answer": "", "final_answer": "4"}]})
-    tasks = write(tmp_path / "instruction_about_translate.jsonl",
-                  json.dumps({"prompt": "...", "reponse": "...", "id": "alpagasus-0"}) + "\n")
-    records = lidr.load_prompts(f"{first},{second}", "instruction", lidr.parse_languages("en,de"), tasks)
-    assert records == [
-        {"id": "alpagasus-0", "translation_task": True, "en": "Add them.\n1, 2", "de": "Addiere sie.\n1, 2"},
-        {"id": "alpagasus-1", "translation_task": False, "en": "Translate 'hi' into French.",
-         "de": "Übersetze 'hi' ins Französische."},
-        {"id": "gsm8k_0", "translation_task": False, "en": "2 + 2?", "de": "2 + 2?"}], \
-        "folders in order, joined by id, the hand list instead of the pattern"
-    assert [r["id"] for r in lidr.prompts_for_iteration(records, 2, 2)] == ["gsm8k_0", "alpagasus-0"]
-
-
-def test_prompt_templates_come_from_the_authors_files_without_running_them(tmp_path, monkeypatch):
-    write(tmp_path / "inference.py", 'raise SystemExit("this file must never run")\n'
-          'PROMPT_PREFIX = (\n    "Answer in {language}.\\n"\n    "Q: {question}\\nA:"\n)\n')
-    write(tmp_path / "trans_prompts.py", 'TRANS_INSTRUCTION = "Into {lang}, please: " + "<sentence>{text}</sentence>"\n')
-    settings = lidr.parse_settings(["--model", "tiny", "--prompt-template", str(tmp_path / "inference.py"),
-                                    "--translation-request", str(tmp_path / "trans_prompts.py")])
-    asked = []
-
-    def generate(model, tokenizer, prompts, *args, **kwargs):
-        asked.extend(tokenizer.decode(ids) for ids in prompts)
-        return [("Hm.</translated>", True)] * len(prompts)
-    monkeypatch.setattr(lidr, "generate", generate)
+def test_prompts_too_long_to_train_on_are_left_out_before_sampling(capsys):
+    """A 100,000-character prompt once drove sampling to 21 GB: what --max-len can't train on is never sampled."""
     model, tokenizer = tiny_model()
-    responses = lidr.sample_responses(model, tokenizer, [{"id": "a", "en": "2 + 2?", "de": "2 + 2?"}],
-                                      lidr.parse_languages("en,de"), settings)
-    assert responses[1]["prompt"] == "Answer in German.\nQ: 2 + 2?\nA:", "the pair's prompt is what was asked"
-    assert "Answer in German.\nQ: 2 + 2?\nA:<|eot_id|>" in asked[1]
-    request = {"id": "a", "source_lang": "en", "target_lang": "de", "source": "Four."}
-    lidr.translate(model, tokenizer, [request], lidr.parse_languages("en,de"), settings, "test")
-    assert "Into German, please: <sentence>Four.</sentence>" in asked[2]
-    lidr.record_run(tmp_path / "run", settings, ["lidr.py"], {})
-    lidr.check_resumable(tmp_path / "run", settings, {})  # same settings, same wording: resumable
-    write(tmp_path / "trans_prompts.py", 'TRANS_INSTRUCTION = "Now into {lang}: {text}"\n')
-    with pytest.raises(lidr.LidrError, match="the text of --translation-request"):
-        lidr.check_resumable(tmp_path / "run", settings, {})
+    settings = lidr.Settings(max_len=300)
+    prompts = [{"id": "a", "en": "Short?", "de": "x" * 100_000}, {"id": "b", "en": "y" * 400, "de": "Kurz?"},
+               {"id": "c", "en": "Hi?"}]
+    kept, too_long = lidr.drop_untrainable_prompts(prompts, tokenizer, lidr.parse_languages("en,de"), settings)
+    assert kept == [{"id": "a", "en": "Short?", "de": None}, {"id": "c", "en": "Hi?"}], \
+        "a too-long language is never sampled nor replaced by a translation; a too-long dominant one drops the record"
+    assert too_long == {"en": 1, "de": 1} and "left out: en 1, de 1" in capsys.readouterr().out
+    assert lidr.prompt_translation_requests(kept, ["en", "de"]) == [
+        {"id": "c", "source_lang": "en", "target_lang": "de", "source": "Hi?"}]
 
 
-# ------------------------------------------------------------------------ training
-def tokenized_pairs(tokenizer, n):
-    eot = lidr.end_of_turn_id(tokenizer)
-    texts = [("Name a colour.", "Blue is nice.", "xq zz"), ("Count to three.", "1, 2, 3.", "one one one one"),
-             ("Say hi.", "Hi!", "bye"), ("Capital of France?", "Paris.", "Lyon, maybe"), ("2+2?", "4", "22")]
-    return [lidr.tokenize_pair(tokenizer, pair(*texts[i % 5]), SYSTEM, eot, 256) for i in range(n)]
-
-
-def dpo_train(model, pairs, ref_chosen, ref_rejected, settings, log_path):
-    """lidr.train on tokenized pairs with DPO + NLL, as train_on_pairs runs it."""
-    return lidr.train(model, [p.lang for p in pairs], lambda model, ids: lidr.accumulate_gradients(
-        model, [pairs[i] for i in ids], ref_chosen[ids], ref_rejected[ids], settings.beta, settings.alpha,
-        settings.micro_batch_size, 0), settings, log_path)
-
-
-def test_gradient_step_raises_the_margin():
+def test_answers_are_sampled_with_the_system_prompt_and_the_penalty(monkeypatch):
+    calls, generate = [], lidr.generate
+    monkeypatch.setattr(lidr, "generate", lambda *args, **kwargs: calls.append((args, kwargs)) or [("Hi", True)])
     model, tokenizer = tiny_model()
-    pairs = tokenized_pairs(tokenizer, 4)
-    ref_chosen, ref_rejected = lidr.reference_logps(model, pairs, 2, 0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    before = lidr.accumulate_gradients(model, pairs, ref_chosen, ref_rejected, beta=0.1, alpha=0.0,
-                                       micro_batch_size=2, pad_id=0)
-    optimizer.step()
-    optimizer.zero_grad()
-    after = lidr.accumulate_gradients(model, pairs, ref_chosen, ref_rejected, beta=0.1, alpha=0.0,
-                                      micro_batch_size=2, pad_id=0)
-    assert before["rewards/margins"].abs().max() < 1e-5, "policy == reference before the first step"
-    assert after["rewards/margins"].mean() > 1e-3, "one step of DPO must raise chosen over rejected"
+    settings = lidr.Settings(repetition_penalty=1.3, system_prompt="Be brief.")
+    lidr.sample_responses(model, tokenizer, [{"id": "a", "en": "Hello"}], lidr.parse_languages("en,de"), settings)
+    called = arguments(generate, *calls[0])
+    prompt_ids, penalty = called["prompts"][0], called["repetition_penalty"]
+    assert penalty == 1.3 and "Be brief." in tokenizer.decode(prompt_ids)
 
 
 def test_learning_rate_warms_up_then_decays_to_zero():
@@ -497,127 +545,13 @@ def test_learning_rate_warms_up_then_decays_to_zero():
     assert factor(9) < 0.05 and all(factor(s) > factor(s + 1) for s in range(2, 9))
 
 
-def test_chosen_lengths_count_the_chosen_answer_and_its_end_of_turn():
-    model, tokenizer = tiny_model()
-    pairs = tokenized_pairs(tokenizer, 3)
-    _, _, lengths = lidr.chosen_rejected_logps(model, pairs, 0)
-    assert lengths.tolist() == [len(p.chosen_input_ids) - p.prompt_length for p in pairs]
-
-
-def test_train_uses_the_optimizer_and_checkpointing_it_is_given(tmp_path, monkeypatch):
-    model, tokenizer = tiny_model()
-    model = model.to(torch.bfloat16)
-    pairs = tokenized_pairs(tokenizer, 2)
-    ref_chosen, ref_rejected = lidr.reference_logps(model, pairs, 2, 0)
-    built = []
-    monkeypatch.setattr(lidr, "BF16AdamW", lambda *args, **kwargs: built.append(1) or torch.optim.SGD(*args, lr=0.0))
-    attention_calls = []
-    model.model.layers[0].self_attn.register_forward_hook(lambda *_: attention_calls.append(1))
-    settings = lidr.Settings(optim="adamw-bf16", gradient_checkpointing="on", batch_size=2, micro_batch_size=2)
-    dpo_train(model, pairs, ref_chosen, ref_rejected, settings, tmp_path / "log.jsonl")
-    assert built == [1], "--optim adamw-bf16 must train with BF16AdamW"
-    assert len(attention_calls) == 2, "--gradient-checkpointing on: the layer runs again in the backward pass"
-    assert not model.training and not model.model.layers[0].gradient_checkpointing, "sampling needs eval mode back"
-    adamw = []
-    monkeypatch.setattr(torch.optim, "AdamW", lambda *args, **kwargs: adamw.append(kwargs) or torch.optim.SGD(
-        *args, lr=0.0))
-    dpo_train(model, pairs, ref_chosen, ref_rejected, dataclasses.replace(settings, optim="adamw-fp32"),
-              tmp_path / "log.jsonl")
-    assert adamw[0]["fused"] is True, "the fused step: no float32 temporaries, and the fastest"
-
-
-def test_answers_are_sampled_with_the_system_prompt_and_the_penalty(monkeypatch):
-    calls = []
-    monkeypatch.setattr(lidr, "generate", lambda *args, **kwargs: calls.append(args) or [("Hi", True)])
-    model, tokenizer = tiny_model()
-    settings = lidr.Settings(repetition_penalty=1.3, system_prompt="Be brief.")
-    lidr.sample_responses(model, tokenizer, [{"id": "a", "en": "Hello"}], lidr.parse_languages("en,de"), settings)
-    prompt_ids, penalty = calls[0][2][0], calls[0][5]
-    assert penalty == 1.3 and "Be brief." in tokenizer.decode(prompt_ids)
-
-
-def test_gradient_accumulation_matches_one_big_batch():
-    model, tokenizer = tiny_model()
-    pairs = tokenized_pairs(tokenizer, 5)
-    ref_chosen, ref_rejected = lidr.reference_logps(model, pairs, 5, 0)
-    ref_chosen, ref_rejected = ref_chosen - 0.3, ref_rejected + 0.2  # policy != reference: DPO grads not trivial
-    gradients = []
-    for micro_batch_size in (5, 2):  # 2 gives micro-batches of 2, 2, 1: uneven on purpose
-        copy_ = copy.deepcopy(model)
-        lidr.accumulate_gradients(copy_, pairs, ref_chosen, ref_rejected, 0.1, 1.0, micro_batch_size, pad_id=0)
-        gradients.append(torch.cat([p.grad.flatten() for p in copy_.parameters()]))
-    assert torch.allclose(gradients[0], gradients[1], atol=1e-6, rtol=1e-4), \
-        "accumulation must average over the step's pairs, not per micro-batch"
-
-
-def test_micro_batches_are_grouped_by_length_within_the_step(monkeypatch):
-    model, tokenizer = tiny_model()
-    eot = lidr.end_of_turn_id(tokenizer)
-    answers = ["a" * n for n in (40, 2, 30, 3, 50, 1)]  # long and short in turn
-    pairs = [lidr.tokenize_pair(tokenizer, pair("Q?", answer, answer.upper()), SYSTEM, eot, 256)
-             for answer in answers]
-    ref_chosen, ref_rejected = lidr.reference_logps(model, pairs, 6, 0)
-    ref_chosen, ref_rejected = ref_chosen - 0.3, ref_rejected + 0.2
-    one_by_one = lidr.accumulate_gradients(copy.deepcopy(model), pairs, ref_chosen, ref_rejected, 0.1, 1.0, 1, 0)
-    widths, collate = [], lidr.collate
-    monkeypatch.setattr(lidr, "collate", lambda sequences, pad_id: widths.append(
-        sorted(len(ids) for ids, _ in sequences)) or collate(sequences, pad_id))
-    grouped_model = copy.deepcopy(model)
-    grouped = lidr.accumulate_gradients(grouped_model, pairs, ref_chosen, ref_rejected, 0.1, 1.0, 2, 0)
-    lengths = sorted(len(p.chosen_input_ids) for p in pairs)
-    assert widths == [sorted(lengths[k:k + 2] * 2) for k in (0, 2, 4)], "shortest with shortest"
-    for name, values in one_by_one.items():  # per-pair metrics come back in the pairs' order
-        assert torch.allclose(grouped[name], values, atol=1e-5), name
-    whole = copy.deepcopy(model)
-    lidr.accumulate_gradients(whole, pairs, ref_chosen, ref_rejected, 0.1, 1.0, 6, 0)
-    for grouped_param, whole_param in zip(grouped_model.parameters(), whole.parameters()):
-        assert torch.allclose(grouped_param.grad, whole_param.grad, atol=1e-6, rtol=1e-4)
-
-
-def fraction_changed(before, model):
-    changed = sum((old != new.detach()).sum().item() for old, new in zip(before, model.parameters()))
-    return changed / sum(old.numel() for old in before)
-
-
-def train_bf16_tiny_model(tmp_path, **settings):
-    """Train a bf16 tiny model on 8 pairs, 2 per step; returns it, an untrained copy, its weights
-    before training, and the pairs with their reference log-probs."""
-    model, tokenizer = tiny_model()
-    model = model.to(torch.bfloat16)
-    pairs = tokenized_pairs(tokenizer, 8)
-    ref_chosen, ref_rejected = lidr.reference_logps(model, pairs, 8, 0)
-    before, untrained = [p.detach().clone() for p in model.parameters()], copy.deepcopy(model)
-    settings = lidr.Settings(batch_size=2, micro_batch_size=2, warmup_ratio=0.0, **settings)
-    dpo_train(model, pairs, ref_chosen, ref_rejected, settings, tmp_path / "log.jsonl")
-    return model, untrained, before, pairs, ref_chosen, ref_rejected
-
-
-def test_bf16_training_keeps_updates_smaller_than_bf16_precision(tmp_path):
-    # lr 1e-5 moves a weight of 0.02 by less than half a bf16 step (6e-5) per step: plain bf16
-    # AdamW rounds most updates away; float32 master weights add them up until they show.
-    model, plain, before, pairs, ref_chosen, ref_rejected = train_bf16_tiny_model(tmp_path, lr=1e-5, epochs=5)
-    optimizer = torch.optim.AdamW(plain.parameters(), lr=1e-5, weight_decay=0.0)
-    for _ in range(20):
-        lidr.accumulate_gradients(plain, pairs[:2], ref_chosen[:2], ref_rejected[:2], 0.1, 1.0, 2, 0)
-        optimizer.step()
-        optimizer.zero_grad()
-    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
-    assert fraction_changed(before, model) > 0.5, "bf16 training lost its small updates"
-    assert fraction_changed(before, plain) < 0.25, "the trap this test guards against no longer shows"
-
-
-def test_master_weights_are_rounded_into_bf16_stochastically(tmp_path):
-    # at lr 5e-7 each step moves the float32 master far less than half a bf16 step: rounding it
-    # to nearest would leave most bf16 weights where they were; stochastic rounding moves ~2x more
-    model, _, before, *_ = train_bf16_tiny_model(tmp_path, optim="adamw-fp32", lr=5e-7, epochs=4)
-    assert fraction_changed(before, model) > 0.06, "round-to-nearest changes ~4% here, stochastic ~9%"
-
-
 def test_train_passes_weight_decay_and_clipping_through(tmp_path, monkeypatch):
     seen = {}
     real_adamw, real_clip = torch.optim.AdamW, torch.nn.utils.clip_grad_norm_
-    monkeypatch.setattr(torch.optim, "AdamW", lambda *a, **k: seen.update(weight_decay=k["weight_decay"]) or real_adamw(*a, **k))
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda p, m: seen.update(max_norm=m) or real_clip(p, m))
+    monkeypatch.setattr(torch.optim, "AdamW", lambda *a, **k: seen.update(
+        weight_decay=arguments(real_adamw, a, k)["weight_decay"]) or real_adamw(*a, **k))
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: seen.update(
+        max_norm=arguments(real_clip, a, k)["max_norm"]) or real_clip(*a, **k))
     model, tokenizer = tiny_model()
     pairs = tokenized_pairs(tokenizer, 2)
     settings = lidr.Settings(weight_decay=0.0, max_grad_norm=0.25, batch_size=2, micro_batch_size=2)
@@ -625,608 +559,7 @@ def test_train_passes_weight_decay_and_clipping_through(tmp_path, monkeypatch):
     assert seen == {"weight_decay": 0.0, "max_norm": 0.25}, "torch's AdamW default decay is 0.01, not 0"
 
 
-def test_tiny_defaults_never_clash_with_a_given_batch_size():
-    assert lidr.parse_settings(["--model", "tiny", "--batch-size", "4"]).micro_batch_size == 4
-    assert lidr.parse_settings(["--model", "tiny"]).micro_batch_size == lidr.TINY_DEFAULTS["micro_batch_size"]
-
-
-# ------------------------------------------------------------------------ memory-lean training
-def full_vocab_sequence_logps(model, input_ids, attention_mask, labels):
-    """The simplest correct log-probs: float32 logits over the whole vocabulary for every position."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
-    targets = labels[:, 1:]
-    mask = targets != -100
-    token_logps = logits.log_softmax(-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (token_logps * mask).sum(-1), mask.sum(-1)
-
-
-def test_chunked_logps_and_gradients_equal_full_vocab_logps(monkeypatch):
-    monkeypatch.setattr(lidr, "LOGPS_CHUNK_TOKENS", 7)  # many chunks, some crossing sequence boundaries
-    model, _ = tiny_model()
-    batch = lidr.collate([(list(range(60, 90)), 5), (list(range(70, 82)), 9), (list(range(40, 60)), 1)], pad_id=0)
-    gradients = []
-    for logps_fn in (lidr.sequence_logps, full_vocab_sequence_logps):
-        model.zero_grad()
-        logps, lengths = logps_fn(model, *batch)
-        (logps * torch.tensor([1.0, -2.0, 0.5])).sum().backward()
-        gradients.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
-        if logps_fn is lidr.sequence_logps:
-            chunked, chunked_lengths = logps.detach(), lengths
-    assert torch.allclose(chunked, logps.detach(), atol=1e-4) and torch.equal(chunked_lengths, lengths)
-    assert torch.allclose(gradients[0], gradients[1], atol=1e-5)
-
-
-@torch.no_grad()
-def long_answer_log_prob_sums() -> tuple[float, float, float]:
-    """A 4,000-token answer's log-prob under the byte-level model: lidr's sum, the exact one
-    (float64 throughout), and a float32 running sum of the float32 token log-probs."""
-    model, _ = tiny_model()
-    ids = torch.randint(3, 250, (4000,), generator=torch.Generator().manual_seed(0)).tolist()
-    batch = lidr.collate([(ids, 5)], pad_id=0)
-    logps, _ = lidr.sequence_logps(model, *batch)
-    logits, targets = model(batch[0]).logits[0, 4:-1], torch.tensor(ids[5:]).unsqueeze(-1)
-    exact = logits.double().log_softmax(-1).gather(-1, targets).sum().item()
-    terms = logits.log_softmax(-1).gather(-1, targets).squeeze(-1)
-    running_sum = torch.zeros(1).index_add(0, torch.zeros(len(terms), dtype=torch.long), terms).item()
-    return logps.item(), exact, running_sum
-
-
-def test_log_prob_sums_of_long_answers_are_exact_to_float32_rounding():
-    logps, exact, _ = long_answer_log_prob_sums()  # the running sum is off by ~0.03 nat here
-    assert abs(logps - exact) <= torch.finfo(torch.float32).eps * abs(exact) + 1e-3
-
-
-def test_gradient_checkpointing_gives_the_same_gradients():
-    model, tokenizer = tiny_model()
-    pairs = tokenized_pairs(tokenizer, 3)
-    ref_chosen, ref_rejected = lidr.reference_logps(model, pairs, 3, 0)
-    gradients, layer_calls = [], []
-    for checkpointing in (False, True):
-        copy_ = copy.deepcopy(model).train()
-        if checkpointing:
-            copy_.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        calls = []
-        copy_.model.layers[0].self_attn.register_forward_hook(lambda *_: calls.append(1))  # inside the checkpoint
-        lidr.accumulate_gradients(copy_, pairs, ref_chosen - 0.2, ref_rejected, 0.1, 1.0, 3, pad_id=0)
-        gradients.append(torch.cat([p.grad.flatten() for p in copy_.parameters()]))
-        layer_calls.append(len(calls))
-    assert layer_calls == [1, 2], "with checkpointing the layer must run again in the backward pass"
-    assert torch.allclose(gradients[0], gradients[1], atol=1e-6)
-
-
-def test_dropout_is_switched_off_so_training_starts_at_the_reference(tmp_path):
-    model, tokenizer = tiny_model()
-    model.config.attention_dropout = 0.5
-    model.save_pretrained(tmp_path / "m")
-    tokenizer.save_pretrained(tmp_path / "m")
-    loaded, _ = lidr.load_model(str(tmp_path / "m"), "cpu", "float32", SYSTEM)
-    ids = torch.tensor([list(range(60, 80))])
-    evaluated = loaded(ids).logits
-    assert torch.equal(loaded.train()(ids).logits, evaluated), "train mode must not add dropout"
-
-
-def test_bf16_adamw_equals_torch_adamw_on_float32_weights():
-    torch.manual_seed(0)
-    ours, theirs = torch.randn(50, requires_grad=True), None
-    theirs = ours.detach().clone().requires_grad_()
-    optimizers = [lidr.BF16AdamW([ours], lr=1e-2, weight_decay=0.1),
-                  torch.optim.AdamW([theirs], lr=1e-2, weight_decay=0.1)]
-    for _ in range(5):
-        gradient = torch.randn(50)
-        ours.grad, theirs.grad = gradient.clone(), gradient.clone()
-        for optimizer in optimizers:
-            optimizer.step()
-    assert torch.allclose(ours, theirs, atol=1e-6, rtol=1e-5)
-
-
-def test_bf16_adamw_applies_updates_that_round_to_nearest_loses():
-    # a bf16 weight of 0.01 moves in steps of 2^-14 = 6.1e-5: an update of 5e-7 rounds to nothing
-    weights = [torch.full((1_000_000,), 0.01, dtype=torch.bfloat16, requires_grad=True) for _ in range(2)]
-    for weight in weights:
-        weight.grad = torch.ones_like(weight)
-    lidr.BF16AdamW([weights[0]], lr=5e-7).step()
-    torch.optim.AdamW([weights[1]], lr=5e-7, weight_decay=0.0).step()
-    start = torch.tensor(0.01, dtype=torch.bfloat16).float()
-    assert (weights[1].float() - start).abs().max() == 0, "round-to-nearest bf16 AdamW drops the update"
-    mean_update = (weights[0].float() - start).mean().item()
-    assert mean_update == pytest.approx(-5e-7, rel=0.05), "stochastic rounding keeps it in expectation"
-
-
-def test_bf16_adamw_moments_track_float32_adamw_over_many_steps():
-    # v * 0.999 rounded to nearest in bf16 is v again: the second moment would never decay
-    torch.manual_seed(0)
-    ours = torch.full((20_000,), 0.01, dtype=torch.bfloat16, requires_grad=True)
-    theirs = torch.full((20_000,), 0.01, requires_grad=True)
-    optimizers = [lidr.BF16AdamW([ours], lr=1e-6), torch.optim.AdamW([theirs], lr=1e-6, weight_decay=0.0)]
-    for step in range(600):
-        gradient = torch.full((20_000,), 1.0 if step < 100 else 0.1)
-        ours.grad, theirs.grad = gradient.to(torch.bfloat16), gradient.clone()
-        for optimizer in optimizers:
-            optimizer.step()
-    for moment in ("exp_avg", "exp_avg_sq"):
-        expected = optimizers[1].state[theirs][moment].mean().item()
-        assert optimizers[0].state[ours][moment].float().mean().item() == pytest.approx(expected, rel=0.02), moment
-
-
-def test_bf16_adamw_updates_large_tensors_chunk_by_chunk(monkeypatch):
-    monkeypatch.setattr(lidr, "OPTIMIZER_CHUNK", 7)  # chunks that split the tensor unevenly
-    torch.manual_seed(0)
-    ours = torch.randn(5, 9, requires_grad=True)
-    theirs = ours.detach().clone().requires_grad_()
-    ours.grad = torch.randn(5, 9)
-    theirs.grad = ours.grad.clone()
-    lidr.BF16AdamW([ours], lr=1e-2).step()
-    torch.optim.AdamW([theirs], lr=1e-2, weight_decay=0.0).step()
-    assert torch.allclose(ours, theirs, atol=1e-6)
-
-
-def test_round_stochastically_is_exact_on_bf16_values_and_unbiased():
-    exact = torch.tensor([1.0, -2.5, 0.0, 3.140625])
-    assert torch.equal(lidr.round_stochastically(exact).float(), exact)
-    between = torch.full((200_000,), 1.0 + 2 ** -9)  # a quarter of the way from 1 to the next bf16 value
-    rounded = lidr.round_stochastically(between).float()
-    assert set(rounded.unique().tolist()) == {1.0, 1.0 + 2 ** -7}
-    assert rounded.mean().item() == pytest.approx(1.0 + 2 ** -9, abs=2e-5)
-
-
-def test_generation_batches_respect_count_and_memory():
-    lengths = [50, 10, 30, 20, 40, 10]
-    fits = lambda sequences, prompt_len: sequences * (prompt_len + 10) <= 100
-    batches = lidr.generation_batches(lengths, max_batch_size=3, fits=fits)
-    assert sorted(i for batch in batches for i in batch) == list(range(6))
-    for batch in batches:
-        assert len(batch) <= 3 and fits(len(batch), max(lengths[i] for i in batch))
-    assert [lengths[i] for i in batches[0]] == [10, 10, 20], "shortest prompts first"
-    assert lidr.generation_batches([500], 8, fits) == [[0]], "a prompt too long alone still runs"
-
-
-def test_generation_memory_counts_the_prefill_not_only_the_kv_cache():
-    config = LLAMA3_8B
-    kv_per_token = 2 * 32 * 8 * 128 * 2  # keys and values, 32 layers, 8 KV heads of 128, bf16
-    short, long = (lidr.generation_memory(config, 2, 1, n, 0) for n in (100, 2000))
-    assert long - short > 1900 * kv_per_token * 1.5, "a long prompt's prefill costs more than its cache"
-    assert lidr.generation_memory(config, 2, 8, 2000, 0) == 8 * long
-    config = transformers.LlamaConfig(**{**LLAMA3_8B.to_dict(), "attn_implementation": "eager"})
-    assert lidr.generation_memory(config, 2, 1, 2000, 0) - long == 2000 * 32 * 2000 * 2 * 4, \
-        "eager attention also holds the scores and their float32 softmax"
-
-
-LLAMA3_8B = transformers.LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                                     num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8)
-
-
-def test_memory_plan_fits_8b_full_training_in_80_gb(capsys):
-    settings = lidr.Settings(dtype="bfloat16", device="cuda", micro_batch_size=1, max_len=2048,
-                             gradient_checkpointing="on")
-    assert lidr.plan_training_memory(LLAMA3_8B, 8_030_261_248, settings, available=80 * 10**9) == "adamw-bf16"
-    parts = lidr.training_memory(LLAMA3_8B, 8_030_261_248, settings, "adamw-bf16", "on")
-    # what the step simulated on fake tensors held (test_bench_8b_step_memory_simulated_vs_estimate)
-    simulated = {"weights": 16.061, "gradients": 16.061, "optimizer": 32.121, "step": 0.537, "activations": 4.39,
-                 "earlier_gradients": 16.061}
-    for name, value in simulated.items():
-        assert parts[name] / 1e9 == pytest.approx(value, abs=0.05), name
-    assert lidr.training_peak(parts) / 1e9 == pytest.approx(68.63, abs=0.1), "simulated peak of a 2-pair step"
-    one_pair_steps = dataclasses.replace(settings, batch_size=1)
-    one_pair = lidr.training_peak(lidr.training_memory(LLAMA3_8B, 8_030_261_248, one_pair_steps, "adamw-bf16", "on"))
-    assert one_pair / 1e9 == pytest.approx(64.78, abs=0.01), "simulated peak of a 1-pair step"
-    assert "adamw-bf16" in capsys.readouterr().out
-    assert lidr.plan_training_memory(LLAMA3_8B, 8_030_261_248, settings, available=160 * 10**9) == "adamw-fp32", \
-        "auto takes float32 optimizer state where it fits"
-    settings.gradient_checkpointing = "off"
-    with pytest.raises(lidr.LidrError, match="try --gradient-checkpointing on"):
-        lidr.plan_training_memory(LLAMA3_8B, 8_030_261_248, settings, available=80 * 10**9)
-    settings.optim = "adamw-fp32"
-    with pytest.raises(lidr.LidrError, match="try --optim adamw-bf16 --gradient-checkpointing on$"):
-        lidr.plan_training_memory(LLAMA3_8B, 8_030_261_248, settings, available=80 * 10**9)
-
-
-def test_a_run_that_cannot_fit_is_refused_before_loading(tmp_path, capsys):
-    # 8 pairs x 2 x 10^8 tokens of activations cannot fit in any machine's memory
-    assert lidr.main(["--model", "tiny", "--max-len", "100000000", "--out", str(tmp_path / "run")]) == 2
-    error = capsys.readouterr().err.strip()
-    assert error.startswith("lidr: error: training needs about") and "use a smaller --max-len or model" in error
-    assert not (tmp_path / "run").exists()
-
-
-# ------------------------------------------------------------------------ evaluation
-@pytest.mark.parametrize("text, expected", [
-    ("Janet sells 16 - 3 - 4 = 9 eggs, so she makes 9 * 2 = $18.", 18),
-    ("La respuesta es 1,250 euros.", 1250),
-    ("Sie verdient 1.250 Euro.", 1250),
-    ("Ответ: 70 000 рублей", 70000),
-    ("Il gagne 18,00 $", 18),
-    ("1.234,56 oder 1,234.56", 1234.56),
-    ("It takes 2.5 hours.", 2.5),
-    ("Ответ: -3.", -3),
-    ("pages 10-12", 12),
-    ("The answer is 42.", 42),
-    ("I don't know.", None),
-])
-def test_last_number_is_the_answer(text, expected):
-    assert lidr.last_number(text) == expected
-
-
-@pytest.mark.parametrize("text, lang, expected", [
-    ("У Джанет осталось 9 яиц, ответ 18.", "ru", False),
-    ("Janet has 9 eggs left, so 18.", "ru", True),
-    ("答えは18です。", "ja", False),  # kana: Japanese
-    ("答案是18。", "ja", True),  # Han only: Chinese, not Japanese
-    ("答案是18。", "zh", False),
-    ("答えは18です。", "zh", True),
-    ("คำตอบคือ 18", "th", False),
-    ("উত্তর 18", "bn", False),
-    ("The answer is 18.", "de", None),  # Latin script: can't tell
-    ("18", "ru", None),  # no letters
-])
-def test_off_target_by_script(text, lang, expected):
-    assert lidr.off_target(text, lang) is expected
-
-
-MGSM_EN = ('Janet\'s ducks lay 16 eggs per day. She eats three and bakes with four. She sells the rest at $2 each. '
-           'How much does she make every day?\t18\n'
-           '"A robe takes 2 bolts of ""blue"" fiber and half that much white fiber. How many bolts in total?"\t3\n'
-           'Josh flips a house for a profit. How much did he make?\t70,000\n')
-MGSM_RU = ("Утки Джанет несут 16 яиц в день. Сколько она зарабатывает?\t18\n"
-           "Сколько рулонов нужно на халат?\t3\n")
-
-
-def test_mgsm_problems_answers_and_scores(tmp_path, monkeypatch):
-    """MGSM's TSV format, the last number of the answer against the gold number, off-target by script."""
-    write(tmp_path / "mgsm_en.tsv", MGSM_EN)
-    write(tmp_path / "mgsm_ru.tsv", MGSM_RU)
-    settings = lidr.parse_settings(["--eval", "mgsm", "--mgsm", str(tmp_path), "--langs", "en,ru"])
-    problems = lidr.eval_problems(settings)
-    assert [p["gold"] for p in problems["mgsm"]["en"]] == [18, 3, 70000], "thousands commas are part of the number"
-    assert problems["mgsm"]["en"][1]["prompt"].startswith('A robe takes 2 bolts of "blue" fiber'), "TSV quoting"
-    written = {  # what the model answers, per question
-        problems["mgsm"]["en"][0]["prompt"]: "16 - 3 - 4 = 9 eggs, and 9 * $2 = $18. The answer is 18.",
-        problems["mgsm"]["en"][1]["prompt"]: "2 + 1 = 3 bolts, or is it 4?",  # last number: 4, wrong
-        problems["mgsm"]["en"][2]["prompt"]: "He made $70,000.",
-        problems["mgsm"]["ru"][0]["prompt"]: "Она продаёт 9 яиц по 2 доллара: 18.",
-        problems["mgsm"]["ru"][1]["prompt"]: "It needs 3 bolts.",  # right number, wrong language
-    }
-    fake_generate(monkeypatch, written)
-    model, tokenizer = tiny_model()
-    results = lidr.evaluate(model, tokenizer, problems, settings, tmp_path, "tiny-M0")
-    assert results["mgsm"]["en"] == {"accuracy": pytest.approx(2 / 3)}, "en can't be judged off target by script"
-    assert results["mgsm"]["ru"] == {"accuracy": 1.0, "off_target": 0.5}
-    answers = lidr.read_jsonl(tmp_path / "eval_answers.jsonl")
-    assert [a["scores"]["accuracy"] for a in answers if a["lang"] == "en"] == [1.0, 0.0, 1.0]
-
-
-def test_the_authors_mgsm_and_x_alpacaeval_files_are_read_as_released(tmp_path, monkeypatch):
-    write(tmp_path / "mgsm_en.jsonl", '{"query": "Janet has 16 eggs and eats 3. How many are left?", "response": "13"}\n')
-    write(tmp_path / "de.json", json.dumps([{"id": 1, "dataset": "helpful_base", "instruction": "Wer ist Larry Page?"}]))
-    write(tmp_path / "en.json", json.dumps([{"id": 1, "dataset": "helpful_base", "instruction": "Who is Larry Page?"}]))
-    settings = lidr.parse_settings(["--model", "tiny", "--langs", "en,de", "--eval", "mgsm,alpaca", "--eval-langs", "en",
-                                    "--mgsm", str(tmp_path), "--alpaca", str(tmp_path)])
-    problems = lidr.eval_problems(settings)
-    assert [(p["prompt"], p["gold"]) for p in problems["mgsm"]["en"]] == [
-        ("Janet has 16 eggs and eats 3. How many are left?", 13)]
-    fake_generate(monkeypatch, {"Janet": "16 - 3 = 13", "Larry": "A founder of Google."})
-    model, tokenizer = tiny_model()
-    results = lidr.evaluate(model, tokenizer, problems, settings, tmp_path, "tiny-M0")
-    assert results["mgsm"]["en"] == {"accuracy": 1.0}
-    assert json.loads((tmp_path / "alpaca_en.json").read_text()) == [
-        {"instruction": "Who is Larry Page?", "output": "A founder of Google.", "generator": "tiny-M0",
-         "dataset": "helpful_base"}], "the record's dataset is kept for the judge"
-
-
-def fake_generate(monkeypatch, answers: dict):
-    """lidr.generate answering each prompt with the text written for the question it contains."""
-    def generate(model, tokenizer, prompts, *args, **kwargs):
-        texts = [tokenizer.decode(ids) for ids in prompts]
-        return [(next(a for q, a in answers.items() if q in text), True) for text in texts]
-    monkeypatch.setattr(lidr, "generate", generate)
-
-
-def test_alpaca_answers_are_written_for_alpaca_eval(tmp_path, monkeypatch):
-    settings = lidr.parse_settings(["--eval", "alpaca", "--langs", "en,de", "--eval-limit", "2"])
-    problems = lidr.eval_problems(settings)
-    assert [p["prompt"] for p in problems["alpaca"]["de"]] == [r["de"] for r in lidr.BUILTIN_PROMPTS[:2]]
-    fake_generate(monkeypatch, {p["prompt"]: f"answer {i}" for by_lang in problems["alpaca"].values()
-                                for i, p in enumerate(by_lang)})
-    model, tokenizer = tiny_model()
-    results = lidr.evaluate(model, tokenizer, problems, settings, tmp_path, "tiny-lidr-M1")
-    outputs = json.loads((tmp_path / "alpaca_de.json").read_text())
-    assert outputs == [{"instruction": lidr.BUILTIN_PROMPTS[i]["de"], "output": f"answer {i}",
-                        "generator": "tiny-lidr-M1", "dataset": "lidr-de"} for i in range(2)]
-    assert results["alpaca"]["de"] == {"finished": 1.0, "words": 2.0}
-
-
-def test_eval_table_shows_every_model_and_the_mean_of_the_weaker_languages():
-    evaluations = [{"toy": {"en": {"accuracy": 0.9}, "de": {"accuracy": 0.2}, "fr": {"accuracy": 0.4}},
-                    "mgsm": {"ru": {"accuracy": 0.1}}},
-                   {"toy": {"en": {"accuracy": 0.95}, "de": {"accuracy": 0.5}, "fr": {"accuracy": 0.5}},
-                    "mgsm": {"ru": {"accuracy": 0.3, "off_target": 0.25}}}]
-    rows = [row.split() for row in lidr.eval_table(evaluations, ["M0", "M1"], "en").splitlines()]
-    assert rows[0][-2:] == ["M0", "M1"]
-    assert rows[2] == ["toy", "accuracy", "en", "90.0", "95.0"]
-    assert rows[5] == ["toy", "accuracy", "others", "30.0", "50.0"]
-    assert ["mgsm", "off_target", "ru", "-", "25.0"] in rows, "a metric M0 lacks still gets its row"
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["--eval", "mmlu"], "--eval must be a comma-separated list of toy, mgsm, alpaca"),
-    (["--eval", "mgsm", "--mgsm", "{empty}"], "no mgsm_en.tsv or mgsm_en.jsonl in"),
-    (["--eval", "mgsm", "--mgsm", "{badtsv}"], "mgsm_en.tsv:2: expected a question, a tab and a number"),
-    (["--eval", "mgsm", "--mgsm", "{unclosed}"], "mgsm_en.tsv:1: expected a question, a tab and a number"),
-    (["--eval", "toy", "--langs", "en,ja"], "the toy world has only en,es,ru,de,fr"),
-    (["--langs", "de,en"], "the toy world has only en,es,ru,de,fr, English first"),
-    (["--eval-langs", "en,xx"], "--eval-langs: unknown language code 'xx'"),
-    (["--eval", "alpaca", "--prompts", "", "--eval-langs", "en,zh"], "--eval alpaca: no 'zh' instructions"),
-    (["--eval", "", "--eval-limit", "5"], "--eval-limit has no effect without --eval"),
-    (["--mgsm", "folder"], "--mgsm has no effect without --eval mgsm"),
-    (["--eval", "mgsm", "--alpaca", "x.jsonl"], "--alpaca has no effect without --eval alpaca"),
-])
-def test_bad_eval_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, argv, message):
-    (tmp_path / "empty").mkdir()
-    (tmp_path / "badtsv").mkdir()
-    write(tmp_path / "badtsv" / "mgsm_en.tsv", "What is 1 + 1?\t2\nno answer here\n")
-    write(tmp_path / "unclosed" / "mgsm_en.tsv", '"What is 1 + 1?\t2\nWhat is 2 + 2?"\t4\n')  # merged by csv before
-    argv = [a.format(empty=tmp_path / "empty", badtsv=tmp_path / "badtsv", unclosed=tmp_path / "unclosed")
-            for a in argv]
-    assert lidr.main(["--model", "tiny", "--out", str(tmp_path / "run"), *argv]) == 2
-    err = capsys.readouterr().err
-    assert message in err and len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "run").exists()
-
-
-# ------------------------------------------------------------------------ bad input
-def write(path, text):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
-    return str(path)
-
-
-BAD_INPUTS = [
-    (["--prompts", "missing.jsonl"], "missing.jsonl"),
-    (["--prompts", "{bad}"], "bad.jsonl:2: not valid JSON"),
-    (["--prompts", "{noen}"], "noen.jsonl:1: prompt 'q1' has no 'en' text"),
-    (["--prompts", "{notobject}"], "notobject.jsonl:3: expected a JSON object"),
-    (["--prompts", "{flag}"], "flag.jsonl:1: translation_task must be true or false"),
-    (["--prompts", "{binary}"], "cannot read"),
-    (["--prompts", "{folder}"], "cannot read"),
-    (["--out", "{file}"], "is not a lidr run folder"),
-    (["--langs", "en,xx"], "unknown language code 'xx'"),
-    (["--langs", "en"], "at least two languages"),
-    (["--iters", "0"], "--iters must be between 1 and 1000"),
-    (["--lr", "-0.001"], "--lr must be > 0"),
-    (["--beta", "0"], "--beta must be > 0"),
-    (["--epochs", "two"], "invalid int value"),
-    (["--micro-batch-size", "9", "--batch-size", "4"], "--micro-batch-size"),
-    (["--model", "{nomodel}"], "try --model tiny"),
-    (["--prompts", "{nolang}", "--langs", "en,de,fr"], "nolang/fr.jsonl not found"),
-    (["--prompts", "{noid}", "--langs", "en,de"], "noid/de.jsonl:2: the record has no 'id'"),
-    (["--prompts", "{badids}", "--langs", "en,de"], "the ids of"),
-    (["--translation-tasks", "{bad}"], "bad.jsonl:2: not valid JSON"),
-    (["--prompt-template", "{notemplate}"], "the template has no {question}"),
-    (["--prompt-template", "{badfield}"], "the template can hold only {language}, {question}"),
-    (["--translation-request", "{notarget}"], "must name the target language"),
-    (["--translation-request", "{noconstant}"], "expected one plain TRANS_INSTRUCTION = '...' string in it"),
-    (["--translation-tasks", "{idlist}"], "idlist.json: record 1: expected a record with an 'id'"),
-    (["--prompts", "{nolang},", "--langs", "en,de"], "an empty folder name"),
-    (["--method", "dpo"], "argument --method: invalid choice: 'dpo'"),
-    (["--method", "qalign", "--beta", "0.2"], "--beta has no effect with --method qalign"),
-    (["--method", "qalign", "--iters", "3"], "--iters has no effect with --method qalign (its 2 stages"),
-    (["--answer-field", "answer"], "--answer-field has no effect with --method lidr"),
-    (["--compare", "a,b"], "--compare takes no other flag (got --model)"),
-    (["--method", "qalign", "--translation-tasks", "x.jsonl"], "--translation-tasks has no effect with --method qalign"),
-    (["--method", "qalign", "--answer-field", "a", "--max-new-tokens", "9"], "and --answer-field (no answers are sampled)"),
-    (["--prompts", "{nodominant}", "--langs", "en,de"], "nodominant/en.jsonl not found"),
-    (["--recipe", "scripts", "--pairing", "ranked"], "--recipe scripts pairs the dominant language"),
-    (["--recipe", "authors"], "argument --recipe: invalid choice: 'authors'"),
-    (["--lr", "inf"], "--lr must be a finite number"),
-    (["--device", "gpu"], "--device gpu: use auto, cpu, cuda or cuda:N"),
-    (["--seed", "-1"], "--seed must be >= 0"),
-    (["--out", "{file}/run"], "cannot write into"),
-    (["--out", "{otherrun}"], "its settings.json is not a lidr run's"),
-    (["--model", "{gpt2}"], "its config has no intermediate_size"),
-    (["--beta", "nan"], "--beta must be a finite number"),
-    (["--prompts", "{notext}"], "notext.jsonl:1: 'de' must be text"),
-]
-
-
-def test_help_is_the_flags_and_one_paragraph(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        lidr.parse_settings(["--help"])
-    text = capsys.readouterr().out
-    assert exit_info.value.code == 0 and text.startswith("usage: ")
-    assert "DPO + NLL" in text and "Where this file departs" not in text, "one paragraph, not the module docstring"
-    assert all(f"--{f.name.replace('_', '-')} " in text for f in dataclasses.fields(lidr.Settings)), "every flag"
-
-
-@pytest.mark.parametrize("argv, message", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, argv, message):
-    files = {"bad": write(tmp_path / "bad.jsonl", '{"id": "q0", "en": "ok"}\n{"id": "q1", "en": \n'),
-             "noen": write(tmp_path / "noen.jsonl", '{"id": "q1", "de": "Hallo"}\n'),
-             "notobject": write(tmp_path / "notobject.jsonl", '\n\n[1]\n'),
-             "flag": write(tmp_path / "flag.jsonl", '{"id": "q1", "en": "Hi", "translation_task": "false"}\n'),
-             "nomodel": str(tmp_path / "no_such_model"), "file": write(tmp_path / "file.txt", "mine")}
-    files["nolang"] = write_language_folder(tmp_path / "nolang", {"en": [{"id": 1, "instruction": "Hi"}],
-                                                                  "de": [{"id": 1, "instruction": "Hallo"}]})
-    files["noid"] = write_language_folder(tmp_path / "noid", {"en": [{"id": 1, "instruction": "Hi"}],
-                                                              "de": [{"id": 1, "instruction": "Hallo"},
-                                                                     {"instruction": "Tschüss"}]})
-    files["otherrun"] = str(Path(write(tmp_path / "otherrun" / "settings.json", '{"settings": {"model"')).parent)
-    files["gpt2"] = str(tmp_path / "gpt2")
-    transformers.GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16).save_pretrained(files["gpt2"])
-    files["notext"] = write(tmp_path / "notext.jsonl", '{"id": "q1", "en": "Hi", "de": 5}\n')
-    files["nodominant"] = write_language_folder(tmp_path / "nodominant", {"de": [{"id": 1, "instruction": "Hallo"}]})
-    files["badids"] = write_language_folder(tmp_path / "badids", {"en": [{"id": 1, "instruction": "Hi"}],
-                                                                  "de": [{"id": 2, "instruction": "Hallo"}]})
-    files["notemplate"] = write(tmp_path / "template.txt", "Answer in {language}.")
-    files["badfield"] = write(tmp_path / "nested.txt", "{question:{width}}")
-    files["notarget"] = write(tmp_path / "request.txt", "Translate: {text}")
-    files["idlist"] = write(tmp_path / "idlist.json", '["alpagasus-19"]')
-    files["noconstant"] = write(tmp_path / "trans_prompts.py", "PRIMER = '<translated>'\n")
-    (tmp_path / "binary.jsonl").write_bytes(b"\xff\xfe{}\n")
-    files["binary"] = str(tmp_path / "binary.jsonl")
-    (tmp_path / "folder.jsonl").mkdir()
-    files["folder"] = str(tmp_path / "folder.jsonl")
-    refused_in_one_line(tmp_path, capsys, [a.format(**files) for a in argv], message)
-    assert (tmp_path / "file.txt").read_text() == "mine"
-
-
-def refused_in_one_line(tmp_path, capsys, argv, message):
-    """lidr.main on the toy model (unless argv names --model/--out): one error line, exit 2, no run folder."""
-    out = tmp_path / "run"
-    defaults = {"--model": "tiny", "--out": str(out)}
-    code = lidr.main([*(x for flag, value in defaults.items() if flag not in argv for x in (flag, value)), *argv])
-    error = capsys.readouterr().err.strip()
-    assert code == 2
-    assert len(error.splitlines()) == 1 and error.startswith("lidr: error:") and message in error, error
-    assert not out.exists(), "bad input must not create the run folder"
-
-
-def test_a_chat_template_without_system_turns_gets_one_line(tmp_path, capsys):
-    model, tokenizer = tiny_model()
-    tokenizer.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not "
-                               "supported') }}{% endif %}" + tokenizer.chat_template)
-    model.save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
-    assert lidr.main(["--model", str(tmp_path / "model"), "--out", str(tmp_path / "run")]) == 2
-    assert "pass --system-prompt ''" in capsys.readouterr().err and not (tmp_path / "run").exists()
-
-
-def test_a_folder_that_is_not_a_run_is_never_written_into(tmp_path, capsys):
-    (tmp_path / "notes.txt").write_text("mine")
-    assert lidr.main(["--model", "tiny", "--out", str(tmp_path)]) == 2
-    assert "is not a lidr run folder" in capsys.readouterr().err
-    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"] and (tmp_path / "notes.txt").read_text() == "mine"
-
-
-def test_bad_input_from_the_command_line_has_no_traceback(tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "lidr.py"), "--langs", "en,de:German,de"],
-                            capture_output=True, text=True, cwd=tmp_path)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip() == "lidr: error: --langs: 'de' is listed twice"
-
-
-# ------------------------------------------------------------------------ the paper's runs
-def readme_paper_commands() -> list[list[str]]:
-    """The commands of the README's "The paper's runs", as argument lists (so README and test can't drift)."""
-    section = (ROOT / "README.md").read_text().split("## The paper's runs", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"```bash\n(.*?)```", section, re.DOTALL)
-    return [shlex.split(block.replace("\\\n", " "))[2:] for block in blocks if block.startswith("python lidr.py")]
-
-
-def stand_in_for_the_authors_repository(root: Path):
-    """Their data layout, a few records per file; stand-in wordings (theirs are read from their files)."""
-    langs, eval_langs = ["en", "es", "ru", "de", "fr"], ["en", "es", "ru", "de", "fr", "ja", "sw", "th", "zh", "bn"]
-    for folder, ids in (("id_0_1000", [0, 1]), ("id_1000_2000", [1000])):
-        write_language_folder(root / "data/alpagasus/subset" / folder, {
-            lang: [{"id": f"alpagasus-{i}", "instruction": f"[{lang}] instruction {i}"} for i in ids] for lang in langs})
-    write_language_folder(root / "data/gsm8k/train", {
-        lang: [{"id": f"{lang}gsm8k_{i}", "instruction": f"[{lang}] {i} + 2?", "answer": "", "final_answer": str(i + 2)}
-               for i in range(2)] for lang in langs})
-    write(root / "process_data/alpagasus/translate/instruction_about_translate.jsonl",
-          json.dumps({"prompt": "Translate ...", "reponse": "...", "output": "", "id": "alpagasus-1"}) + "\n")
-    write(root / "utils/trans_prompts.py", 'TRANS_INSTRUCTION = "Stand-in: <sentence>{text}</sentence> into {lang}."\n')
-    write(root / "utils/inference.py", "from vllm import LLM  # not installed: the file must not run\n"
-                                       'PROMPT_PREFIX = ("Stand-in, in {language}:\\n" "{question}\\n")\n')
-    for lang in eval_langs:
-        write_language_folder(root / "data/MGSM", {f"mgsm_{lang}": [{"query": f"[{lang}] 3 + 4?", "response": "7"}]})
-    for lang in langs:
-        write(root / f"data/x-alpacaeval/data/{lang}.json",
-              json.dumps([{"id": 1, "dataset": "helpful_base", "instruction": f"[{lang}] Who is Larry Page?"}]))
-
-
-class FirstAnswer(Exception):
-    pass
-
-
-@pytest.mark.parametrize("run, first_prompt, loaded", [
-    ("general", "[en] Who is Larry Page?", "3 prompts, 3 per iteration, 1 translation tasks"),
-    ("arithmetic", "Stand-in, in English:\n[en] 3 + 4?\n", "2 prompts, 2 per iteration, 0 translation tasks")])
-def test_the_readme_paper_runs_start_on_the_authors_layout(tmp_path, monkeypatch, capsys, run, first_prompt, loaded):
-    """Each README command's argument checking and data loading, on stand-in folders in the authors'
-    layout next to a lidr checkout, with the model swapped for a tiny one, up to the first answer."""
-    stand_in_for_the_authors_repository(tmp_path / "Language-Imbalance-Driven-Rewarding")
-    model, tokenizer = tiny_model()
-    model.save_pretrained(tmp_path / "tiny")
-    tokenizer.save_pretrained(tmp_path / "tiny")
-    (tmp_path / "lidr").mkdir()
-    monkeypatch.chdir(tmp_path / "lidr")
-    asked = []
-
-    def generate(model, tokenizer, prompts, *args, **kwargs):
-        asked.extend(tokenizer.decode(ids) for ids in prompts)
-        raise FirstAnswer
-    monkeypatch.setattr(lidr, "generate", generate)
-    argv = dict(zip(("general", "arithmetic"), readme_paper_commands()))[run]
-    assert argv[argv.index("--model") + 1] == "meta-llama/Meta-Llama-3-8B-Instruct"
-    with pytest.raises(FirstAnswer):
-        lidr.main([*argv, "--model", str(tmp_path / "tiny")])
-    assert loaded in capsys.readouterr().out
-    assert first_prompt + "<|eot_id|>" in asked[0], asked[0]
-    assert json.loads(Path(argv[argv.index("--out") + 1], "settings.json").read_text())["settings"]["recipe"] == "scripts"
-
-
-@pytest.mark.parametrize("cuda, model", [(True, "meta-llama/Meta-Llama-3-8B-Instruct"), (False, "tiny")])
-def test_model_auto_is_the_paper_model_on_a_gpu_and_the_toy_world_elsewhere(monkeypatch, capsys, cuda, model):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-    settings = lidr.parse_settings(["--iters", "2"])
-    assert settings.model == model and settings.lr == (5e-7 if cuda else lidr.TINY_DEFAULTS["lr"])
-    said = capsys.readouterr().out.strip().splitlines()
-    assert len(said) == 1 and said[0].startswith("--model auto:") and "--model" in said[0][14:], said
-
-
-# ------------------------------------------------------------------------ end to end
-def run_lidr(*args, cwd):
-    result = subprocess.run([sys.executable, str(ROOT / "lidr.py"), *args], capture_output=True, text=True, cwd=cwd)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout + result.stderr
-
-
-def steered_tiny_model(folder: Path) -> Path:
-    """A tiny model fitted for a few seconds to answer 'Sure.' and to translate anything as
-    'Ja.' in the tagged format, so the loop's translations parse and real pairs get built.
-    It is fitted with lidr's own chat format and sequence_logps (plain NLL)."""
-    model, tokenizer = tiny_model()
-    eot = lidr.end_of_turn_id(tokenizer)
-    texts = [record[lang] for record in lidr.BUILTIN_PROMPTS for lang in ("en", "de", "fr")]
-    examples = []
-    for i, text in enumerate(texts):
-        request = lidr.TRANSLATION_REQUEST.format(source="English", target="German", text="Sure." if i % 2 else text)
-        for prompt_ids, answer in ((lidr.chat_prompt_ids(tokenizer, text, SYSTEM), "Sure."),
-                                   (lidr.chat_prompt_ids(tokenizer, request, SYSTEM, lidr.TRANSLATION_PREFIX),
-                                    "Ja.</translated>")):
-            examples.append((prompt_ids + tokenizer(answer).input_ids + [eot], len(prompt_ids)))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    generator = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(60):
-        batch = [examples[i] for i in torch.randint(len(examples), (16,), generator=generator)]
-        logps, lengths = lidr.sequence_logps(model, *lidr.collate(batch, tokenizer.pad_token_id))
-        (-(logps / lengths).mean()).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.save_pretrained(folder / "steered")
-    tokenizer.save_pretrained(folder / "steered")
-    return folder / "steered"
-
-
-STEERED_PROMPTS = [
-    {"id": "a", "en": "Give three tips for staying healthy.", "de": "Nenne drei Tipps.", "fr": "Donne trois conseils."},
-    {"id": "b", "en": "What is the capital of Australia?", "de": "Was ist die Hauptstadt von Australien?"},
-    {"id": "c", "translation_task": True, "en": "Say 'cat' in French.", "de": "Sag 'cat' auf Französisch.",
-     "fr": "Dis 'cat' en français."}]
-STEERED_RUN = ["--iters", "2", "--prompts", "prompts.jsonl", "--langs", "en,de,fr", "--max-new-tokens", "12",
-               "--translation-max-new-tokens", "16", "--lr", "1e-3", "--batch-size", "4", "--micro-batch-size", "2",
-               "--max-len", "512", "--eval", "alpaca", "--eval-limit", "2"]
-
-
-@pytest.fixture(scope="session")
-def steered_run(tmp_path_factory):
-    """The whole loop, in a subprocess, on the steered model: seconds, and real pairs."""
-    folder = tmp_path_factory.mktemp("steered")
-    model_path = steered_tiny_model(folder)
-    write(folder / "prompts.jsonl", "".join(json.dumps(p) + "\n" for p in STEERED_PROMPTS))
-    output = run_lidr(*STEERED_RUN, "--model", str(model_path), "--out", "run", cwd=folder)
-    return folder / "run", model_path, output
-
-
+# -------------------------------------------------------------------------------------------------- The loop end to end
 def test_pipeline_builds_pairs_and_trains_on_them(steered_run):
     out, model_path, _ = steered_run
     run = out / "iter_1"
@@ -1250,76 +583,7 @@ def test_pipeline_builds_pairs_and_trains_on_them(steered_run):
     assert (out / "iter_2" / "model" / "config.json").exists()
 
 
-def test_a_run_leaves_a_complete_run_folder(steered_run):
-    run, _, output = steered_run
-    settings = json.loads((run / "settings.json").read_text())
-    assert settings["settings"]["langs"] == "en,de,fr" and settings["settings"]["eval"] == "alpaca"
-    assert {"torch", "transformers"} <= set(settings["versions"]) and "lidr.py" in " ".join(settings["command"])
-    assert (run / "lidr.py").read_text() == (ROOT / "lidr.py").read_text()
-    for t in (1, 2):
-        responses = lidr.read_jsonl(run / f"iter_{t}/responses.jsonl")
-        assert len(responses) == 9, "3 prompts in 3 languages, one of them translated by the model"
-        assert all({"raw", "translation", "source"} <= set(r) for r in lidr.read_jsonl(run / f"iter_{t}/translations.jsonl"))
-        assert json.loads((run / f"iter_{t}/metrics.json").read_text())["train"] is not None
-    for t in (0, 1, 2):  # M0, M1, M2
-        evaluation = json.loads((run / f"iter_{t}/eval.json").read_text())
-        assert set(evaluation["alpaca"]) == {"en", "de", "fr"}
-        assert len(lidr.read_jsonl(run / f"iter_{t}/eval_answers.jsonl")) == 3 * 2
-        outputs = json.loads((run / f"iter_{t}/alpaca_de.json").read_text())
-        assert [o["generator"] for o in outputs] == [f"steered-lidr-M{t}"] * 2
-    summary = (run / "summary.txt").read_text()
-    assert "iter lang  pairs" in summary and "alpaca    finished" in summary and " M2" in summary
-    assert "iter lang  pairs" in output
-
-
-def test_run_records_the_command_it_was_given(steered_run):
-    run, model_path, _ = steered_run
-    out = run.parent / "command"
-    argv = [*STEERED_RUN[:-4], "--iters", "1", "--model", str(model_path), "--out", str(out)]
-    argv[argv.index("prompts.jsonl")] = str(run.parent / "prompts.jsonl")
-    assert lidr.main(argv) == 0
-    assert json.loads((out / "settings.json").read_text())["command"][1:] == ["lidr.py", *argv]
-
-
-def test_resumed_run_reuses_finished_stages(steered_run):
-    run, model_path, _ = steered_run
-    # commands.log gains a line per invocation, run.lock names its holder; summary.txt is the table,
-    # redrawn from metrics.json
-    def artifacts():
-        return {p: p.stat().st_mtime_ns for p in run.rglob("*")
-                if p.is_file() and p.name not in ("commands.log", "run.lock", "summary.txt")}
-    before = artifacts()
-    argv = [*STEERED_RUN, "--model", str(model_path), "--out", str(run)]
-    output = run_lidr(*argv, cwd=run.parent)
-    assert f"reusing {run / 'iter_1'}" in output and f"reusing {run / 'iter_2'}" in output
-    after = artifacts()
-    assert {p: after[p] for p in before} == before, "a resumed run must not rewrite finished artifacts"
-    assert len((run / "commands.log").read_text().splitlines()) == 2
-    # an iteration that died before saving its model redoes only the unfinished stages, and its evaluation
-    shutil.rmtree(run / "iter_2" / "model")
-    output = run_lidr(*argv, cwd=run.parent)
-    for name in ("prompts", "responses", "translations"):
-        assert f"reusing {run / 'iter_2' / name}.jsonl" in output
-    for name in ("prompts", "responses", "translations", "pairs"):
-        assert (run / "iter_2" / f"{name}.jsonl").stat().st_mtime_ns == before[run / "iter_2" / f"{name}.jsonl"]
-    assert (run / "iter_2" / "model" / "config.json").exists()
-    assert (run / "iter_2" / "eval.json").stat().st_mtime_ns > before[run / "iter_2" / "eval.json"]
-    # a run that stopped between saving M2 and evaluating it evaluates M2 when resumed
-    (run / "iter_2" / "eval.json").unlink()
-    run_lidr(*argv, cwd=run.parent)
-    assert set(json.loads((run / "iter_2" / "eval.json").read_text())["alpaca"]) == {"en", "de", "fr"}
-
-
-def test_resume_with_other_settings_is_refused(steered_run, capsys, monkeypatch):
-    run, model_path, _ = steered_run
-    monkeypatch.chdir(run.parent)  # where the run's relative --prompts path points
-    log = (run / "commands.log").read_text()
-    assert lidr.main([*STEERED_RUN, "--model", str(model_path), "--out", str(run), "--beta", "0.5"]) == 2
-    assert "--beta 0.1 -> 0.5" in capsys.readouterr().err
-    assert (run / "commands.log").read_text() == log, "a refused run writes nothing into the folder"
-
-
-# ------------------------------------------------------------------------ QAlign beside LIDR
+# ----------------------------------------------------------------------------------- QAlign beside LIDR: its two stages
 def test_question_alignment_turns_each_other_language_into_the_english_question():
     prompts = [{"id": "a", "translation_task": False, "en": "How many?", "de": "Wie viele?", "fr": None},
                {"id": "b", "translation_task": False, "en": "Why?", "de": "Warum?", "fr": "Pourquoi ?"}]
@@ -1397,10 +661,661 @@ def test_a_qalign_run_killed_after_each_stage_resumes_to_the_uninterrupted_resul
     assert same_final_model(tmp_path / "whole-qalign", tmp_path / "killed")
 
 
+# ------------------------------------------------- The toy world, and the loop closing its language gap (pytest -m toy)
+def test_toy_number_metric_takes_the_right_number_in_any_toy_language():
+    gold = "Lea hat sieben Münzen."
+    assert lidr.score("toy", gold, True, gold, "de") == {"accuracy": 1.0, "number": 1.0}
+    assert lidr.score("toy", "Lea has seven coins.", True, gold, "de") == {"accuracy": 0.0, "number": 1.0}
+    assert lidr.score("toy", "Lea hat neun Münzen.", True, gold, "de") == {"accuracy": 0.0, "number": 0.0}
+    assert lidr.score("toy", "Lea hat sieben und neun", False, gold, "de")["number"] == 0.0, "one number, the right one"
+
+
+def test_toy_eval_problems_are_held_out():
+    eval_questions = {p["prompt"] for lang in lidr.TOY_LANGS for p in lidr.toy_eval_problems(lang)}
+    loop_questions = {p[lang] for p in lidr.toy_prompts() for lang in lidr.TOY_LANGS}
+    tokenizer = lidr.toy_tokenizer()
+    user_turns = {tokenizer.decode(ids[:length]).split("user<|end_header_id|>\n\n")[1].split("<|eot_id|>")[0]
+                  for ids, length in lidr.toy_pretraining_data(tokenizer, 0, lidr.TOY_LANGS)}
+    assert len(eval_questions) == 5 * lidr.TOY_RECIPE["eval_problems"]
+    assert len(user_turns) > 1000 and not eval_questions & (loop_questions | user_turns)
+
+
+def test_a_changed_toy_recipe_is_a_new_cached_model(monkeypatch):
+    folder = lidr.toy_model_folder(Path("runs"), 0, ["en", "de"])
+    assert lidr.toy_model_folder(Path("runs"), 1, ["en", "de"]) != folder
+    assert lidr.toy_model_folder(Path("runs"), 0, ["en", "fr"]) != folder
+    monkeypatch.setitem(lidr.TOY_RECIPE, "weak_careless", 0.5)
+    assert lidr.toy_model_folder(Path("runs"), 0, ["en", "de"]) != folder
+
+
+def test_toy_tokenizer_round_trips_every_toy_text_without_unknown_words():
+    """As lidr tokenises them: chat prompts whole, answers on their own."""
+    tokenizer = lidr.toy_tokenizer()
+    problems = [lidr.toy_text(lang, p) for lang in lidr.TOY_LANGS for p in lidr.toy_problem_list()[:50]]
+    requests = lidr.toy_translation_requests(lidr.TOY_LANGS)[::40]
+    system = lidr.TOY_SYSTEM_PROMPT
+    prompts = ([lidr.chat_prompt_ids(tokenizer, question, system) for question, _ in problems]
+               + [lidr.chat_prompt_ids(tokenizer, request, system, lidr.TRANSLATION_PREFIX) for request, _ in requests])
+    answers = [tokenizer(answer, add_special_tokens=False).input_ids for _, answer in problems + requests]
+    for ids, text in zip(answers, [answer for _, answer in problems + requests]):
+        assert tokenizer.decode(ids) == text
+    assert not any(tokenizer.unk_token_id in ids for ids in prompts + answers)
+    assert lidr.end_of_turn_id(tokenizer) == tokenizer.convert_tokens_to_ids("<|eot_id|>")
+
+
+# `python lidr.py --iters 2 --model toy` at a faster setting: a toy world of two languages, 100
+# prompts per iteration instead of 300, 100 held-out problems per language instead of 200. Its M0
+# still pre-trains for minutes (fewer optimizer steps leave it without the imbalance the loop
+# needs), so these tests are opt-in: `python -m pytest -q -m toy test_lidr.py` (CI runs them).
+FAST_TOY_RUN = ["--iters", "2", "--model", "toy", "--langs", "en,de", "--num-prompts", "100", "--eval-limit", "100"]
+MIN_FAST_GAIN = 0.10  # German's accuracy, M0 -> M2, at that setting (measured: 8 -> 15 -> 31%)
+
+
+@pytest.fixture(scope="session")
+def toy_run(request, tmp_path_factory):
+    if "toy" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("pre-trains the toy model for minutes: run with pytest -m toy")
+    folder = tmp_path_factory.mktemp("toy")
+    output = run_lidr(*FAST_TOY_RUN, "--out", "run", cwd=folder)
+    return folder / "run", output
+
+
+@pytest.mark.toy
+def test_the_loop_closes_the_toy_language_gap(toy_run):
+    """LIDR working, on held-out toy problems: the weaker language's accuracy rises from M0 to M2,
+    and English does not fall by more than 2 points. (The README's quickstart, five languages and
+    300 prompts per iteration, gains more: >= 10 points on each of 3 seeds.)"""
+    run, output = toy_run
+    evaluations = [json.loads((run / f"iter_{t}" / "eval.json").read_text())["toy"] for t in (0, 1, 2)]
+    german = [e["de"]["accuracy"] for e in evaluations]
+    english = [e["en"]["accuracy"] for e in evaluations]
+    assert english[0] >= 0.9 and german[0] <= english[0] - 0.3, f"M0 must have the imbalance: {evaluations[0]}"
+    assert german[2] - german[0] >= MIN_FAST_GAIN, f"the weaker language must gain: {german}"
+    assert english[2] >= english[0] - 0.02, f"English must not fall by more than 2 points: {english}"
+    assert "toy       accuracy   others" not in output and "toy       accuracy       de" in output
+
+
+@pytest.mark.toy
+def test_a_toy_run_records_the_cached_m0_it_started_from(toy_run):
+    run, _ = toy_run
+    cache = [p for p in run.parent.iterdir() if p.name.startswith("toy-m0-en-de-seed0-")]
+    assert len(cache) == 1 and json.loads((run / "toy_recipe.json").read_text())["m0"] == str(cache[0].resolve())
+    settings = json.loads((run / "settings.json").read_text())["settings"]
+    assert settings["lr"] == lidr.TOY_DEFAULTS["lr"] and settings["prompts"] == "toy"
+    translations = lidr.read_jsonl(run / "iter_1" / "translations.jsonl")
+    assert sum(t["translation"] is None for t in translations) < len(translations) / 10, "M0 translates"
+    output = run_lidr(*FAST_TOY_RUN, "--out", "run", cwd=run.parent)  # resumes from M2, not from the cache
+    assert f"reusing {Path('run') / 'iter_2'}" in output and "pre-training" not in output
+
+
+# ======================================================================================================================
+# NUMERICS: the same numbers, to float rounding, in less memory and time
+# ======================================================================================================================
+# ------------------------------------------------------------------------------------------- Tokenisation and log-probs
+def test_tokenized_pair_is_prompt_then_answer_then_end_of_turn():
+    _, tokenizer = tiny_model()
+    eot = lidr.end_of_turn_id(tokenizer)
+    tokenized = lidr.tokenize_pair(tokenizer, pair("Hi there", " spaced answer", "no"), SYSTEM, eot, 512)
+    prompt_ids = lidr.chat_prompt_ids(tokenizer, "Hi there", SYSTEM)
+    answer_ids = tokenizer(" spaced answer", add_special_tokens=False).input_ids
+    assert tokenized.chosen_input_ids == prompt_ids + answer_ids + [eot], "ids must be concatenated, not re-tokenised"
+    assert tokenized.chosen_input_ids.count(tokenizer.bos_token_id) == 1, "doubled BOS"
+    assert eot == tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    assert tokenized.prompt_length == len(prompt_ids) and not tokenized.truncated
+
+
+def test_prompt_tokens_never_reach_the_loss():
+    model, tokenizer = tiny_model()
+    eot = lidr.end_of_turn_id(tokenizer)
+    tokenized = lidr.tokenize_pair(tokenizer, pair("A long prompt " * 5, "ok", "no"), SYSTEM, eot, 512)
+    prompt_length, chosen = tokenized.prompt_length, tokenized.chosen_input_ids
+    input_ids, attention_mask, labels = lidr.collate([(chosen, prompt_length), (chosen[:-3], prompt_length)], pad_id=0)
+    assert (labels[0, :prompt_length] == -100).all()
+    assert labels[0, prompt_length:].tolist() == chosen[prompt_length:]
+    assert (labels[1, len(chosen) - 3:] == -100).all(), "padding must be masked"
+    # only 'ok' and the end-of-turn token are scored
+    _, lengths = lidr.sequence_logps(model, input_ids[:1], attention_mask[:1], labels[:1])
+    assert lengths.item() == 3
+
+
+def test_sequence_logps_equal_one_at_a_time_and_ignore_padding():
+    model, tokenizer = tiny_model()
+    sequences = [(list(range(60, 60 + n)), p) for n, p in ((12, 4), (30, 10), (7, 2))]
+    batched, _ = lidr.sequence_logps(model, *lidr.collate(sequences, pad_id=0))
+    for row, (ids, prompt_length) in enumerate(sequences):
+        log_probs = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+        by_hand = sum(log_probs[k - 1, ids[k]] for k in range(prompt_length, len(ids)))
+        assert batched[row].item() == pytest.approx(by_hand.item(), abs=1e-4)
+    # the same sequence next to a much longer one (more padding) and in another position
+    recombined, _ = lidr.sequence_logps(model, *lidr.collate([sequences[2], (list(range(70, 150)), 5)], pad_id=9))
+    assert recombined[0].item() == pytest.approx(batched[2].item(), abs=1e-4)
+
+
+def test_truncation_cuts_answers_and_keeps_the_prompt_whole():
+    _, tokenizer = tiny_model()
+    eot = lidr.end_of_turn_id(tokenizer)
+    prompt_ids = lidr.chat_prompt_ids(tokenizer, "Hi", SYSTEM)
+    max_len = len(prompt_ids) + 10
+    tokenized = lidr.tokenize_pair(tokenizer, pair("Hi", "a" * 50, "short"), SYSTEM, eot, max_len)
+    assert tokenized.chosen_input_ids == prompt_ids + [ord("a")] * 10, "the long answer is cut at its end"
+    assert tokenized.rejected_input_ids == prompt_ids + list(b"short") + [eot] and tokenized.truncated
+    exact = lidr.tokenize_pair(tokenizer, pair("Hi", "a" * 9, "b"), SYSTEM, eot, max_len)
+    assert len(exact.chosen_input_ids) == max_len and not exact.truncated, "an exact fit is not truncated"
+    assert lidr.tokenize_pair(tokenizer, pair("Hi", "a", "b"), SYSTEM, eot, len(prompt_ids)) is None
+
+
+def test_chunked_logps_and_gradients_equal_full_vocab_logps(monkeypatch):
+    monkeypatch.setattr(lidr, "LOGPS_CHUNK_TOKENS", 7)  # many chunks, some crossing sequence boundaries
+    model, _ = tiny_model()
+    batch = lidr.collate([(list(range(60, 90)), 5), (list(range(70, 82)), 9), (list(range(40, 60)), 1)], pad_id=0)
+    gradients = []
+    for logps_fn in (lidr.sequence_logps, full_vocab_sequence_logps):
+        model.zero_grad()
+        logps, lengths = logps_fn(model, *batch)
+        (logps * torch.tensor([1.0, -2.0, 0.5])).sum().backward()
+        gradients.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        if logps_fn is lidr.sequence_logps:
+            chunked, chunked_lengths = logps.detach(), lengths
+    assert torch.allclose(chunked, logps.detach(), atol=1e-4) and torch.equal(chunked_lengths, lengths)
+    assert torch.allclose(gradients[0], gradients[1], atol=1e-5)
+
+
+def test_log_prob_sums_of_long_answers_are_exact_to_float32_rounding():
+    logps, exact, _ = long_answer_log_prob_sums()  # the running sum is off by ~0.03 nat here
+    assert abs(logps - exact) <= torch.finfo(torch.float32).eps * abs(exact) + 1e-3
+
+
+# ------------------------------------------------- Gradients: accumulation, length-grouped micro-batches, checkpointing
+def test_gradient_accumulation_matches_one_big_batch():
+    model, tokenizer = tiny_model()
+    pairs = tokenized_pairs(tokenizer, 5)
+    ref_chosen, ref_rejected = lidr.reference_logps(model, pairs, 5, 0)
+    ref_chosen, ref_rejected = ref_chosen - 0.3, ref_rejected + 0.2  # policy != reference: DPO grads not trivial
+    gradients = []
+    for micro_batch_size in (5, 2):  # 2 gives micro-batches of 2, 2, 1: uneven on purpose
+        copy_ = copy.deepcopy(model)
+        lidr.accumulate_gradients(copy_, pairs, ref_chosen, ref_rejected, 0.1, 1.0, micro_batch_size, pad_id=0)
+        gradients.append(torch.cat([p.grad.flatten() for p in copy_.parameters()]))
+    assert torch.allclose(gradients[0], gradients[1], atol=1e-6, rtol=1e-4), \
+        "accumulation must average over the step's pairs, not per micro-batch"
+
+
+def test_micro_batches_are_grouped_by_length_within_the_step(monkeypatch):
+    model, tokenizer = tiny_model()
+    eot = lidr.end_of_turn_id(tokenizer)
+    answers = ["a" * n for n in (40, 2, 30, 3, 50, 1)]  # long and short in turn
+    pairs = [lidr.tokenize_pair(tokenizer, pair("Q?", answer, answer.upper()), SYSTEM, eot, 256)
+             for answer in answers]
+    ref_chosen, ref_rejected = lidr.reference_logps(model, pairs, 6, 0)
+    ref_chosen, ref_rejected = ref_chosen - 0.3, ref_rejected + 0.2
+    one_by_one = lidr.accumulate_gradients(copy.deepcopy(model), pairs, ref_chosen, ref_rejected, 0.1, 1.0, 1, 0)
+    widths, collate = [], lidr.collate
+    monkeypatch.setattr(lidr, "collate", lambda sequences, pad_id: widths.append(
+        sorted(len(ids) for ids, _ in sequences)) or collate(sequences, pad_id))
+    grouped_model = copy.deepcopy(model)
+    grouped = lidr.accumulate_gradients(grouped_model, pairs, ref_chosen, ref_rejected, 0.1, 1.0, 2, 0)
+    lengths = sorted(len(p.chosen_input_ids) for p in pairs)
+    assert widths == [sorted(lengths[k:k + 2] * 2) for k in (0, 2, 4)], "shortest with shortest"
+    for name, values in one_by_one.items():  # per-pair metrics come back in the pairs' order
+        assert torch.allclose(grouped[name], values, atol=1e-5), name
+    whole = copy.deepcopy(model)
+    lidr.accumulate_gradients(whole, pairs, ref_chosen, ref_rejected, 0.1, 1.0, 6, 0)
+    for grouped_param, whole_param in zip(grouped_model.parameters(), whole.parameters()):
+        assert torch.allclose(grouped_param.grad, whole_param.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model, tokenizer = tiny_model()
+    pairs = tokenized_pairs(tokenizer, 3)
+    ref_chosen, ref_rejected = lidr.reference_logps(model, pairs, 3, 0)
+    gradients, layer_calls = [], []
+    for checkpointing in (False, True):
+        copy_ = copy.deepcopy(model).train()
+        if checkpointing:
+            copy_.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        calls = []
+        copy_.model.layers[0].self_attn.register_forward_hook(lambda *_: calls.append(1))  # inside the checkpoint
+        lidr.accumulate_gradients(copy_, pairs, ref_chosen - 0.2, ref_rejected, 0.1, 1.0, 3, pad_id=0)
+        gradients.append(torch.cat([p.grad.flatten() for p in copy_.parameters()]))
+        layer_calls.append(len(calls))
+    assert layer_calls == [1, 2], "with checkpointing the layer must run again in the backward pass"
+    assert torch.allclose(gradients[0], gradients[1], atol=1e-6)
+
+
+# ---------------------------------------------------------------- bf16 training: the optimizers and stochastic rounding
+def test_train_uses_the_optimizer_and_checkpointing_it_is_given(tmp_path, monkeypatch):
+    model, tokenizer = tiny_model()
+    model = model.to(torch.bfloat16)
+    pairs = tokenized_pairs(tokenizer, 2)
+    ref_chosen, ref_rejected = lidr.reference_logps(model, pairs, 2, 0)
+    built = []
+    monkeypatch.setattr(lidr, "BF16AdamW", lambda *args, **kwargs: built.append(1) or torch.optim.SGD(*args, lr=0.0))
+    attention_calls = []
+    model.model.layers[0].self_attn.register_forward_hook(lambda *_: attention_calls.append(1))
+    settings = lidr.Settings(optim="adamw-bf16", gradient_checkpointing="on", batch_size=2, micro_batch_size=2)
+    dpo_train(model, pairs, ref_chosen, ref_rejected, settings, tmp_path / "log.jsonl")
+    assert built == [1], "--optim adamw-bf16 must train with BF16AdamW"
+    assert len(attention_calls) == 2, "--gradient-checkpointing on: the layer runs again in the backward pass"
+    assert not model.training and not model.model.layers[0].gradient_checkpointing, "sampling needs eval mode back"
+    adamw = []
+    monkeypatch.setattr(torch.optim, "AdamW", lambda *args, **kwargs: adamw.append(kwargs) or torch.optim.SGD(
+        *args, lr=0.0))
+    dpo_train(model, pairs, ref_chosen, ref_rejected, dataclasses.replace(settings, optim="adamw-fp32"),
+              tmp_path / "log.jsonl")
+    assert adamw[0]["fused"] is True, "the fused step: no float32 temporaries, and the fastest"
+
+
+def fraction_changed(before, model):
+    changed = sum((old != new.detach()).sum().item() for old, new in zip(before, model.parameters()))
+    return changed / sum(old.numel() for old in before)
+
+
+def train_bf16_tiny_model(tmp_path, **settings):
+    """Train a bf16 tiny model on 8 pairs, 2 per step; returns it, an untrained copy, its weights
+    before training, and the pairs with their reference log-probs."""
+    model, tokenizer = tiny_model()
+    model = model.to(torch.bfloat16)
+    pairs = tokenized_pairs(tokenizer, 8)
+    ref_chosen, ref_rejected = lidr.reference_logps(model, pairs, 8, 0)
+    before, untrained = [p.detach().clone() for p in model.parameters()], copy.deepcopy(model)
+    settings = lidr.Settings(batch_size=2, micro_batch_size=2, warmup_ratio=0.0, **settings)
+    dpo_train(model, pairs, ref_chosen, ref_rejected, settings, tmp_path / "log.jsonl")
+    return model, untrained, before, pairs, ref_chosen, ref_rejected
+
+
+def test_bf16_training_keeps_updates_smaller_than_bf16_precision(tmp_path):
+    # lr 1e-5 moves a weight of 0.02 by less than half a bf16 step (6e-5) per step: plain bf16
+    # AdamW rounds most updates away; float32 master weights add them up until they show.
+    model, plain, before, pairs, ref_chosen, ref_rejected = train_bf16_tiny_model(tmp_path, lr=1e-5, epochs=5)
+    optimizer = torch.optim.AdamW(plain.parameters(), lr=1e-5, weight_decay=0.0)
+    for _ in range(20):
+        lidr.accumulate_gradients(plain, pairs[:2], ref_chosen[:2], ref_rejected[:2], 0.1, 1.0, 2, 0)
+        optimizer.step()
+        optimizer.zero_grad()
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert fraction_changed(before, model) > 0.5, "bf16 training lost its small updates"
+    assert fraction_changed(before, plain) < 0.25, "the trap this test guards against no longer shows"
+
+
+def test_master_weights_are_rounded_into_bf16_stochastically(tmp_path):
+    # at lr 5e-7 each step moves the float32 master far less than half a bf16 step: rounding it
+    # to nearest would leave most bf16 weights where they were; stochastic rounding moves ~2x more
+    model, _, before, *_ = train_bf16_tiny_model(tmp_path, optim="adamw-fp32", lr=5e-7, epochs=4)
+    assert fraction_changed(before, model) > 0.06, "round-to-nearest changes ~4% here, stochastic ~9%"
+
+
+def test_bf16_adamw_equals_torch_adamw_on_float32_weights():
+    torch.manual_seed(0)
+    ours, theirs = torch.randn(50, requires_grad=True), None
+    theirs = ours.detach().clone().requires_grad_()
+    optimizers = [lidr.BF16AdamW([ours], lr=1e-2, weight_decay=0.1),
+                  torch.optim.AdamW([theirs], lr=1e-2, weight_decay=0.1)]
+    for _ in range(5):
+        gradient = torch.randn(50)
+        ours.grad, theirs.grad = gradient.clone(), gradient.clone()
+        for optimizer in optimizers:
+            optimizer.step()
+    assert torch.allclose(ours, theirs, atol=1e-6, rtol=1e-5)
+
+
+def test_bf16_adamw_applies_updates_that_round_to_nearest_loses():
+    # a bf16 weight of 0.01 moves in steps of 2^-14 = 6.1e-5: an update of 5e-7 rounds to nothing
+    weights = [torch.full((1_000_000,), 0.01, dtype=torch.bfloat16, requires_grad=True) for _ in range(2)]
+    for weight in weights:
+        weight.grad = torch.ones_like(weight)
+    lidr.BF16AdamW([weights[0]], lr=5e-7).step()
+    torch.optim.AdamW([weights[1]], lr=5e-7, weight_decay=0.0).step()
+    start = torch.tensor(0.01, dtype=torch.bfloat16).float()
+    assert (weights[1].float() - start).abs().max() == 0, "round-to-nearest bf16 AdamW drops the update"
+    mean_update = (weights[0].float() - start).mean().item()
+    assert mean_update == pytest.approx(-5e-7, rel=0.05), "stochastic rounding keeps it in expectation"
+
+
+def test_bf16_adamw_moments_track_float32_adamw_over_many_steps():
+    # v * 0.999 rounded to nearest in bf16 is v again: the second moment would never decay
+    torch.manual_seed(0)
+    ours = torch.full((20_000,), 0.01, dtype=torch.bfloat16, requires_grad=True)
+    theirs = torch.full((20_000,), 0.01, requires_grad=True)
+    optimizers = [lidr.BF16AdamW([ours], lr=1e-6), torch.optim.AdamW([theirs], lr=1e-6, weight_decay=0.0)]
+    for step in range(600):
+        gradient = torch.full((20_000,), 1.0 if step < 100 else 0.1)
+        ours.grad, theirs.grad = gradient.to(torch.bfloat16), gradient.clone()
+        for optimizer in optimizers:
+            optimizer.step()
+    for moment in ("exp_avg", "exp_avg_sq"):
+        expected = optimizers[1].state[theirs][moment].mean().item()
+        assert optimizers[0].state[ours][moment].float().mean().item() == pytest.approx(expected, rel=0.02), moment
+
+
+def test_bf16_adamw_updates_large_tensors_chunk_by_chunk(monkeypatch):
+    monkeypatch.setattr(lidr, "OPTIMIZER_CHUNK", 7)  # chunks that split the tensor unevenly
+    torch.manual_seed(0)
+    ours = torch.randn(5, 9, requires_grad=True)
+    theirs = ours.detach().clone().requires_grad_()
+    ours.grad = torch.randn(5, 9)
+    theirs.grad = ours.grad.clone()
+    lidr.BF16AdamW([ours], lr=1e-2).step()
+    torch.optim.AdamW([theirs], lr=1e-2, weight_decay=0.0).step()
+    assert torch.allclose(ours, theirs, atol=1e-6)
+
+
+def test_round_stochastically_is_exact_on_bf16_values_and_unbiased():
+    exact = torch.tensor([1.0, -2.5, 0.0, 3.140625])
+    assert torch.equal(lidr.round_stochastically(exact).float(), exact)
+    between = torch.full((200_000,), 1.0 + 2 ** -9)  # a quarter of the way from 1 to the next bf16 value
+    rounded = lidr.round_stochastically(between).float()
+    assert set(rounded.unique().tolist()) == {1.0, 1.0 + 2 ** -7}
+    assert rounded.mean().item() == pytest.approx(1.0 + 2 ** -9, abs=2e-5)
+
+
+# --------------------------------------------------------------- The memory plan: training's and generation's estimates
+LLAMA3_8B = transformers.LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                                     num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8)
+
+
+def test_memory_plan_fits_8b_full_training_in_80_gb(capsys):
+    settings = lidr.Settings(dtype="bfloat16", device="cuda", micro_batch_size=1, max_len=2048,
+                             gradient_checkpointing="on")
+    assert lidr.plan_training_memory(LLAMA3_8B, 8_030_261_248, settings, available=80 * 10**9) == "adamw-bf16"
+    parts = lidr.training_memory(LLAMA3_8B, 8_030_261_248, settings, "adamw-bf16", "on")
+    # what the step simulated on fake tensors held (test_bench_8b_step_memory_simulated_vs_estimate)
+    simulated = {"weights": 16.061, "gradients": 16.061, "optimizer": 32.121, "step": 0.537, "activations": 4.39,
+                 "earlier_gradients": 16.061}
+    for name, value in simulated.items():
+        assert parts[name] / 1e9 == pytest.approx(value, abs=0.05), name
+    assert lidr.training_peak(parts) / 1e9 == pytest.approx(68.63, abs=0.1), "simulated peak of a 2-pair step"
+    one_pair_steps = dataclasses.replace(settings, batch_size=1)
+    one_pair = lidr.training_peak(lidr.training_memory(LLAMA3_8B, 8_030_261_248, one_pair_steps, "adamw-bf16", "on"))
+    assert one_pair / 1e9 == pytest.approx(64.78, abs=0.01), "simulated peak of a 1-pair step"
+    assert "adamw-bf16" in capsys.readouterr().out
+    assert lidr.plan_training_memory(LLAMA3_8B, 8_030_261_248, settings, available=160 * 10**9) == "adamw-fp32", \
+        "auto takes float32 optimizer state where it fits"
+    settings.gradient_checkpointing = "off"
+    with pytest.raises(lidr.LidrError, match="try --gradient-checkpointing on"):
+        lidr.plan_training_memory(LLAMA3_8B, 8_030_261_248, settings, available=80 * 10**9)
+    settings.optim = "adamw-fp32"
+    with pytest.raises(lidr.LidrError, match="try --optim adamw-bf16 --gradient-checkpointing on$"):
+        lidr.plan_training_memory(LLAMA3_8B, 8_030_261_248, settings, available=80 * 10**9)
+
+
+def test_generation_memory_counts_the_prefill_not_only_the_kv_cache():
+    config = LLAMA3_8B
+    kv_per_token = 2 * 32 * 8 * 128 * 2  # keys and values, 32 layers, 8 KV heads of 128, bf16
+    short, long = (lidr.generation_memory(config, 2, 1, n, 0) for n in (100, 2000))
+    assert long - short > 1900 * kv_per_token * 1.5, "a long prompt's prefill costs more than its cache"
+    assert lidr.generation_memory(config, 2, 8, 2000, 0) == 8 * long
+    config = transformers.LlamaConfig(**{**LLAMA3_8B.to_dict(), "attn_implementation": "eager"})
+    assert lidr.generation_memory(config, 2, 1, 2000, 0) - long == 2000 * 32 * 2000 * 2 * 4, \
+        "eager attention also holds the scores and their float32 softmax"
+
+
+def test_a_run_that_cannot_fit_is_refused_before_loading(tmp_path, capsys):
+    # 8 pairs x 2 x 10^8 tokens of activations cannot fit in any machine's memory
+    assert lidr.main(["--model", "toy", "--max-len", "100000000", "--out", str(tmp_path / "run")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("lidr: error: training needs about") and "use a smaller --max-len or model" in error
+    assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------- Generation: batching and the two engines
+@pytest.mark.parametrize("penalty", [1.0, 1.1])
+def test_greedy_answers_are_the_same_in_batches_one_at_a_time_and_with_either_engine(capsys, penalty):
+    model, tokenizer = varied_byte_level_model()
+    prompts = [lidr.chat_prompt_ids(tokenizer, text, SYSTEM)
+               for text in ("Hi", "A much longer prompt that needs no padding at all.", "Wie geht's?", "x" * 19)]
+    one_by_one = lidr.generate(model, tokenizer, prompts, 24, 1, penalty, 0.0, "test")
+    batched = lidr.generate(model, tokenizer, prompts, 24, 4, penalty, 0.0, "test")
+    assert batched == one_by_one, "left padding or the repetition penalty changes batched greedy output"
+    assert len(set(batched)) == len(prompts), "the test needs a model whose answers differ"
+    continuous = lidr.generate(model, tokenizer, prompts, 24, 4, penalty, 0.0, "test", engine="continuous")
+    assert continuous == one_by_one
+    lines = capsys.readouterr().out.splitlines()
+    plan, rate = lines[0], lines[1]  # the plan before generating, the rate after
+    lengths = sorted(map(len, prompts))
+    assert plan == f"test: 4 sequences, prompts of {lengths[0]}-{lengths[-1]} tokens, at most 24 new tokens each, " \
+                   f"by HF generate in padded batches"
+    assert re.fullmatch(r"test: \d+ new tokens in [\d.]+ s, \d+ tokens/s", rate), rate
+    # continuous batching cannot apply a repetition penalty (transformers drops it): generate serves those
+    assert lines[4].endswith("by continuous batching" if penalty == 1.0 else "by HF generate in padded batches")
+
+
+def test_continuous_batching_samples_reproducibly_and_leaves_the_random_stream_as_it_was():
+    model, tokenizer = build_byte_level_model()
+    prompts = [lidr.chat_prompt_ids(tokenizer, text, SYSTEM) for text in ("Hi", "Wie geht's?", "x" * 19)]
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        answers = lidr.generate(model, tokenizer, prompts, 12, 4, 1.0, 1.0, "test", engine="continuous")
+        runs.append((answers, torch.rand(1)))
+    torch.manual_seed(3)
+    assert runs[0][0] == runs[1][0], "a stage redone after an interruption samples what it sampled"
+    assert torch.equal(runs[0][1], torch.rand(1)), "transformers reseeds torch's generator: it must be restored"
+
+
+def test_generation_batches_respect_count_and_memory():
+    lengths = [50, 10, 30, 20, 40, 10]
+    fits = lambda sequences, prompt_len: sequences * (prompt_len + 10) <= 100
+    batches = lidr.generation_batches(lengths, max_batch_size=3, fits=fits)
+    assert sorted(i for batch in batches for i in batch) == list(range(6))
+    for batch in batches:
+        assert len(batch) <= 3 and fits(len(batch), max(lengths[i] for i in batch))
+    assert [lengths[i] for i in batches[0]] == [10, 10, 20], "shortest prompts first"
+    assert lidr.generation_batches([500], 8, fits) == [[0]], "a prompt too long alone still runs"
+
+
+# ======================================================================================================================
+# PLUMBING: getting data in and results out, and failing in one line
+# ======================================================================================================================
+# ------------------------------------------------------------------------ The command line: --help, defaults, languages
+def test_help_is_the_flags_and_one_paragraph(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        lidr.parse_settings(["--help"])
+    text = capsys.readouterr().out
+    assert exit_info.value.code == 0 and text.startswith("usage: ")
+    assert "DPO + NLL" in text and "Where this file departs" not in text, "one paragraph, not the module docstring"
+    assert all(f"--{f.name.replace('_', '-')} " in text for f in dataclasses.fields(lidr.Settings)), "every flag"
+
+
+def test_toy_defaults_never_clash_with_a_given_batch_size():
+    assert lidr.parse_settings(["--model", "toy", "--batch-size", "4"]).micro_batch_size == 4
+    assert lidr.parse_settings(["--model", "toy"]).micro_batch_size == lidr.TOY_DEFAULTS["micro_batch_size"]
+
+
+def test_custom_languages_are_accepted_and_named():
+    languages = lidr.parse_languages("en, de,tlh:Klingon")
+    assert languages == {"en": "English", "de": "German", "tlh": "Klingon"}
+    assert lidr.looks_like_translation_task("Translate 'hello' into Klingon.", list(languages.values()))
+
+
+def test_the_same_languages_written_two_ways_are_one_setting():
+    assert lidr.parse_settings(["--model", "toy", "--langs", "en, de ,fr"]).langs == "en,de,fr"
+
+
+# ------------------------------------------------------------------------- Prompt sources and the authors' file formats
+def test_prompt_sources(tmp_path):
+    folder = tmp_path / "dataset"  # a local dataset folder takes the datasets.load_dataset path
+    folder.mkdir()
+    (folder / "train.jsonl").write_text('{"instruction": "Add them.", "input": "1 2"}\n{"instruction": "Hi."}\n')
+    records = lidr.load_prompts(str(folder), "instruction", lidr.parse_languages("en,de"))
+    assert [r["en"] for r in records] == ["Add them.\n1 2", "Hi."], "an input joined as the scripts join it"
+    assert records[0]["id"] == "0"
+    listed = tmp_path / "prompts.json"
+    listed.write_text(json.dumps([{"id": "a", "en": "Hi", "de": "Hallo", "translation_task": True}]))
+    assert lidr.load_prompts(str(listed), "instruction", lidr.parse_languages("en,de")) == [
+        {"id": "a", "translation_task": True, "en": "Hi", "de": "Hallo"}]
+
+
+def test_the_authors_per_language_folders_are_read_as_released(tmp_path):
+    first = write_language_folder(tmp_path / "id_0_2", {
+        "en": [{"id": "alpagasus-0", "instruction": "Add them.", "input": "1, 2"},
+               {"id": "alpagasus-1", "instruction": "Translate 'hi' into French.", "output": "ignored"}],
+        "de": [{"id": "alpagasus-1", "instruction": "Übersetze 'hi' ins Französische."},  # order need not match
+               {"id": "alpagasus-0", "instruction": "Addiere sie.\n1, 2"}]})
+    second = write_language_folder(tmp_path / "id_2_3", {  # GSM8K's layout: ids carry the language code
+        "en": [{"id": "engsm8k_0", "instruction": "2 + 2?", "answer": "", "final_answer": "4"}],
+        "de": [{"id": "degsm8k_0", "instruction": "2 + 2?", "answer": "", "final_answer": "4"}]})
+    tasks = write(tmp_path / "instruction_about_translate.jsonl",
+                  json.dumps({"prompt": "...", "reponse": "...", "id": "alpagasus-0"}) + "\n")
+    records = lidr.load_prompts(f"{first},{second}", "instruction", lidr.parse_languages("en,de"), tasks)
+    assert records == [
+        {"id": "alpagasus-0", "translation_task": True, "en": "Add them.\n1, 2", "de": "Addiere sie.\n1, 2"},
+        {"id": "alpagasus-1", "translation_task": False, "en": "Translate 'hi' into French.",
+         "de": "Übersetze 'hi' ins Französische."},
+        {"id": "gsm8k_0", "translation_task": False, "en": "2 + 2?", "de": "2 + 2?"}], \
+        "folders in order, joined by id, the hand list instead of the pattern"
+    assert [r["id"] for r in lidr.prompts_for_iteration(records, 2, 2)] == ["gsm8k_0", "alpagasus-0"]
+
+
+def test_prompt_templates_come_from_the_authors_files_without_running_them(tmp_path, monkeypatch):
+    write(tmp_path / "inference.py", 'raise SystemExit("this file must never run")\n'
+          'PROMPT_PREFIX = (\n    "Answer in {language}.\\n"\n    "Q: {question}\\nA:"\n)\n')
+    write(tmp_path / "trans_prompts.py", 'TRANS_INSTRUCTION = "Into {lang}, please: " + "<sentence>{text}</sentence>"\n')
+    settings = lidr.parse_settings(["--model", "toy", "--prompt-template", str(tmp_path / "inference.py"),
+                                    "--translation-request", str(tmp_path / "trans_prompts.py")])
+    asked = []
+
+    def generate(model, tokenizer, prompts, *args, **kwargs):
+        asked.extend(tokenizer.decode(ids) for ids in prompts)
+        return [("Hm.</translated>", True)] * len(prompts)
+    monkeypatch.setattr(lidr, "generate", generate)
+    model, tokenizer = tiny_model()
+    responses = lidr.sample_responses(model, tokenizer, [{"id": "a", "en": "2 + 2?", "de": "2 + 2?"}],
+                                      lidr.parse_languages("en,de"), settings)
+    assert responses[1]["prompt"] == "Answer in German.\nQ: 2 + 2?\nA:", "the pair's prompt is what was asked"
+    assert "Answer in German.\nQ: 2 + 2?\nA:<|eot_id|>" in asked[1]
+    request = {"id": "a", "source_lang": "en", "target_lang": "de", "source": "Four."}
+    lidr.translate(model, tokenizer, [request], lidr.parse_languages("en,de"), settings, "test")
+    assert "Into German, please: <sentence>Four.</sentence>" in asked[2]
+    lidr.record_run(tmp_path / "run", settings, ["lidr.py"], {})
+    lidr.check_resumable(tmp_path / "run", settings, {})  # same settings, same wording: resumable
+    write(tmp_path / "trans_prompts.py", 'TRANS_INSTRUCTION = "Now into {lang}: {text}"\n')
+    with pytest.raises(lidr.LidrError, match="the text of --translation-request"):
+        lidr.check_resumable(tmp_path / "run", settings, {})
+
+
+# ---------------------------------------------------------- Evaluation: benchmark readers, scoring, alpaca_eval outputs
+@pytest.mark.parametrize("text, expected", [
+    ("Janet sells 16 - 3 - 4 = 9 eggs, so she makes 9 * 2 = $18.", 18),
+    ("La respuesta es 1,250 euros.", 1250),
+    ("Sie verdient 1.250 Euro.", 1250),
+    ("Ответ: 70 000 рублей", 70000),
+    ("Il gagne 18,00 $", 18),
+    ("1.234,56 oder 1,234.56", 1234.56),
+    ("It takes 2.5 hours.", 2.5),
+    ("Ответ: -3.", -3),
+    ("pages 10-12", 12),
+    ("The answer is 42.", 42),
+    ("I don't know.", None),
+])
+def test_last_number_is_the_answer(text, expected):
+    assert lidr.last_number(text) == expected
+
+
+@pytest.mark.parametrize("text, lang, expected", [
+    ("У Джанет осталось 9 яиц, ответ 18.", "ru", False),
+    ("Janet has 9 eggs left, so 18.", "ru", True),
+    ("答えは18です。", "ja", False),  # kana: Japanese
+    ("答案是18。", "ja", True),  # Han only: Chinese, not Japanese
+    ("答案是18。", "zh", False),
+    ("答えは18です。", "zh", True),
+    ("คำตอบคือ 18", "th", False),
+    ("উত্তর 18", "bn", False),
+    ("The answer is 18.", "de", None),  # Latin script: can't tell
+    ("18", "ru", None),  # no letters
+])
+def test_off_target_by_script(text, lang, expected):
+    assert lidr.off_target(text, lang) is expected
+
+
+MGSM_EN = ('Janet\'s ducks lay 16 eggs per day. She eats three and bakes with four. She sells the rest at $2 each. '
+           'How much does she make every day?\t18\n'
+           '"A robe takes 2 bolts of ""blue"" fiber and half that much white fiber. How many bolts in total?"\t3\n'
+           'Josh flips a house for a profit. How much did he make?\t70,000\n')
+MGSM_RU = ("Утки Джанет несут 16 яиц в день. Сколько она зарабатывает?\t18\n"
+           "Сколько рулонов нужно на халат?\t3\n")
+
+
+def fake_generate(monkeypatch, answers: dict):
+    """lidr.generate answering each prompt with the text written for the question it contains."""
+    def generate(model, tokenizer, prompts, *args, **kwargs):
+        texts = [tokenizer.decode(ids) for ids in prompts]
+        return [(next(a for q, a in answers.items() if q in text), True) for text in texts]
+    monkeypatch.setattr(lidr, "generate", generate)
+
+
+def test_mgsm_problems_answers_and_scores(tmp_path, monkeypatch):
+    """MGSM's TSV format, the last number of the answer against the gold number, off-target by script."""
+    write(tmp_path / "mgsm_en.tsv", MGSM_EN)
+    write(tmp_path / "mgsm_ru.tsv", MGSM_RU)
+    settings = lidr.parse_settings(["--eval", "mgsm", "--mgsm", str(tmp_path), "--langs", "en,ru"])
+    problems = lidr.eval_problems(settings)
+    assert [p["gold"] for p in problems["mgsm"]["en"]] == [18, 3, 70000], "thousands commas are part of the number"
+    assert problems["mgsm"]["en"][1]["prompt"].startswith('A robe takes 2 bolts of "blue" fiber'), "TSV quoting"
+    written = {  # what the model answers, per question
+        problems["mgsm"]["en"][0]["prompt"]: "16 - 3 - 4 = 9 eggs, and 9 * $2 = $18. The answer is 18.",
+        problems["mgsm"]["en"][1]["prompt"]: "2 + 1 = 3 bolts, or is it 4?",  # last number: 4, wrong
+        problems["mgsm"]["en"][2]["prompt"]: "He made $70,000.",
+        problems["mgsm"]["ru"][0]["prompt"]: "Она продаёт 9 яиц по 2 доллара: 18.",
+        problems["mgsm"]["ru"][1]["prompt"]: "It needs 3 bolts.",  # right number, wrong language
+    }
+    fake_generate(monkeypatch, written)
+    model, tokenizer = tiny_model()
+    results = lidr.evaluate(model, tokenizer, problems, settings, tmp_path, "tiny-M0")
+    assert results["mgsm"]["en"] == {"accuracy": pytest.approx(2 / 3)}, "en can't be judged off target by script"
+    assert results["mgsm"]["ru"] == {"accuracy": 1.0, "off_target": 0.5}
+    answers = lidr.read_jsonl(tmp_path / "eval_answers.jsonl")
+    assert [a["scores"]["accuracy"] for a in answers if a["lang"] == "en"] == [1.0, 0.0, 1.0]
+
+
+def test_the_authors_mgsm_and_x_alpacaeval_files_are_read_as_released(tmp_path, monkeypatch):
+    write(tmp_path / "mgsm_en.jsonl", '{"query": "Janet has 16 eggs and eats 3. How many are left?", "response": "13"}\n')
+    write(tmp_path / "de.json", json.dumps([{"id": 1, "dataset": "helpful_base", "instruction": "Wer ist Larry Page?"}]))
+    write(tmp_path / "en.json", json.dumps([{"id": 1, "dataset": "helpful_base", "instruction": "Who is Larry Page?"}]))
+    settings = lidr.parse_settings(["--model", "toy", "--langs", "en,de", "--eval", "mgsm,alpaca", "--eval-langs", "en",
+                                    "--mgsm", str(tmp_path), "--alpaca", str(tmp_path)])
+    problems = lidr.eval_problems(settings)
+    assert [(p["prompt"], p["gold"]) for p in problems["mgsm"]["en"]] == [
+        ("Janet has 16 eggs and eats 3. How many are left?", 13)]
+    fake_generate(monkeypatch, {"Janet": "16 - 3 = 13", "Larry": "A founder of Google."})
+    model, tokenizer = tiny_model()
+    results = lidr.evaluate(model, tokenizer, problems, settings, tmp_path, "tiny-M0")
+    assert results["mgsm"]["en"] == {"accuracy": 1.0}
+    assert json.loads((tmp_path / "alpaca_en.json").read_text()) == [
+        {"instruction": "Who is Larry Page?", "output": "A founder of Google.", "generator": "tiny-M0",
+         "dataset": "helpful_base"}], "the record's dataset is kept for the judge"
+
+
+def test_alpaca_answers_are_written_for_alpaca_eval(tmp_path, monkeypatch):
+    settings = lidr.parse_settings(["--eval", "alpaca", "--langs", "en,de", "--eval-limit", "2"])
+    problems = lidr.eval_problems(settings)
+    assert [p["prompt"] for p in problems["alpaca"]["de"]] == [r["de"] for r in lidr.BUILTIN_PROMPTS[:2]]
+    fake_generate(monkeypatch, {p["prompt"]: f"answer {i}" for by_lang in problems["alpaca"].values()
+                                for i, p in enumerate(by_lang)})
+    model, tokenizer = tiny_model()
+    results = lidr.evaluate(model, tokenizer, problems, settings, tmp_path, "tiny-lidr-M1")
+    outputs = json.loads((tmp_path / "alpaca_de.json").read_text())
+    assert outputs == [{"instruction": lidr.BUILTIN_PROMPTS[i]["de"], "output": f"answer {i}",
+                        "generator": "tiny-lidr-M1", "dataset": "lidr-de"} for i in range(2)]
+    assert results["alpaca"]["de"] == {"finished": 1.0, "words": 2.0}
+
+
+# -------------------------------------------------------------------------- Result tables: the eval table and --compare
+def test_eval_table_shows_every_model_and_the_mean_of_the_weaker_languages():
+    evaluations = [{"toy": {"en": {"accuracy": 0.9}, "de": {"accuracy": 0.2}, "fr": {"accuracy": 0.4}},
+                    "mgsm": {"ru": {"accuracy": 0.1}}},
+                   {"toy": {"en": {"accuracy": 0.95}, "de": {"accuracy": 0.5}, "fr": {"accuracy": 0.5}},
+                    "mgsm": {"ru": {"accuracy": 0.3, "off_target": 0.25}}}]
+    rows = [row.split() for row in lidr.eval_table(evaluations, ["M0", "M1"], "en").splitlines()]
+    assert rows[0][-2:] == ["M0", "M1"]
+    assert rows[2] == ["toy", "accuracy", "en", "90.0", "95.0"]
+    assert rows[5] == ["toy", "accuracy", "others", "30.0", "50.0"]
+    assert ["mgsm", "off_target", "ru", "-", "25.0"] in rows, "a metric M0 lacks still gets its row"
+
+
 def test_compare_puts_m0_and_each_runs_last_model_in_one_table(tmp_path, capsys):
     def run_folder(name, method, accuracies, seed=0):
         write(tmp_path / name / "settings.json", json.dumps(
-            {"settings": {"method": method, "langs": "en,de,fr", "model": "tiny", "seed": seed}}))
+            {"settings": {"method": method, "langs": "en,de,fr", "model": "toy", "seed": seed}}))
         for t, (en, de, fr) in enumerate(accuracies):
             write(tmp_path / name / f"iter_{t}" / "eval.json", json.dumps(
                 {"toy": {"en": {"accuracy": en}, "de": {"accuracy": de}, "fr": {"accuracy": fr}}}))
@@ -1420,7 +1335,261 @@ def test_compare_puts_m0_and_each_runs_last_model_in_one_table(tmp_path, capsys)
     assert f"{other_m0} and {lidr_run} differ in seed: another M0" in capsys.readouterr().err
 
 
-# ------------------------------------------------------------------------ faults: nothing lost, nothing silently wrong
+# ------------------------------------------------------------------------- Bad input: one line, exit 2, nothing written
+def refused_in_one_line(tmp_path, capsys, argv, message):
+    """lidr.main on the toy model (unless argv names --model/--out): one error line, exit 2, no run folder."""
+    out = tmp_path / "run"
+    defaults = {"--model": "toy", "--out": str(out)}
+    code = lidr.main([*(x for flag, value in defaults.items() if flag not in argv for x in (flag, value)), *argv])
+    error = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(error.splitlines()) == 1 and error.startswith("lidr: error:") and message in error, error
+    assert not out.exists(), "bad input must not create the run folder"
+
+
+BAD_INPUTS = [
+    (["--prompts", "missing.jsonl"], "missing.jsonl"),
+    (["--prompts", "{bad}"], "bad.jsonl:2: not valid JSON"),
+    (["--prompts", "{noen}"], "noen.jsonl:1: prompt 'q1' has no 'en' text"),
+    (["--prompts", "{notobject}"], "notobject.jsonl:3: expected a JSON object"),
+    (["--prompts", "{flag}"], "flag.jsonl:1: translation_task must be true or false"),
+    (["--prompts", "{binary}"], "cannot read"),
+    (["--prompts", "{folder}"], "cannot read"),
+    (["--out", "{file}"], "is not a lidr run folder"),
+    (["--langs", "en,xx"], "unknown language code 'xx'"),
+    (["--langs", "en"], "at least two languages"),
+    (["--iters", "0"], "--iters must be between 1 and 1000"),
+    (["--lr", "-0.001"], "--lr must be > 0"),
+    (["--beta", "0"], "--beta must be > 0"),
+    (["--epochs", "two"], "invalid int value"),
+    (["--micro-batch-size", "9", "--batch-size", "4"], "--micro-batch-size"),
+    (["--model", "{nomodel}"], "try --model toy"),
+    (["--prompts", "{nolang}", "--langs", "en,de,fr"], "nolang/fr.jsonl not found"),
+    (["--prompts", "{noid}", "--langs", "en,de"], "noid/de.jsonl:2: the record has no 'id'"),
+    (["--prompts", "{badids}", "--langs", "en,de"], "the ids of"),
+    (["--translation-tasks", "{bad}"], "bad.jsonl:2: not valid JSON"),
+    (["--prompt-template", "{notemplate}"], "the template has no {question}"),
+    (["--prompt-template", "{badfield}"], "the template can hold only {language}, {question}"),
+    (["--translation-request", "{notarget}"], "must name the target language"),
+    (["--translation-request", "{noconstant}"], "expected one plain TRANS_INSTRUCTION = '...' string in it"),
+    (["--translation-tasks", "{idlist}"], "idlist.json: record 1: expected a record with an 'id'"),
+    (["--prompts", "{nolang},", "--langs", "en,de"], "an empty folder name"),
+    (["--method", "dpo"], "argument --method: invalid choice: 'dpo'"),
+    (["--method", "qalign", "--beta", "0.2"], "--beta has no effect with --method qalign"),
+    (["--method", "qalign", "--iters", "3"], "--iters has no effect with --method qalign (its 2 stages"),
+    (["--answer-field", "answer"], "--answer-field has no effect with --method lidr"),
+    (["--compare", "a,b"], "--compare takes no other flag (got --model)"),
+    (["--method", "qalign", "--translation-tasks", "x.jsonl"], "--translation-tasks has no effect with --method qalign"),
+    (["--method", "qalign", "--answer-field", "a", "--max-new-tokens", "9"], "and --answer-field (no answers are sampled)"),
+    (["--prompts", "{nodominant}", "--langs", "en,de"], "nodominant/en.jsonl not found"),
+    (["--recipe", "scripts", "--pairing", "ranked"], "--recipe scripts pairs the dominant language"),
+    (["--recipe", "authors"], "argument --recipe: invalid choice: 'authors'"),
+    (["--lr", "inf"], "--lr must be a finite number"),
+    (["--device", "gpu"], "--device gpu: use auto, cpu, cuda or cuda:N"),
+    (["--seed", "-1"], "--seed must be >= 0"),
+    (["--out", "{file}/run"], "cannot write into"),
+    (["--out", "{otherrun}"], "its settings.json is not a lidr run's"),
+    (["--model", "{gpt2}"], "its config has no intermediate_size"),
+    (["--beta", "nan"], "--beta must be a finite number"),
+    (["--prompts", "{notext}"], "notext.jsonl:1: 'de' must be text"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, argv, message):
+    files = {"bad": write(tmp_path / "bad.jsonl", '{"id": "q0", "en": "ok"}\n{"id": "q1", "en": \n'),
+             "noen": write(tmp_path / "noen.jsonl", '{"id": "q1", "de": "Hallo"}\n'),
+             "notobject": write(tmp_path / "notobject.jsonl", '\n\n[1]\n'),
+             "flag": write(tmp_path / "flag.jsonl", '{"id": "q1", "en": "Hi", "translation_task": "false"}\n'),
+             "nomodel": str(tmp_path / "no_such_model"), "file": write(tmp_path / "file.txt", "mine")}
+    files["nolang"] = write_language_folder(tmp_path / "nolang", {"en": [{"id": 1, "instruction": "Hi"}],
+                                                                  "de": [{"id": 1, "instruction": "Hallo"}]})
+    files["noid"] = write_language_folder(tmp_path / "noid", {"en": [{"id": 1, "instruction": "Hi"}],
+                                                              "de": [{"id": 1, "instruction": "Hallo"},
+                                                                     {"instruction": "Tschüss"}]})
+    files["otherrun"] = str(Path(write(tmp_path / "otherrun" / "settings.json", '{"settings": {"model"')).parent)
+    files["gpt2"] = str(tmp_path / "gpt2")
+    transformers.GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16).save_pretrained(files["gpt2"])
+    files["notext"] = write(tmp_path / "notext.jsonl", '{"id": "q1", "en": "Hi", "de": 5}\n')
+    files["nodominant"] = write_language_folder(tmp_path / "nodominant", {"de": [{"id": 1, "instruction": "Hallo"}]})
+    files["badids"] = write_language_folder(tmp_path / "badids", {"en": [{"id": 1, "instruction": "Hi"}],
+                                                                  "de": [{"id": 2, "instruction": "Hallo"}]})
+    files["notemplate"] = write(tmp_path / "template.txt", "Answer in {language}.")
+    files["badfield"] = write(tmp_path / "nested.txt", "{question:{width}}")
+    files["notarget"] = write(tmp_path / "request.txt", "Translate: {text}")
+    files["idlist"] = write(tmp_path / "idlist.json", '["alpagasus-19"]')
+    files["noconstant"] = write(tmp_path / "trans_prompts.py", "PRIMER = '<translated>'\n")
+    (tmp_path / "binary.jsonl").write_bytes(b"\xff\xfe{}\n")
+    files["binary"] = str(tmp_path / "binary.jsonl")
+    (tmp_path / "folder.jsonl").mkdir()
+    files["folder"] = str(tmp_path / "folder.jsonl")
+    refused_in_one_line(tmp_path, capsys, [a.format(**files) for a in argv], message)
+    assert (tmp_path / "file.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--eval", "mmlu"], "--eval must be a comma-separated list of toy, mgsm, alpaca"),
+    (["--eval", "mgsm", "--mgsm", "{empty}"], "no mgsm_en.tsv or mgsm_en.jsonl in"),
+    (["--eval", "mgsm", "--mgsm", "{badtsv}"], "mgsm_en.tsv:2: expected a question, a tab and a number"),
+    (["--eval", "mgsm", "--mgsm", "{unclosed}"], "mgsm_en.tsv:1: expected a question, a tab and a number"),
+    (["--eval", "toy", "--langs", "en,ja"], "the toy world has only en,es,ru,de,fr"),
+    (["--langs", "de,en"], "the toy world has only en,es,ru,de,fr, English first"),
+    (["--eval-langs", "en,xx"], "--eval-langs: unknown language code 'xx'"),
+    (["--eval", "alpaca", "--prompts", "", "--eval-langs", "en,zh"], "--eval alpaca: no 'zh' instructions"),
+    (["--eval", "", "--eval-limit", "5"], "--eval-limit has no effect without --eval"),
+    (["--mgsm", "folder"], "--mgsm has no effect without --eval mgsm"),
+    (["--eval", "mgsm", "--alpaca", "x.jsonl"], "--alpaca has no effect without --eval alpaca"),
+])
+def test_bad_eval_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, argv, message):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "badtsv").mkdir()
+    write(tmp_path / "badtsv" / "mgsm_en.tsv", "What is 1 + 1?\t2\nno answer here\n")
+    write(tmp_path / "unclosed" / "mgsm_en.tsv", '"What is 1 + 1?\t2\nWhat is 2 + 2?"\t4\n')  # merged by csv before
+    argv = [a.format(empty=tmp_path / "empty", badtsv=tmp_path / "badtsv", unclosed=tmp_path / "unclosed")
+            for a in argv]
+    assert lidr.main(["--model", "toy", "--out", str(tmp_path / "run"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+HOSTILE_INPUTS = [  # found by fuzzing the command line and the input files; each was a traceback or a hang
+    (["--iters=--"], "--iters: expected a value, got '--'"),
+    (["--langs", "en,zh", "--eval", ""], "--model toy: the toy world has only"),
+    (["--device", "mps"], "--device mps: use auto, cpu, cuda or cuda:N"),
+    (["--temperature", "1e-300"], "--temperature must be 0 (greedy) or >= 0.01"),
+    (["--batch-size", "99999999999999999999999"], "--batch-size must be below 2**31"),
+    (["--iters", "99999999999999999999999"], "--iters must be below 2**31"),
+    (["--iters", "5000"], "--iters must be between 1 and 1000"),
+    (["--prompts", "{deep}"], "nested too deep"),
+    (["--prompts", "{surrogate}"], "surrogate.jsonl:1: the text is not valid Unicode"),
+    (["--eval", "alpaca", "--alpaca", "{nandataset}"], "expected an object with an 'instruction' (and 'dataset') string"),
+    (["--eval", "mgsm", "--mgsm", "{hugegold}"], "mgsm_en.tsv:1: expected a question, a tab and a number"),
+    (["--eval", "mgsm", "--mgsm", "{longquestion}"], "mgsm_en.tsv:1: expected a question, a tab and a number"),
+    (["--prompt-template", "{manyplus}"], "expected one plain PROMPT_PREFIX"),
+    (["--prompt-template", "{spec}"], "a placeholder with a format spec or conversion"),
+    (["--model", "{t5}"], "its config makes no causal language model"),
+    (["--out", "{listtemplates}"], "its settings.json is not a lidr run's"),
+    (["--prompts", "{textfolder}"], "--prompts: dataset '{textfolder}' has no column 'instruction'"),
+    (["--out", "/proc/lidr-run"], "--out /proc/lidr-run: cannot write into /proc"),
+    (["--eval", "alpaca", "--alpaca", "{halflayout}"], "--alpaca: {halflayout}/es.jsonl not found"),
+]
+
+
+@pytest.mark.parametrize("argv, message", HOSTILE_INPUTS, ids=[" ".join(a)[:40] for a, _ in HOSTILE_INPUTS])
+def test_hostile_input_is_one_line_exit_2(tmp_path, capsys, argv, message):
+    files = {"deep": write(tmp_path / "deep.json", "[" * 100_000 + "]" * 100_000),
+             "surrogate": write(tmp_path / "surrogate.jsonl", '{"en": "\\ud800"}\n'),
+             "nandataset": str(Path(write(tmp_path / "nan" / "en.json", '[{"id": 1, "dataset": NaN, "instruction": "hi"}]'))
+                               .parent),
+             "hugegold": str(Path(write(tmp_path / "huge" / "mgsm_en.tsv", "q\t" + "9" * 400 + "\n")).parent),
+             "longquestion": str(Path(write(tmp_path / "long" / "mgsm_en.tsv", "q" * 200_000 + "\t4\n")).parent),
+             "manyplus": write(tmp_path / "inference.py", "PROMPT_PREFIX = '{question}'" + " + 'a'" * 2000 + "\n"),
+             "spec": write(tmp_path / "spec.txt", "{question:{language}}"),
+             "listtemplates": str(Path(write(tmp_path / "listrun" / "settings.json", json.dumps(
+                 {"settings": {"model": "toy", "max_new_tokens": 48}, "templates": []}))).parent),
+             "t5": str(tmp_path / "t5"),
+             "textfolder": str(Path(write(tmp_path / "text" / "notes.txt", "hello\n")).parent),
+             "halflayout": str(Path(write(tmp_path / "half" / "en.jsonl", '{"id": 1, "instruction": "hi"}\n')).parent)}
+    transformers.T5Config(d_model=8, d_ff=8, num_layers=1, num_heads=1, vocab_size=16).save_pretrained(files["t5"])
+    refused_in_one_line(tmp_path, capsys, [a.format(**files) for a in argv], message.format(**files))
+
+
+def test_a_chat_template_without_system_turns_gets_one_line(tmp_path, capsys):
+    model, tokenizer = tiny_model()
+    tokenizer.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not "
+                               "supported') }}{% endif %}" + tokenizer.chat_template)
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    assert lidr.main(["--model", str(tmp_path / "model"), "--out", str(tmp_path / "run")]) == 2
+    assert "pass --system-prompt ''" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_a_folder_that_is_not_a_run_is_never_written_into(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    assert lidr.main(["--model", "toy", "--out", str(tmp_path)]) == 2
+    assert "is not a lidr run folder" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"] and (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_bad_input_from_the_command_line_has_no_traceback(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "lidr.py"), "--langs", "en,de:German,de"],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == "lidr: error: --langs: 'de' is listed twice"
+
+
+# ------------------------------------------------------------------------------------------ The run folder and resuming
+def test_a_run_leaves_a_complete_run_folder(steered_run):
+    run, _, output = steered_run
+    settings = json.loads((run / "settings.json").read_text())
+    assert settings["settings"]["langs"] == "en,de,fr" and settings["settings"]["eval"] == "alpaca"
+    assert {"torch", "transformers"} <= set(settings["versions"]) and "lidr.py" in " ".join(settings["command"])
+    assert (run / "lidr.py").read_text() == (ROOT / "lidr.py").read_text()
+    for t in (1, 2):
+        responses = lidr.read_jsonl(run / f"iter_{t}/responses.jsonl")
+        assert len(responses) == 9, "3 prompts in 3 languages, one of them translated by the model"
+        assert all({"raw", "translation", "source"} <= set(r) for r in lidr.read_jsonl(run / f"iter_{t}/translations.jsonl"))
+        assert json.loads((run / f"iter_{t}/metrics.json").read_text())["train"] is not None
+    for t in (0, 1, 2):  # M0, M1, M2
+        evaluation = json.loads((run / f"iter_{t}/eval.json").read_text())
+        assert set(evaluation["alpaca"]) == {"en", "de", "fr"}
+        assert len(lidr.read_jsonl(run / f"iter_{t}/eval_answers.jsonl")) == 3 * 2
+        outputs = json.loads((run / f"iter_{t}/alpaca_de.json").read_text())
+        assert [o["generator"] for o in outputs] == [f"steered-lidr-M{t}"] * 2
+    summary = (run / "summary.txt").read_text()
+    assert "iter lang  pairs" in summary and "alpaca    finished" in summary and " M2" in summary
+    assert "iter lang  pairs" in output
+
+
+def test_run_records_the_command_it_was_given(steered_run):
+    run, model_path, _ = steered_run
+    out = run.parent / "command"
+    argv = [*STEERED_RUN[:-4], "--iters", "1", "--model", str(model_path), "--out", str(out)]
+    argv[argv.index("prompts.jsonl")] = str(run.parent / "prompts.jsonl")
+    assert lidr.main(argv) == 0
+    assert json.loads((out / "settings.json").read_text())["command"][1:] == ["lidr.py", *argv]
+
+
+def test_resumed_run_reuses_finished_stages(steered_run):
+    run, model_path, _ = steered_run
+    # commands.log gains a line per invocation, run.lock names its holder; summary.txt is the table,
+    # redrawn from metrics.json
+    def artifacts():
+        return {p: p.stat().st_mtime_ns for p in run.rglob("*")
+                if p.is_file() and p.name not in ("commands.log", "run.lock", "summary.txt")}
+    before = artifacts()
+    argv = [*STEERED_RUN, "--model", str(model_path), "--out", str(run)]
+    output = run_lidr(*argv, cwd=run.parent)
+    assert f"reusing {run / 'iter_1'}" in output and f"reusing {run / 'iter_2'}" in output
+    after = artifacts()
+    assert {p: after[p] for p in before} == before, "a resumed run must not rewrite finished artifacts"
+    assert len((run / "commands.log").read_text().splitlines()) == 2
+    # an iteration that died before saving its model redoes only the unfinished stages, and its evaluation
+    shutil.rmtree(run / "iter_2" / "model")
+    output = run_lidr(*argv, cwd=run.parent)
+    for name in ("prompts", "responses", "translations"):
+        assert f"reusing {run / 'iter_2' / name}.jsonl" in output
+    for name in ("prompts", "responses", "translations", "pairs"):
+        assert (run / "iter_2" / f"{name}.jsonl").stat().st_mtime_ns == before[run / "iter_2" / f"{name}.jsonl"]
+    assert (run / "iter_2" / "model" / "config.json").exists()
+    assert (run / "iter_2" / "eval.json").stat().st_mtime_ns > before[run / "iter_2" / "eval.json"]
+    # a run that stopped between saving M2 and evaluating it evaluates M2 when resumed
+    (run / "iter_2" / "eval.json").unlink()
+    run_lidr(*argv, cwd=run.parent)
+    assert set(json.loads((run / "iter_2" / "eval.json").read_text())["alpaca"]) == {"en", "de", "fr"}
+
+
+def test_resume_with_other_settings_is_refused(steered_run, capsys, monkeypatch):
+    run, model_path, _ = steered_run
+    monkeypatch.chdir(run.parent)  # where the run's relative --prompts path points
+    log = (run / "commands.log").read_text()
+    assert lidr.main([*STEERED_RUN, "--model", str(model_path), "--out", str(run), "--beta", "0.5"]) == 2
+    assert "--beta 0.1 -> 0.5" in capsys.readouterr().err
+    assert (run / "commands.log").read_text() == log, "a refused run writes nothing into the folder"
+
+
+# ------------------------------------------------------------------------- Faults: nothing lost, nothing silently wrong
 def test_a_diverging_run_stops_before_anything_is_saved(steered_run, tmp_path, monkeypatch, capsys):
     _, model_path, _ = steered_run
     shutil.copy(model_path.parent / "prompts.jsonl", tmp_path / "prompts.jsonl")
@@ -1459,19 +1628,23 @@ def test_a_stage_redone_after_a_kill_samples_what_the_uninterrupted_run_sampled(
     assert "the prompts read" in capsys.readouterr().err
 
 
-def test_a_second_process_on_a_run_folder_stops_naming_the_first(steered_run, tmp_path, monkeypatch, capsys):
+KILL_POINTS = ["iter_1/prompt_translations.jsonl", "iter_1/prompts.jsonl", "iter_1/responses.jsonl",
+               "iter_1/translations.jsonl", "iter_1/pairs.jsonl", "iter_1/model", "iter_1/eval.json",
+               "iter_2/responses.jsonl", "iter_2/model"]
+
+
+def test_a_run_killed_at_every_stage_boundary_resumes_to_the_uninterrupted_result(steered_run, tmp_path):
+    """Killed at each stage boundary in turn, resumed each time, sampling at --temperature 1.0."""
     _, model_path, _ = steered_run
     shutil.copy(model_path.parent / "prompts.jsonl", tmp_path / "prompts.jsonl")
-    monkeypatch.chdir(tmp_path)
-    argv = [*STEERED_RUN, "--model", str(model_path), "--iters", "1", "--out", "run"]
-    first = lidr.lock_run_folder(tmp_path / "run", ["lidr.py", "--the-first-one"])
-    write(tmp_path / "run" / ".settings.json.4242.tmp", "{")  # left by a process killed while writing
-    assert lidr.main(argv) == 2
-    error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "run is in use by another lidr process (pid" in error and "lidr.py --the-first-one" in error, error
-    assert not (tmp_path / "run" / "settings.json").exists(), "the second process wrote nothing"
-    first.close()  # the first process ends; its leftover temp file must not block the folder
-    assert lidr.main(argv) == 0 and (tmp_path / "run" / "iter_1" / "model").exists()
+    argv = [*STEERED_RUN, "--model", str(model_path), "--temperature", "1.0"]
+    run_lidr(*argv, "--out", "whole", cwd=tmp_path)
+    kill_at_each(KILL_POINTS, argv, tmp_path, "killed")
+    run_lidr(*argv, "--out", "killed", cwd=tmp_path)
+    for artifact in ("iter_1/responses.jsonl", "iter_1/pairs.jsonl", "iter_2/responses.jsonl", "iter_2/pairs.jsonl",
+                     "iter_2/eval_answers.jsonl", "summary.txt"):
+        assert (tmp_path / "killed" / artifact).read_text() == (tmp_path / "whole" / artifact).read_text(), artifact
+    assert same_final_model(tmp_path / "whole", tmp_path / "killed")
 
 
 @pytest.mark.parametrize("interrupt, code", [("sigint", 130), ("sigterm", 143)])
@@ -1494,18 +1667,19 @@ def test_an_interrupt_says_what_was_finished_and_how_to_resume(steered_run, tmp_
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or code == 130, "main restores the SIGTERM handler"
 
 
-def test_prompts_too_long_to_train_on_are_left_out_before_sampling(capsys):
-    """A 100,000-character prompt once drove sampling to 21 GB: what --max-len can't train on is never sampled."""
-    model, tokenizer = tiny_model()
-    settings = lidr.Settings(max_len=300)
-    prompts = [{"id": "a", "en": "Short?", "de": "x" * 100_000}, {"id": "b", "en": "y" * 400, "de": "Kurz?"},
-               {"id": "c", "en": "Hi?"}]
-    kept, too_long = lidr.drop_untrainable_prompts(prompts, tokenizer, lidr.parse_languages("en,de"), settings)
-    assert kept == [{"id": "a", "en": "Short?", "de": None}, {"id": "c", "en": "Hi?"}], \
-        "a too-long language is never sampled nor replaced by a translation; a too-long dominant one drops the record"
-    assert too_long == {"en": 1, "de": 1} and "left out: en 1, de 1" in capsys.readouterr().out
-    assert lidr.prompt_translation_requests(kept, ["en", "de"]) == [
-        {"id": "c", "source_lang": "en", "target_lang": "de", "source": "Hi?"}]
+def test_a_second_process_on_a_run_folder_stops_naming_the_first(steered_run, tmp_path, monkeypatch, capsys):
+    _, model_path, _ = steered_run
+    shutil.copy(model_path.parent / "prompts.jsonl", tmp_path / "prompts.jsonl")
+    monkeypatch.chdir(tmp_path)
+    argv = [*STEERED_RUN, "--model", str(model_path), "--iters", "1", "--out", "run"]
+    first = lidr.lock_run_folder(tmp_path / "run", ["lidr.py", "--the-first-one"])
+    write(tmp_path / "run" / ".settings.json.4242.tmp", "{")  # left by a process killed while writing
+    assert lidr.main(argv) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "run is in use by another lidr process (pid" in error and "lidr.py --the-first-one" in error, error
+    assert not (tmp_path / "run" / "settings.json").exists(), "the second process wrote nothing"
+    first.close()  # the first process ends; its leftover temp file must not block the folder
+    assert lidr.main(argv) == 0 and (tmp_path / "run" / "iter_1" / "model").exists()
 
 
 def test_an_interrupted_toy_pretraining_goes_on_to_the_same_m0(tmp_path, monkeypatch):
@@ -1565,85 +1739,6 @@ def test_two_runs_pretraining_the_same_toy_m0_at_once_both_get_it(tmp_path):
     assert steps == list(range(1, 9)), "one run's log, not two mixed"
 
 
-KILL_POINTS = ["iter_1/prompt_translations.jsonl", "iter_1/prompts.jsonl", "iter_1/responses.jsonl",
-               "iter_1/translations.jsonl", "iter_1/pairs.jsonl", "iter_1/model", "iter_1/eval.json",
-               "iter_2/responses.jsonl", "iter_2/model"]
-
-
-def kill_at_each(points: list[str], argv: list[str], cwd: Path, out: str):
-    """Run lidr.py with argv into out, SIGKILL it (no chance to clean up) right after each point's
-    artifact appears, and start the same command again, up to the next point."""
-    command = [sys.executable, str(ROOT / "lidr.py"), *argv, "--out", out]
-    for kill_after in points:
-        process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 120
-        while not (cwd / out / kill_after).exists() and process.poll() is None and time.time() < deadline:
-            time.sleep(0.01)
-        process.kill()
-        assert process.wait() == -signal.SIGKILL, f"the run ended before it could be killed after {kill_after}"
-
-
-def same_final_model(*runs: Path):
-    weights = [AutoModelForCausalLM.from_pretrained(run / "iter_2" / "model").state_dict() for run in runs]
-    return all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
-
-
-def test_a_run_killed_at_every_stage_boundary_resumes_to_the_uninterrupted_result(steered_run, tmp_path):
-    """Killed at each stage boundary in turn, resumed each time, sampling at --temperature 1.0."""
-    _, model_path, _ = steered_run
-    shutil.copy(model_path.parent / "prompts.jsonl", tmp_path / "prompts.jsonl")
-    argv = [*STEERED_RUN, "--model", str(model_path), "--temperature", "1.0"]
-    run_lidr(*argv, "--out", "whole", cwd=tmp_path)
-    kill_at_each(KILL_POINTS, argv, tmp_path, "killed")
-    run_lidr(*argv, "--out", "killed", cwd=tmp_path)
-    for artifact in ("iter_1/responses.jsonl", "iter_1/pairs.jsonl", "iter_2/responses.jsonl", "iter_2/pairs.jsonl",
-                     "iter_2/eval_answers.jsonl", "summary.txt"):
-        assert (tmp_path / "killed" / artifact).read_text() == (tmp_path / "whole" / artifact).read_text(), artifact
-    assert same_final_model(tmp_path / "whole", tmp_path / "killed")
-
-
-HOSTILE_INPUTS = [  # found by fuzzing the command line and the input files; each was a traceback or a hang
-    (["--iters=--"], "--iters: expected a value, got '--'"),
-    (["--langs", "en,zh", "--eval", ""], "--model tiny: the toy world has only"),
-    (["--device", "mps"], "--device mps: use auto, cpu, cuda or cuda:N"),
-    (["--temperature", "1e-300"], "--temperature must be 0 (greedy) or >= 0.01"),
-    (["--batch-size", "99999999999999999999999"], "--batch-size must be below 2**31"),
-    (["--iters", "99999999999999999999999"], "--iters must be below 2**31"),
-    (["--iters", "5000"], "--iters must be between 1 and 1000"),
-    (["--prompts", "{deep}"], "nested too deep"),
-    (["--prompts", "{surrogate}"], "surrogate.jsonl:1: the text is not valid Unicode"),
-    (["--eval", "alpaca", "--alpaca", "{nandataset}"], "expected an object with an 'instruction' (and 'dataset') string"),
-    (["--eval", "mgsm", "--mgsm", "{hugegold}"], "mgsm_en.tsv:1: expected a question, a tab and a number"),
-    (["--eval", "mgsm", "--mgsm", "{longquestion}"], "mgsm_en.tsv:1: expected a question, a tab and a number"),
-    (["--prompt-template", "{manyplus}"], "expected one plain PROMPT_PREFIX"),
-    (["--prompt-template", "{spec}"], "a placeholder with a format spec or conversion"),
-    (["--model", "{t5}"], "its config makes no causal language model"),
-    (["--out", "{listtemplates}"], "its settings.json is not a lidr run's"),
-    (["--prompts", "{textfolder}"], "--prompts: dataset '{textfolder}' has no column 'instruction'"),
-    (["--out", "/proc/lidr-run"], "--out /proc/lidr-run: cannot write into /proc"),
-    (["--eval", "alpaca", "--alpaca", "{halflayout}"], "--alpaca: {halflayout}/es.jsonl not found"),
-]
-
-
-@pytest.mark.parametrize("argv, message", HOSTILE_INPUTS, ids=[" ".join(a)[:40] for a, _ in HOSTILE_INPUTS])
-def test_hostile_input_is_one_line_exit_2(tmp_path, capsys, argv, message):
-    files = {"deep": write(tmp_path / "deep.json", "[" * 100_000 + "]" * 100_000),
-             "surrogate": write(tmp_path / "surrogate.jsonl", '{"en": "\\ud800"}\n'),
-             "nandataset": str(Path(write(tmp_path / "nan" / "en.json", '[{"id": 1, "dataset": NaN, "instruction": "hi"}]'))
-                               .parent),
-             "hugegold": str(Path(write(tmp_path / "huge" / "mgsm_en.tsv", "q\t" + "9" * 400 + "\n")).parent),
-             "longquestion": str(Path(write(tmp_path / "long" / "mgsm_en.tsv", "q" * 200_000 + "\t4\n")).parent),
-             "manyplus": write(tmp_path / "inference.py", "PROMPT_PREFIX = '{question}'" + " + 'a'" * 2000 + "\n"),
-             "spec": write(tmp_path / "spec.txt", "{question:{language}}"),
-             "listtemplates": str(Path(write(tmp_path / "listrun" / "settings.json", json.dumps(
-                 {"settings": {"model": "tiny", "max_new_tokens": 48}, "templates": []}))).parent),
-             "t5": str(tmp_path / "t5"),
-             "textfolder": str(Path(write(tmp_path / "text" / "notes.txt", "hello\n")).parent),
-             "halflayout": str(Path(write(tmp_path / "half" / "en.jsonl", '{"id": 1, "instruction": "hi"}\n')).parent)}
-    transformers.T5Config(d_model=8, d_ff=8, num_layers=1, num_heads=1, vocab_size=16).save_pretrained(files["t5"])
-    refused_in_one_line(tmp_path, capsys, [a.format(**files) for a in argv], message.format(**files))
-
-
 @pytest.mark.parametrize("artifact, content, message", [
     ("iter_1/metrics.json", "{garbage", "run/iter_1/metrics.json is damaged (not valid JSON); move it away"),
     ("iter_1/metrics.json", "{}", "run/iter_1/metrics.json: 'counts' is missing; move the file away"),
@@ -1673,102 +1768,83 @@ def test_a_full_disk_during_the_run_is_one_line_naming_the_file(monkeypatch, cap
     def run_on_a_full_disk(settings, command):
         raise OSError(28, "No space left on device", "runs/x/iter_1/model")
     monkeypatch.setattr(lidr, "run", run_on_a_full_disk)
-    assert lidr.main(["--model", "tiny"]) == 1
+    assert lidr.main(["--model", "toy"]) == 1
     assert capsys.readouterr().err == "lidr: error: No space left on device: runs/x/iter_1/model\n"
 
 
-def test_the_same_languages_written_two_ways_are_one_setting():
-    assert lidr.parse_settings(["--model", "tiny", "--langs", "en, de ,fr"]).langs == "en,de,fr"
+# ------------------------------------------------------------- The paper's runs: the README's commands and --model auto
+def readme_paper_commands() -> list[list[str]]:
+    """The commands of the README's "The paper's runs", as argument lists (so README and test can't drift)."""
+    section = (ROOT / "README.md").read_text().split("## The paper's runs", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```bash\n(.*?)```", section, re.DOTALL)
+    return [shlex.split(block.replace("\\\n", " "))[2:] for block in blocks if block.startswith("python lidr.py")]
 
 
-# ------------------------------------------------------------------------ the toy world
-def test_toy_number_metric_takes_the_right_number_in_any_toy_language():
-    gold = "Lea hat sieben Münzen."
-    assert lidr.score("toy", gold, True, gold, "de") == {"accuracy": 1.0, "number": 1.0}
-    assert lidr.score("toy", "Lea has seven coins.", True, gold, "de") == {"accuracy": 0.0, "number": 1.0}
-    assert lidr.score("toy", "Lea hat neun Münzen.", True, gold, "de") == {"accuracy": 0.0, "number": 0.0}
-    assert lidr.score("toy", "Lea hat sieben und neun", False, gold, "de")["number"] == 0.0, "one number, the right one"
+def stand_in_for_the_authors_repository(root: Path):
+    """Their data layout, a few records per file; stand-in wordings (theirs are read from their files)."""
+    langs, eval_langs = ["en", "es", "ru", "de", "fr"], ["en", "es", "ru", "de", "fr", "ja", "sw", "th", "zh", "bn"]
+    for folder, ids in (("id_0_1000", [0, 1]), ("id_1000_2000", [1000])):
+        write_language_folder(root / "data/alpagasus/subset" / folder, {
+            lang: [{"id": f"alpagasus-{i}", "instruction": f"[{lang}] instruction {i}"} for i in ids] for lang in langs})
+    write_language_folder(root / "data/gsm8k/train", {
+        lang: [{"id": f"{lang}gsm8k_{i}", "instruction": f"[{lang}] {i} + 2?", "answer": "", "final_answer": str(i + 2)}
+               for i in range(2)] for lang in langs})
+    write(root / "process_data/alpagasus/translate/instruction_about_translate.jsonl",
+          json.dumps({"prompt": "Translate ...", "reponse": "...", "output": "", "id": "alpagasus-1"}) + "\n")
+    write(root / "utils/trans_prompts.py", 'TRANS_INSTRUCTION = "Stand-in: <sentence>{text}</sentence> into {lang}."\n')
+    write(root / "utils/inference.py", "from vllm import LLM  # not installed: the file must not run\n"
+                                       'PROMPT_PREFIX = ("Stand-in, in {language}:\\n" "{question}\\n")\n')
+    for lang in eval_langs:
+        write_language_folder(root / "data/MGSM", {f"mgsm_{lang}": [{"query": f"[{lang}] 3 + 4?", "response": "7"}]})
+    for lang in langs:
+        write(root / f"data/x-alpacaeval/data/{lang}.json",
+              json.dumps([{"id": 1, "dataset": "helpful_base", "instruction": f"[{lang}] Who is Larry Page?"}]))
 
 
-def test_toy_eval_problems_are_held_out():
-    eval_questions = {p["prompt"] for lang in lidr.TOY_LANGS for p in lidr.toy_eval_problems(lang)}
-    loop_questions = {p[lang] for p in lidr.toy_prompts() for lang in lidr.TOY_LANGS}
-    tokenizer = lidr.toy_tokenizer()
-    user_turns = {tokenizer.decode(ids[:length]).split("user<|end_header_id|>\n\n")[1].split("<|eot_id|>")[0]
-                  for ids, length in lidr.toy_pretraining_data(tokenizer, 0, lidr.TOY_LANGS)}
-    assert len(eval_questions) == 5 * lidr.TOY_RECIPE["eval_problems"]
-    assert len(user_turns) > 1000 and not eval_questions & (loop_questions | user_turns)
+class FirstAnswer(Exception):
+    pass
 
 
-def test_a_changed_toy_recipe_is_a_new_cached_model(monkeypatch):
-    folder = lidr.toy_model_folder(Path("runs"), 0, ["en", "de"])
-    assert lidr.toy_model_folder(Path("runs"), 1, ["en", "de"]) != folder
-    assert lidr.toy_model_folder(Path("runs"), 0, ["en", "fr"]) != folder
-    monkeypatch.setitem(lidr.TOY_RECIPE, "weak_careless", 0.5)
-    assert lidr.toy_model_folder(Path("runs"), 0, ["en", "de"]) != folder
+@pytest.mark.parametrize("run, first_prompt, loaded", [
+    ("general", "[en] Who is Larry Page?", "3 prompts, 3 per iteration, 1 translation tasks"),
+    ("arithmetic", "Stand-in, in English:\n[en] 3 + 4?\n", "2 prompts, 2 per iteration, 0 translation tasks")])
+def test_the_readme_paper_runs_start_on_the_authors_layout(tmp_path, monkeypatch, capsys, run, first_prompt, loaded):
+    """Each README command's argument checking and data loading, on stand-in folders in the authors'
+    layout next to a lidr checkout, with the model swapped for a tiny one, up to the first answer."""
+    stand_in_for_the_authors_repository(tmp_path / "Language-Imbalance-Driven-Rewarding")
+    model, tokenizer = tiny_model()
+    model.save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    (tmp_path / "lidr").mkdir()
+    monkeypatch.chdir(tmp_path / "lidr")
+    asked = []
+
+    def generate(model, tokenizer, prompts, *args, **kwargs):
+        asked.extend(tokenizer.decode(ids) for ids in prompts)
+        raise FirstAnswer
+    monkeypatch.setattr(lidr, "generate", generate)
+    argv = dict(zip(("general", "arithmetic"), readme_paper_commands()))[run]
+    assert argv[argv.index("--model") + 1] == "meta-llama/Meta-Llama-3-8B-Instruct"
+    with pytest.raises(FirstAnswer):
+        lidr.main([*argv, "--model", str(tmp_path / "tiny")])
+    assert loaded in capsys.readouterr().out
+    assert first_prompt + "<|eot_id|>" in asked[0], asked[0]
+    assert json.loads(Path(argv[argv.index("--out") + 1], "settings.json").read_text())["settings"]["recipe"] == "scripts"
 
 
-def test_toy_tokenizer_round_trips_every_toy_text_without_unknown_words():
-    """As lidr tokenises them: chat prompts whole, answers on their own."""
-    tokenizer = lidr.toy_tokenizer()
-    problems = [lidr.toy_text(lang, p) for lang in lidr.TOY_LANGS for p in lidr.toy_problem_list()[:50]]
-    requests = lidr.toy_translation_requests(lidr.TOY_LANGS)[::40]
-    system = lidr.TOY_SYSTEM_PROMPT
-    prompts = ([lidr.chat_prompt_ids(tokenizer, question, system) for question, _ in problems]
-               + [lidr.chat_prompt_ids(tokenizer, request, system, lidr.TRANSLATION_PREFIX) for request, _ in requests])
-    answers = [tokenizer(answer, add_special_tokens=False).input_ids for _, answer in problems + requests]
-    for ids, text in zip(answers, [answer for _, answer in problems + requests]):
-        assert tokenizer.decode(ids) == text
-    assert not any(tokenizer.unk_token_id in ids for ids in prompts + answers)
-    assert lidr.end_of_turn_id(tokenizer) == tokenizer.convert_tokens_to_ids("<|eot_id|>")
+@pytest.mark.parametrize("cuda, model", [(True, "meta-llama/Meta-Llama-3-8B-Instruct"), (False, "toy")])
+def test_model_auto_is_the_paper_model_on_a_gpu_and_the_toy_world_elsewhere(monkeypatch, capsys, cuda, model):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    settings = lidr.parse_settings(["--iters", "2"])
+    assert settings.model == model and settings.lr == (5e-7 if cuda else lidr.TOY_DEFAULTS["lr"])
+    said = capsys.readouterr().out.strip().splitlines()
+    assert len(said) == 1 and said[0].startswith("--model auto:") and "--model" in said[0][14:], said
 
 
-# `python lidr.py --iters 2 --model tiny` at a faster setting: a toy world of two languages, 100
-# prompts per iteration instead of 300, 100 held-out problems per language instead of 200. Its M0
-# still pre-trains for minutes (fewer optimizer steps leave it without the imbalance the loop
-# needs), so these tests are opt-in: `python -m pytest -q -m toy test_lidr.py` (CI runs them).
-FAST_TOY_RUN = ["--iters", "2", "--model", "tiny", "--langs", "en,de", "--num-prompts", "100", "--eval-limit", "100"]
-MIN_FAST_GAIN = 0.10  # German's accuracy, M0 -> M2, at that setting (measured: 8 -> 15 -> 31%)
-
-
-@pytest.fixture(scope="session")
-def toy_run(request, tmp_path_factory):
-    if "toy" not in (request.config.getoption("markexpr") or ""):
-        pytest.skip("pre-trains the toy model for minutes: run with pytest -m toy")
-    folder = tmp_path_factory.mktemp("toy")
-    output = run_lidr(*FAST_TOY_RUN, "--out", "run", cwd=folder)
-    return folder / "run", output
-
-
-@pytest.mark.toy
-def test_the_loop_closes_the_toy_language_gap(toy_run):
-    """LIDR working, on held-out toy problems: the weaker language's accuracy rises from M0 to M2,
-    and English does not fall by more than 2 points. (The README's quickstart, five languages and
-    300 prompts per iteration, gains more: >= 10 points on each of 3 seeds.)"""
-    run, output = toy_run
-    evaluations = [json.loads((run / f"iter_{t}" / "eval.json").read_text())["toy"] for t in (0, 1, 2)]
-    german = [e["de"]["accuracy"] for e in evaluations]
-    english = [e["en"]["accuracy"] for e in evaluations]
-    assert english[0] >= 0.9 and german[0] <= english[0] - 0.3, f"M0 must have the imbalance: {evaluations[0]}"
-    assert german[2] - german[0] >= MIN_FAST_GAIN, f"the weaker language must gain: {german}"
-    assert english[2] >= english[0] - 0.02, f"English must not fall by more than 2 points: {english}"
-    assert "toy       accuracy   others" not in output and "toy       accuracy       de" in output
-
-
-@pytest.mark.toy
-def test_a_toy_run_records_the_cached_m0_it_started_from(toy_run):
-    run, _ = toy_run
-    cache = [p for p in run.parent.iterdir() if p.name.startswith("tiny-m0-en-de-seed0-")]
-    assert len(cache) == 1 and json.loads((run / "toy_recipe.json").read_text())["m0"] == str(cache[0].resolve())
-    settings = json.loads((run / "settings.json").read_text())["settings"]
-    assert settings["lr"] == lidr.TINY_DEFAULTS["lr"] and settings["prompts"] == "toy"
-    translations = lidr.read_jsonl(run / "iter_1" / "translations.jsonl")
-    assert sum(t["translation"] is None for t in translations) < len(translations) / 10, "M0 translates"
-    output = run_lidr(*FAST_TOY_RUN, "--out", "run", cwd=run.parent)  # resumes from M2, not from the cache
-    assert f"reusing {Path('run') / 'iter_2'}" in output and "pre-training" not in output
-
-
-# ------------------------------------------------------------------------ benchmarks (opt-in)
+# ======================================================================================================================
+# OPT-IN BENCHMARKS (pytest -m bench -s test_lidr.py)
+# ======================================================================================================================
+# --------------------------------------------------- benchmarks: each figure next to the simplest correct alternative's
 # pytest -m bench -s test_lidr.py: one table of figures measured in one run, each next to the
 # simplest correct alternative, measured in the same run. Not part of the default run or CI.
 BENCH_ROWS = []
@@ -1909,6 +1985,14 @@ def training_throughput(model, pairs, settings, tmp_path):
     return len(pairs) * settings.epochs / timing["seconds"], tokens / timing["seconds"], peak / 1e6
 
 
+def llama_124m():
+    """A random ~125M-parameter Llama (GPT-2 small's width and depth): no download."""
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+        num_key_value_heads=4, max_position_embeddings=2048))
+
+
 @pytest.mark.bench
 @pytest.mark.parametrize("size", ["tiny", "100M"])
 def test_bench_training_throughput(bench, monkeypatch, tmp_path, size):
@@ -1932,12 +2016,10 @@ def test_bench_training_throughput(bench, monkeypatch, tmp_path, size):
     bench.append((f"{label} peak memory", results[0][2], results[1][2], "MB", "-"))
 
 
-def llama_124m():
-    """A random ~125M-parameter Llama (GPT-2 small's width and depth): no download."""
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
-        num_key_value_heads=4, max_position_embeddings=2048))
+def timed(function) -> float:
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
 
 
 @pytest.mark.bench
@@ -1954,12 +2036,6 @@ def test_bench_adamw_step_fused_vs_single_tensor(bench):
         figures.append((statistics.median(seconds), peak / 2**20))
     bench.append(("AdamW step, 124M float32: fused vs foreach=False, seconds", figures[0][0], figures[1][0], "s", "-"))
     bench.append(("AdamW step, 124M: memory beyond the moments", figures[0][1], figures[1][1], "MiB", "-"))
-
-
-def timed(function) -> float:
-    start = time.perf_counter()
-    function()
-    return time.perf_counter() - start
 
 
 @pytest.mark.bench
