@@ -1,41 +1,27 @@
-"""LIDR: Language Imbalance Driven Rewarding, the whole method in one file.
+"""LIDR: Language Imbalance Driven Rewarding (Yang et al., ICLR 2025, arXiv 2410.08964), in one file.
 
 An instruction-tuned LLM answers better in its dominant language (English) than in the others,
-and that gap is a free preference signal (Yang et al., ICLR 2025, arXiv 2410.08964). Iteration t
-turns M_{t-1} into M_t (the paper's steps):
-  1. prompts: the same instructions in every language (missing ones translated by the model);
+and that gap is a preference signal that costs nothing. Iteration t turns M_{t-1} into M_t:
+  1. prompts: the same instructions in every language (the model translates missing ones);
   2. sampling: M_{t-1} answers every prompt in its own language;
-  3. self-translation: M_{t-1} translates its English answers into each other language, and
-     each other language's answers into English;
-  4. pairs: English own answer > back-translated weaker answer; translated English answer >
+  3. self-translation: M_{t-1} translates its dominant-language answers into each other language,
+     and each other language's answers into the dominant one;
+  4. pairs: dominant own answer > back-translated weaker answer, and translated dominant answer >
      the weaker language's own answer;
-  5. training: DPO + NLL on the pairs, from M_{t-1};
-  6. with M_{t-1} as the reference model, its log-probs computed once before the first update.
+  5. training: DPO + NLL on the pairs, from M_{t-1}, which is also the reference model.
 Both sides improve, so the gap renews and the loop repeats.
 
-Where this file departs from the authors' released scripts (the full table, each row with the
-file it was checked against: README, Departures; --recipe scripts undoes the data-pipeline ones):
-  - English pairs are kept against every other language (the scripts keep only the last
-    language's: their loop rewrites one English file per language), so about half of all pairs
-    are English ones instead of about a fifth.
-  - A failed translation drops only the pair that needs it (the scripts drop both of the prompt
-    and language); answers that hit --max-new-tokens, empty answers and pairs with chosen ==
-    rejected are skipped and counted (the scripts keep them).
-  - Translation-task prompts: a flag in the record, a hand list (--translation-tasks, as the
-    authors did), or a pattern ("translate ... into French"); their answers are not translated.
-  - The translation request is lidr's own wording (--translation-request reads the authors' from
-    their utils/trans_prompts.py); prompts are tokenised once, without the doubled BOS that the
-    scripts' vLLM calls produced.
-  - DPO + NLL is written here in torch (the authors trained with LLaMA-Factory, settings not
-    released); bf16 models train with float32 master weights or stochastically rounded bf16.
+Read it top to bottom: the settings, the loop (lidr_iteration), steps 1 to 5, run and main. Below
+the PLUMBING ruler is what a first reading can skip (validation, file readers, model loading,
+memory planning, optimizers, the run folder, report tables); then evaluation, QAlign (the baseline),
+the built-in prompts and the toy world. Where lidr departs from the authors' released scripts:
+README, Departures (--recipe scripts undoes the data-pipeline departures).
 
-Commands:
-  python lidr.py --iters 2                # the paper's model on a CUDA GPU, else the toy world (end of
-                                          # this file): LIDR closing a built-in language gap, CPU, offline
+  python lidr.py --iters 2               # the paper's model on a CUDA GPU, else the toy world, offline
   python lidr.py --iters 2 --model toy   # the toy world, whatever the machine
-  python lidr.py --method qalign          # QAlign on the same M0, prompts and evaluation, for comparison
-  python lidr.py --compare RUN,RUN        # their evaluations in one table
-  The paper's two runs, on the authors' released data: README, "The paper's runs".
+  python lidr.py --method qalign         # QAlign on the same M0, prompts and evaluation, for comparison
+  python lidr.py --compare RUN,RUN       # their evaluations in one table
+  python lidr.py --help                  # every flag
 """
 
 import argparse
@@ -608,6 +594,7 @@ def train_on_pairs(model, tokenizer, pairs: list[dict], settings: Settings, log_
         tqdm.write(f"warning: --max-len {settings.max_len}: {truncated} pairs have an answer cut short, "
                    f"{len(pairs) - len(kept)} pairs dropped (prompt alone too long)")
     if not kept:
+        tqdm.write(f"nothing to train on in {log_path.parent.name}: the model stays as it was")
         return None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_of_turn
     ref_chosen_logps, ref_rejected_logps = reference_logps(model, kept, settings.micro_batch_size, pad_id)
@@ -673,17 +660,35 @@ def chosen_rejected_logps(model, pairs: list[TokenizedPair], pad_id: int):
     sequences = ([(p.chosen_input_ids, p.prompt_length) for p in pairs]
                  + [(p.rejected_input_ids, p.prompt_length) for p in pairs])
     input_ids, attention_mask, labels = (t.to(model.device) for t in collate(sequences, pad_id))
-    logps, lengths = sequence_logps(model, input_ids, attention_mask, labels)
+    logps, lengths = chunked_sequence_logps(model, input_ids, attention_mask, labels)
     return logps[:len(pairs)], logps[len(pairs):], lengths[:len(pairs)]
 
 
 def sequence_logps(model, input_ids, attention_mask, labels):
-    """Sum of log pi(token) over the labelled (answer) tokens of each sequence. Logits are made
-    only for answer positions, a chunk at a time, and recomputed in the backward pass instead of
-    stored, so the full (B, T, V) float32 logits never exist. Returns (logps (B,), lengths (B,))."""
+    """Sum of log pi(token) over the labelled (answer) tokens of each sequence, and their count:
+    (logps (B,), lengths (B,)). The plain version, to read; training uses chunked_sequence_logps,
+    which gives the same numbers without ever holding these (B, T, V) float32 logits (4.2 GB
+    for one pair of 2 x 2,048 tokens over Llama-3's 128k vocabulary, and as much for their gradient)."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1].float()
+    targets = labels[:, 1:]  # the token each position predicts; -100 on prompt and padding
+    mask = targets != -100
+    token_logps = logits.log_softmax(-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (token_logps * mask).sum(-1), mask.sum(-1)
+
+
+# Answer tokens whose float32 logits exist at once. A chunk's backward pass holds four float32
+# (tokens x vocabulary) tensors: logits, log-probs, softmax and gradient. Over Llama-3's 128k
+# vocabulary that is 2.1 GB for 1,024 tokens; for a whole 2 x 2,048-token pair at once, up to 8.4 GB.
+LOGPS_CHUNK_TOKENS = 1024
+
+
+def chunked_sequence_logps(model, input_ids, attention_mask, labels):
+    """sequence_logps in less memory, to float rounding the same numbers and gradients
+    (test_chunked_logps_and_gradients_equal_full_vocab_logps): logits are made only for answer
+    positions, LOGPS_CHUNK_TOKENS at a time, and recomputed in the backward pass instead of stored."""
     # use_cache=False: a KV cache is for generating, here it would only hold memory
     hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-    targets = labels[:, 1:]  # the token each position predicts
+    targets = labels[:, 1:]
     mask = targets != -100
     answer_hidden, answer_targets = hidden[:, :-1][mask], targets[mask]  # (N, H), (N,) over all answer tokens
     output_layer = model.get_output_embeddings()
@@ -696,12 +701,6 @@ def sequence_logps(model, input_ids, attention_mask, labels):
     logps = torch.zeros(len(input_ids), dtype=torch.float64, device=token_logps.device)
     logps = logps.index_add(0, sequence_of_token, token_logps.double()).float()
     return logps, mask.sum(-1)
-
-
-# Answer tokens whose float32 logits exist at once. A chunk's backward pass holds four float32
-# (tokens x vocabulary) tensors: logits, log-probs, softmax and gradient. Over Llama-3's 128k
-# vocabulary that is 2.1 GB for 1,024 tokens; for a whole 2 x 2,048-token pair at once, up to 8.4 GB.
-LOGPS_CHUNK_TOKENS = 1024
 
 
 def answer_token_logps(output_layer, hidden, targets):
@@ -767,83 +766,43 @@ def in_step_order(micro_batches: list[list[int]], metrics: list[dict]) -> dict:
 def train(model, example_langs: list[str], accumulate, settings: Settings, log_path: Path,
           progress: Path | None = None, progress_every: int = 100) -> dict:
     """The optimizer loop of every training in this file: DPO + NLL (step 5), QAlign's two SFT
-    stages, and the toy M0's pre-training. example_langs holds one entry per training example
-    (its language, for per-language metrics). Each step takes --batch-size examples in a seeded
-    shuffled order, epoch after epoch; accumulate(model, example indices) runs their forward and
-    backward passes, each micro-batch's loss divided so that the gradient is the step's mean
-    (accumulate_gradients, nll_gradients), and returns per-example metric tensors and token
-    counts ("tokens": the rate printed at the end counts them, padding not included). Then clip,
-    step, schedule, log: AdamW with warmup then cosine decay, one line of metrics per step in
-    log_path. With progress, everything needed to go on (model, optimizer, schedule, log) is
-    saved there every progress_every steps, and an interrupted training goes on from it.
-    Returns the last epoch's metrics, averaged over its examples and per language."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if settings.optim == "adamw-bf16":
-        masters = params
-        optimizer = BF16AdamW(params, lr=settings.lr, betas=(0.9, settings.adam_beta2),
-                              weight_decay=settings.weight_decay)
-    else:
-        # bf16 weights cannot hold an update smaller than ~1/256 of their value, so at DPO learning
-        # rates most AdamW updates would vanish (a known DPO trap). AdamW updates float32 "master"
-        # copies instead, rounded into the model after each step; a float32 model is its own master.
-        masters = params if all(p.dtype == torch.float32 for p in params) else [p.detach().float() for p in params]
-        # fused: one kernel per tensor, in place, with no float32 temporaries (the default and the
-        # foreach=False step make full-size ones: 4.2 GB for Llama-3-8B's embedding), and 10x
-        # faster than foreach=False at 124M parameters on CPU (test_bench_adamw_step_fused_vs_single_tensor)
-        optimizer = torch.optim.AdamW(masters, lr=settings.lr, betas=(0.9, settings.adam_beta2),
-                                      weight_decay=settings.weight_decay, fused=True)
-    if settings.gradient_checkpointing == "on":
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    model.train()  # HF checkpoints layers only in train mode; dropout was switched off in load_model
+    stages, and the toy M0's pre-training. example_langs holds each training example's language.
+    Each step takes --batch-size examples in a seeded shuffled order, epoch after epoch, and runs
+    accumulate(model, example indices): their forward and backward passes in micro-batches, each
+    micro-batch's loss weighted so that the gradient is the step's mean (accumulate_gradients,
+    nll_gradients), returning per-example metric tensors and token counts. Then clip, step,
+    schedule, log: AdamW (optimizer_for: float32 master weights or BF16AdamW for a bf16 model),
+    warmup then cosine decay, one line of metrics per step in log_path. With progress, all a
+    training needs to go on is saved there every progress_every steps, and an interrupted one goes
+    on from it. Returns the last epoch's metrics, averaged over its examples and per language."""
+    optimizer = optimizer_for([p for p in model.parameters() if p.requires_grad], settings)
     generator = torch.Generator().manual_seed(settings.seed)
     steps = [(epoch, step_ids) for epoch in range(settings.epochs)
              for step_ids in torch.randperm(len(example_langs), generator=generator).split(settings.batch_size)]
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(len(steps), settings.warmup_ratio))
+    if settings.gradient_checkpointing == "on":
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.train()  # HF checkpoints layers only in train mode; dropout was switched off in load_model
     parts = {"model": model, "optimizer": optimizer, "schedule": schedule}
-    start, logged, last_epoch, last_epoch_langs = 0, [], [], []
-    if progress is not None and progress.exists():  # an interrupted training's progress: go on from it
-        try:
-            saved = torch.load(progress, weights_only=False)
-        except Exception as error:
-            tqdm.write(f"warning: {progress} is unreadable ({first_line(error)}); training from the start")
-        else:
-            for name, part in parts.items():
-                part.load_state_dict(saved[name])
-            with torch.no_grad():  # float32 masters of a bf16 model: the model's weights are rounded
-                for master, value in zip(masters, saved["masters"]):
-                    master.copy_(value)
-            start, logged, last_epoch, last_epoch_langs = (saved[name] for name in (
-                "step", "logged", "last_epoch", "last_epoch_langs"))
+    saved = load_progress(progress, parts)  # an interrupted training's: go on from its last save
+    start, logged, last_epoch, last_epoch_langs = saved or (0, [], [], [])
     tqdm.write(f"training on {len(example_langs)} examples: {settings.epochs} epoch(s) of "
                f"{len(steps) // settings.epochs} steps, {settings.batch_size} per step in micro-batches of "
                f"{settings.micro_batch_size}")
     partial_log = temp_path(log_path)  # this process's; renamed into place when training ends
     tokens_trained, start_time = 0, time.perf_counter()
-    with open(partial_log, "w") as log, \
-            tqdm(total=len(steps), initial=start, desc="training", unit="step") as bar:
+    with open(partial_log, "w") as log, tqdm(total=len(steps), initial=start, desc="training", unit="step") as bar:
         log.writelines(logged)
         for step, (epoch, step_ids) in enumerate(steps[start:], start + 1):
-            metrics = accumulate(model, step_ids.tolist())
+            metrics = accumulate(model, step_ids.tolist())  # forward and backward, micro-batch by micro-batch
             tokens_trained += metrics.pop("tokens").sum().item()
-            if masters is not params:
-                for master, param in zip(masters, params):  # free each bf16 gradient once copied
-                    master.grad, param.grad = (None if param.grad is None else param.grad.float()), None
-            grad_norm = torch.nn.utils.clip_grad_norm_(masters, settings.max_grad_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
             line = {"step": step, "epoch": epoch + 1, **{k: v.mean().item() for k, v in metrics.items()},
                     "optim/lr": schedule.get_last_lr()[0], "optim/grad_norm": grad_norm.item()}
-            loss = line.get("loss/total", line.get("loss/nll"))  # DPO + NLL, or SFT's NLL
-            if not (math.isfinite(loss) and math.isfinite(line["optim/grad_norm"])):
-                # one step would make every weight NaN: stop before the model is saved or trained on
-                raise RunFault(f"training diverged at step {step}: loss {loss}, gradient norm "
-                               f"{line['optim/grad_norm']}; nothing of this training was saved: lower --lr "
-                               f"(now {settings.lr}) and run again with another --out")
+            stop_if_diverged(line, settings)  # before one step makes every weight NaN
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
-            if masters is not params:  # round stochastically: the model keeps sub-bf16 updates in expectation
-                with torch.no_grad():
-                    for master, param in zip(masters, params):
-                        param.copy_(round_stochastically(master) if param.dtype == torch.bfloat16 else master)
             logged.append(to_json(line) + "\n")
             log.write(logged[-1])
             log.flush()
@@ -855,14 +814,7 @@ def train(model, example_langs: list[str], accumulate, settings: Settings, log_p
                 last_epoch.append(metrics)
                 last_epoch_langs += [example_langs[i] for i in step_ids]
             if progress is not None and step % progress_every == 0 and step < len(steps):
-                try:
-                    torch.save({**{name: part.state_dict() for name, part in parts.items()}, "masters": masters,
-                                "step": step, "logged": logged, "last_epoch": last_epoch,
-                                "last_epoch_langs": last_epoch_langs}, temp_path(progress))
-                except RuntimeError as error:  # how torch's writer reports a full disk
-                    temp_path(progress).unlink(missing_ok=True)
-                    raise OSError(None, f"{first_line(error)} (a full disk?)", str(progress)) from None
-                os.replace(temp_path(progress), progress)
+                save_progress(progress, parts, (step, logged, last_epoch, last_epoch_langs))
     os.replace(partial_log, log_path)
     seconds = time.perf_counter() - start_time
     tqdm.write(f"training: {tokens_trained} tokens in {seconds:.1f} s, {tokens_trained / max(seconds, 1e-9):.0f} "
@@ -870,12 +822,7 @@ def train(model, example_langs: list[str], accumulate, settings: Settings, log_p
     model.eval()
     if settings.gradient_checkpointing == "on":
         model.activation_checkpointing_disable()
-    merged = {name: torch.cat([m[name] for m in last_epoch]) for name in last_epoch[0]}
-    per_lang = {}
-    for lang in sorted(set(last_epoch_langs)):
-        mask = torch.tensor([example_lang == lang for example_lang in last_epoch_langs])
-        per_lang[lang] = {name: values[mask].mean().item() for name, values in merged.items()}
-    return {"steps": len(steps), "last_epoch": {k: v.mean().item() for k, v in merged.items()}, "per_lang": per_lang}
+    return {"steps": len(steps), **means_per_language(last_epoch, last_epoch_langs)}
 
 
 def warmup_cosine(total_steps: int, warmup_ratio: float):
@@ -890,103 +837,56 @@ def warmup_cosine(total_steps: int, warmup_ratio: float):
 
 # ------------------------------------------------------------------------ run and main
 def run(settings: Settings, command: list[str]):
+    """A whole run into the run folder: M0 -> M1 -> ... -> M_iters (or QAlign's two stages),
+    evaluating M0 and every M_t with --eval. A folder with finished work goes on where it stopped."""
     languages = parse_languages(settings.langs)
     langs = list(languages)
     all_prompts = load_prompts(settings.prompts, settings.prompt_field, languages, settings.translation_tasks,
                                answer_field=settings.answer_field)
-    problems = eval_problems(settings)
+    problems = eval_problems(settings)  # read before anything runs: bad input fails early
     settings = resolve(settings)
     out = Path(settings.out)
-    finished = [t for t in range(1, settings.iters + 1) if (out / f"iter_{t}" / "model").exists()]
-    start_model = str(out / f"iter_{finished[-1]}" / "model") if finished else settings.model
-    config, n_params = model_shape(start_model)
-    optim = plan_training_memory(config, n_params, settings, device_memory(settings.device))
-    settings = dataclasses.replace(settings, optim=optim)
-    inputs_sha256 = {name: hashlib.sha256(to_json(records).encode()).hexdigest()
-                     for name, records in (("prompts", all_prompts), ("evaluation problems", problems))}
-    check_resumable(out, settings, inputs_sha256)
-    nearest = next(folder for folder in (out, *out.parents) if folder.exists())
-    try:  # before minutes of work, not after; a real file, as permissions don't tell (/proc, a full disk)
-        tempfile.TemporaryFile(dir=nearest).close()
-    except OSError as error:
-        raise LidrError(f"--out {out}: cannot write into {nearest} ({error.strerror or error})") from None
-    toy_inputs_only = (settings.prompts == "toy" and not settings.system_prompt
-                       and set(settings.eval.split(",")) <= {"", "toy"}
-                       and not any(getattr(settings, name) for name in TEMPLATES))
-    if settings.model == "toy" and not toy_inputs_only:
-        print("warning: the toy model knows only the toy world's words and its translation request: other "
-              "prompts, templates, system turns and benchmarks reach it as <|unk|> tokens")
-    # the toy world's M0, pre-trained once and kept next to the run folders (not when resuming from M_t)
-    toy_m0 = toy_model(out.parent, settings.seed, langs) if start_model == "toy" else None
-    transformers.set_seed(settings.seed)
-    model, tokenizer = load_model(str(toy_m0 or start_model), settings.device, settings.dtype, settings.system_prompt)
-    run_folder_lock = lock_run_folder(out, command)  # held until run() returns: one process per folder
-    record_run(out, settings, command, inputs_sha256)  # only now: bad input above has written nothing
-    if toy_m0:  # which cached M0 the run started from, and how it was made
-        shutil.copy(toy_m0 / "toy_recipe.json", out / "toy_recipe.json")
-    print(f"run folder {out} | {settings.model}: {sum(p.numel() for p in model.parameters()):,} parameters "
-          f"on {settings.device} ({settings.dtype}) | {len(all_prompts)} prompts, "
-          f"{min(settings.num_prompts, len(all_prompts))} per iteration, "
-          f"{sum(p['translation_task'] for p in all_prompts)} translation tasks | langs {','.join(langs)} | "
-          + (f"method qalign: stage 1 question alignment, stage 2 response alignment with "
-             f"{settings.answer_field or 'M0'}'s answers" if settings.method == "qalign" else
-             f"pairing {settings.pairing} | recipe {settings.recipe}")
-          + f" | translation request: {settings.translation_request or 'lidr.py TRANSLATION_REQUEST'}")
+    start, start_model = resume_point(out, settings)
+    model, tokenizer, settings, run_folder_lock = open_run(out, settings, command, start_model, all_prompts, problems)
     history, evaluations = [], []
     if problems:  # iter_0 holds M0's evaluation
-        evaluations.append(evaluate_once(model, tokenizer, problems, settings, out, 0, in_memory=not finished))
+        evaluations.append(evaluate_once(model, tokenizer, problems, settings, out, 0, in_memory=start == 1))
         print(eval_table(evaluations, model_names(settings.method, 1), langs[0]))
     for t in range(1, settings.iters + 1):
         folder = out / f"iter_{t}"
-        if t in finished:
-            tqdm.write(f"reusing {folder}")
-            metrics = read_json(folder / "metrics.json")
-            check_shape(str(folder / "metrics.json"), metrics, {
-                "examples": dict.fromkeys(langs, int), "train": dict | None} if settings.method == "qalign" else {
-                "counts": dict.fromkeys(langs, {"pairs": int}), "translation_failures": dict.fromkeys(langs, int),
-                "train": dict | None})
-            check_shape(str(folder / "metrics.json"), metrics["train"] or {"per_lang": {}}, {"per_lang": dict}, "train.")
-            history.append(metrics)
-            if problems:  # a run stopped between saving M_t and evaluating it: M_t is the model loaded
-                evaluations.append(evaluate_once(model, tokenizer, problems, settings, out, t, t == finished[-1]))
-            continue
         folder.mkdir(exist_ok=True)
-        if settings.method == "qalign":  # both stages on the prompts of LIDR's first iteration
+        if t < start:  # finished before: M_t is saved, and its metrics are in its folder
+            history.append(finished_metrics(folder, langs, settings))
+        elif settings.method == "qalign":  # both stages on the prompts of LIDR's first iteration
             print(f"== QAlign stage {t} ({['question', 'response'][t - 1]} alignment): M{t - 1} -> M{t}")
-            metrics = qalign_stage(t, model, tokenizer, prompts_for_iteration(all_prompts, 1, settings.num_prompts),
-                                   languages, settings, folder)
+            history.append(qalign_stage(t, model, tokenizer, prompts_for_iteration(
+                all_prompts, 1, settings.num_prompts), languages, settings, folder))
         else:
             print(f"== iteration {t}: M{t - 1} -> M{t}")
-            metrics = lidr_iteration(model, tokenizer, prompts_for_iteration(all_prompts, t, settings.num_prompts),
-                                     languages, settings, folder)
-        if metrics["train"] is None:
-            tqdm.write(f"nothing to train on in {'stage' if settings.method == 'qalign' else 'iteration'} {t}: "
-                       f"M{t} = M{t - 1}")
-        write_atomic(folder / "metrics.json", to_json(metrics, indent=2))
-        save_model(model, tokenizer, folder / "model")  # M_t: the model of iteration t + 1
-        if problems:
+            history.append(lidr_iteration(model, tokenizer, prompts_for_iteration(
+                all_prompts, t, settings.num_prompts), languages, settings, folder))
+        if t >= start:
+            write_atomic(folder / "metrics.json", to_json(history[-1], indent=2))
+            save_model(model, tokenizer, folder / "model")  # M_t: the model of iteration t + 1
             (folder / "eval.json").unlink(missing_ok=True)  # only there if an earlier M_t was deleted: stale
-            evaluations.append(evaluate_once(model, tokenizer, problems, settings, out, t, in_memory=True))
-        history.append(metrics)
-        print(summary_table(history, langs, settings))
-        if problems:
-            print(eval_table(evaluations, model_names(settings.method, len(evaluations)), langs[0]))
-    summary = summary_table(history, langs, settings) + (
-        "\n\n" + eval_table(evaluations, model_names(settings.method, len(evaluations)), langs[0]) if problems else "")
-    write_atomic(out / "summary.txt", summary + "\n")
-    if finished == list(range(1, settings.iters + 1)):
-        print(summary)
+        if problems:  # the model in memory is M_t from t = start - 1 on
+            evaluations.append(evaluate_once(model, tokenizer, problems, settings, out, t, in_memory=t >= start - 1))
+        if t >= start:
+            print(run_tables(history, evaluations, langs, settings))
+    write_atomic(out / "summary.txt", run_tables(history, evaluations, langs, settings) + "\n")
+    if start > settings.iters:  # nothing left to run: the tables were not printed
+        print(run_tables(history, evaluations, langs, settings))
     print(f"final model: {out / f'iter_{settings.iters}' / 'model'}")
-    # LIDR's and QAlign's default folders sit side by side: the second run to finish compares them
-    lidr_out, qalign_out = (out.with_name(out.name.removesuffix("-qalign")), out) if settings.method == "qalign" \
-        else (out, out.with_name(out.name + "-qalign"))
-    if problems and lidr_out != qalign_out and all((folder / "iter_1" / "eval.json").exists()
-                                                    for folder in (lidr_out, qalign_out)):
-        try:
-            table = compare_table([str(lidr_out), str(qalign_out)])
-            print(f"\nLIDR and QAlign (--compare {lidr_out},{qalign_out}):\n{table}")
-        except LidrError as error:
-            print(f"\n{error}")
+    if problems:
+        compare_with_sibling(out, settings)
+
+
+def resume_point(out: Path, settings: Settings) -> tuple[int, str]:
+    """Where a run starts: the iteration after the last one whose model (M_t) is saved in the run
+    folder, and the model it starts from (that M_t, else --model). Earlier iterations are read,
+    not redone, and within the starting iteration every stage whose file is there is reused (stage)."""
+    saved = [t for t in range(1, settings.iters + 1) if (out / f"iter_{t}" / "model").exists()]
+    return max(saved, default=0) + 1, str(out / f"iter_{saved[-1]}" / "model") if saved else settings.model
 
 
 def evaluate_once(model, tokenizer, problems: dict, settings: Settings, out: Path, t: int, in_memory: bool) -> dict:
@@ -1200,6 +1100,16 @@ def resolve(settings: Settings) -> Settings:
     method = "-qalign" if settings.method == "qalign" else ""  # beside the LIDR run, with the same M0
     out = settings.out or f"runs/{Path(settings.model).name}-{codes}-seed{settings.seed}{method}"
     return dataclasses.replace(settings, device=device, dtype=dtype, out=out, gradient_checkpointing=checkpointing)
+
+
+def stop_if_diverged(line: dict, settings: Settings):
+    """A step with a non-finite loss or gradient would make every weight NaN: stop before the
+    model is stepped, saved or trained on (line: the step's logged metrics)."""
+    loss = line.get("loss/total", line.get("loss/nll"))  # DPO + NLL, or SFT's NLL
+    if not (math.isfinite(loss) and math.isfinite(line["optim/grad_norm"])):
+        raise RunFault(f"training diverged at step {line['step']}: loss {loss}, gradient norm "
+                       f"{line['optim/grad_norm']}; nothing of this training was saved: lower --lr "
+                       f"(now {settings.lr}) and run again with another --out")
 
 
 def first_line(error: Exception) -> str:
@@ -1449,7 +1359,7 @@ def load_model(name: str, device: str, dtype: str, system_prompt: str):
     if any(getattr(model.config, attribute, None) for attribute in ("final_logit_softcapping", "logit_scale",
                                                                      "logits_scaling")):
         raise LidrError(f"model '{name}' transforms its logits after the output layer; "
-                        f"lidr's chunked log-probs (sequence_logps) assume it does not")
+                        f"lidr's chunked log-probs (chunked_sequence_logps) assume it does not")
     if not tokenizer.chat_template:
         raise LidrError(f"model '{name}' has no chat template: LIDR needs an instruction-tuned chat model")
     if system_prompt:
@@ -1621,7 +1531,53 @@ def plan_training_memory(config, n_params: int, settings: Settings, available: i
     return optim
 
 
-# ------------------------------------------------------------------------ optimizers for bf16 weights
+# ------------------------------------------------------------------------ optimizers
+def optimizer_for(params: list[torch.nn.Parameter], settings: Settings) -> torch.optim.Optimizer:
+    """AdamW as --optim says, for these weights: float32 weights get torch's, a bf16 model float32
+    master weights (adamw-fp32) or bf16 moments with stochastic rounding (adamw-bf16). Fused:
+    one kernel per tensor, in place, with no float32 temporaries (the default and the
+    foreach=False step make full-size ones: 4.2 GB for Llama-3-8B's embedding), and 10x faster
+    than foreach=False at 124M parameters on CPU (test_bench_adamw_step_fused_vs_single_tensor)."""
+    options = dict(lr=settings.lr, betas=(0.9, settings.adam_beta2), weight_decay=settings.weight_decay)
+    if settings.optim == "adamw-bf16":
+        return BF16AdamW(params, **options)
+    if all(p.dtype == torch.float32 for p in params):
+        return torch.optim.AdamW(params, fused=True, **options)
+    return MasterWeightAdamW(params, **options)
+
+
+class MasterWeightAdamW(torch.optim.AdamW):
+    """AdamW for a bf16 model on float32 "master" copies of its weights. bf16 weights cannot hold
+    an update smaller than ~1/256 of their value, so at DPO learning rates most AdamW updates
+    would vanish (a known DPO trap). Each step takes the model's bf16 gradients into the masters,
+    updates the masters, and rounds them into the model stochastically, so that the model keeps
+    sub-bf16 updates in expectation. 16 bytes per parameter besides the bf16 weights: float32
+    masters, gradients and two moments."""
+
+    def __init__(self, params, **options):
+        self.model_params = list(params)
+        super().__init__([p.detach().float() for p in self.model_params], fused=True, **options)
+
+    @torch.no_grad()
+    def step(self):
+        masters = self.param_groups[0]["params"]
+        for master, param in zip(masters, self.model_params):  # free each bf16 gradient once copied
+            master.grad, param.grad = (None if param.grad is None else param.grad.float()), None
+        super().step()
+        for master, param in zip(masters, self.model_params):
+            param.copy_(round_stochastically(master) if param.dtype == torch.bfloat16 else master)
+
+    def state_dict(self):  # with the masters: the model's rounded weights cannot restore them
+        return {**super().state_dict(), "masters": self.param_groups[0]["params"]}
+
+    def load_state_dict(self, state: dict):
+        with torch.no_grad():
+            for master, saved in zip(self.param_groups[0]["params"], state["masters"]):
+                master.copy_(saved)
+        super().load_state_dict({name: value for name, value in state.items() if name != "masters"})
+
+
+
 def round_stochastically(x: torch.Tensor) -> torch.Tensor:
     """float32 -> bf16, rounding up or down at random in proportion to the distance, so the
     expected result is x. bf16 is the top 16 bits of a float32: add 16 random low bits, then
@@ -1787,6 +1743,87 @@ RESUMABLE_CHANGES = {"out", "iters", "device", "gen_batch_size", "engine", "micr
                      "gradient_checkpointing"}
 
 
+def save_progress(path: Path, parts: dict, loop_state: tuple):
+    """All an interrupted train needs to go on: the state of its parts (model, optimizer, schedule)
+    and of its loop (step, log lines, last epoch's metrics and languages); written whole or not at all."""
+    try:
+        torch.save({"parts": {name: part.state_dict() for name, part in parts.items()}, "loop": loop_state},
+                   temp_path(path))
+    except RuntimeError as error:  # how torch's writer reports a full disk
+        temp_path(path).unlink(missing_ok=True)
+        raise OSError(None, f"{first_line(error)} (a full disk?)", str(path)) from None
+    os.replace(temp_path(path), path)
+
+
+def load_progress(path: Path | None, parts: dict) -> tuple | None:
+    """save_progress's file, if any: loads the parts' states and returns the loop's."""
+    if path is None or not path.exists():
+        return None
+    try:
+        saved = torch.load(path, weights_only=False)
+    except Exception as error:
+        tqdm.write(f"warning: {path} is unreadable ({first_line(error)}); training from the start")
+        return None
+    for name, part in parts.items():
+        part.load_state_dict(saved["parts"][name])
+    return saved["loop"]
+
+
+def open_run(out: Path, settings: Settings, command: list[str], start_model: str, all_prompts: list[dict],
+             problems: dict):
+    """Everything before the first iteration, checks first so that bad input writes nothing: the
+    memory plan (which picks --optim auto's optimizer), --out new or resumable with these settings
+    and inputs, and writable; then the model loaded (the toy M0 pre-trained once if needed), the
+    folder locked and recorded. Returns the model, its tokenizer, the settings and the lock."""
+    langs = list(parse_languages(settings.langs))
+    config, n_params = model_shape(start_model)
+    optim = plan_training_memory(config, n_params, settings, device_memory(settings.device))
+    settings = dataclasses.replace(settings, optim=optim)
+    inputs_sha256 = {name: hashlib.sha256(to_json(records).encode()).hexdigest()
+                     for name, records in (("prompts", all_prompts), ("evaluation problems", problems))}
+    check_resumable(out, settings, inputs_sha256)
+    nearest = next(folder for folder in (out, *out.parents) if folder.exists())
+    try:  # before minutes of work, not after; a real file, as permissions don't tell (/proc, a full disk)
+        tempfile.TemporaryFile(dir=nearest).close()
+    except OSError as error:
+        raise LidrError(f"--out {out}: cannot write into {nearest} ({error.strerror or error})") from None
+    toy_inputs_only = (settings.prompts == "toy" and not settings.system_prompt
+                       and set(settings.eval.split(",")) <= {"", "toy"}
+                       and not any(getattr(settings, name) for name in TEMPLATES))
+    if settings.model == "toy" and not toy_inputs_only:
+        print("warning: the toy model knows only the toy world's words and its translation request: other "
+              "prompts, templates, system turns and benchmarks reach it as <|unk|> tokens")
+    # the toy world's M0, pre-trained once and kept next to the run folders (not when resuming from M_t)
+    toy_m0 = toy_model(out.parent, settings.seed, langs) if start_model == "toy" else None
+    transformers.set_seed(settings.seed)
+    model, tokenizer = load_model(str(toy_m0 or start_model), settings.device, settings.dtype, settings.system_prompt)
+    lock = lock_run_folder(out, command)  # held while the run goes on: one process per folder
+    record_run(out, settings, command, inputs_sha256)  # only now: bad input above has written nothing
+    if toy_m0:  # which cached M0 the run started from, and how it was made
+        shutil.copy(toy_m0 / "toy_recipe.json", out / "toy_recipe.json")
+    print(f"run folder {out} | {settings.model}: {sum(p.numel() for p in model.parameters()):,} parameters "
+          f"on {settings.device} ({settings.dtype}) | {len(all_prompts)} prompts, "
+          f"{min(settings.num_prompts, len(all_prompts))} per iteration, "
+          f"{sum(p['translation_task'] for p in all_prompts)} translation tasks | langs {','.join(langs)} | "
+          + (f"method qalign: stage 1 question alignment, stage 2 response alignment with "
+             f"{settings.answer_field or 'M0'}'s answers" if settings.method == "qalign" else
+             f"pairing {settings.pairing} | recipe {settings.recipe}")
+          + f" | translation request: {settings.translation_request or 'lidr.py TRANSLATION_REQUEST'}")
+    return model, tokenizer, settings, lock
+
+
+def finished_metrics(folder: Path, langs: list[str], settings: Settings) -> dict:
+    """The metrics.json of an iteration an earlier run finished, checked against what lidr writes."""
+    tqdm.write(f"reusing {folder}")
+    metrics = read_json(folder / "metrics.json")
+    check_shape(str(folder / "metrics.json"), metrics, {
+        "examples": dict.fromkeys(langs, int), "train": dict | None} if settings.method == "qalign" else {
+        "counts": dict.fromkeys(langs, {"pairs": int}), "translation_failures": dict.fromkeys(langs, int),
+        "train": dict | None})
+    check_shape(str(folder / "metrics.json"), metrics["train"] or {"per_lang": {}}, {"per_lang": dict}, "train.")
+    return metrics
+
+
 def check_resumable(out: Path, settings: Settings, inputs_sha256: dict[str, str]):
     """Before anything is loaded: --out must be new, or a run folder made with these settings and
     inputs (the prompts and evaluation problems as read, by content: a file edited since counts)."""
@@ -1888,6 +1925,17 @@ def failed_translations_into(translations: list[dict], langs: list[str]) -> dict
     return failures
 
 
+def means_per_language(step_metrics: list[dict], langs: list[str]) -> dict:
+    """train's summary: the last epoch's per-example metrics (a dict of tensors per step) averaged
+    over all its examples, and over each language's (langs: each example's language)."""
+    merged = {name: torch.cat([m[name] for m in step_metrics]) for name in step_metrics[0]}
+    per_lang = {}
+    for lang in sorted(set(langs)):
+        mask = torch.tensor([example_lang == lang for example_lang in langs])
+        per_lang[lang] = {name: values[mask].mean().item() for name, values in merged.items()}
+    return {"last_epoch": {name: values.mean().item() for name, values in merged.items()}, "per_lang": per_lang}
+
+
 def summary_table(history: list[dict], langs: list[str], settings: Settings) -> str:
     """Per iteration and language: pairs built and skipped, failed translations into the
     language, and the last epoch's training metrics over that language's pairs. For QAlign: per
@@ -1950,6 +1998,25 @@ def eval_table(evaluations: list[dict], names: list[str], dominant: str) -> str:
     rows.append(f"accuracy, number, off_target, finished: % of problems; words: mean answer length; "
                 f"others: mean over the languages but {dominant}. Every answer: iter_<t>/eval_answers.jsonl.")
     return "\n".join(rows)
+
+
+def run_tables(history: list[dict], evaluations: list[dict], langs: list[str], settings: Settings) -> str:
+    """What a run prints after each iteration and keeps in summary.txt: summary_table, and eval_table with --eval."""
+    names = model_names(settings.method, len(evaluations))
+    return summary_table(history, langs, settings) + (
+        "\n\n" + eval_table(evaluations, names, langs[0]) if evaluations else "")
+
+
+def compare_with_sibling(out: Path, settings: Settings):
+    """LIDR's and QAlign's default folders sit side by side: the second run to finish compares them."""
+    lidr_out, qalign_out = (out.with_name(out.name.removesuffix("-qalign")), out) if settings.method == "qalign" \
+        else (out, out.with_name(out.name + "-qalign"))
+    if lidr_out != qalign_out and all((folder / "iter_1" / "eval.json").exists() for folder in (lidr_out, qalign_out)):
+        try:
+            table = compare_table([str(lidr_out), str(qalign_out)])
+            print(f"\nLIDR and QAlign (--compare {lidr_out},{qalign_out}):\n{table}")
+        except LidrError as error:
+            print(f"\n{error}")
 
 
 def model_names(method: str, count: int) -> list[str]:
@@ -2246,6 +2313,7 @@ def train_on_examples(model, tokenizer, examples: list[dict], settings: Settings
                  for e in examples]
     kept = [(example["lang"], sequence) for example, sequence in zip(examples, sequences) if sequence]
     if not kept:
+        tqdm.write(f"nothing to train on in {log_path.parent.name}: the model stays as it was")
         return None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_of_turn
     result = train(model, [lang for lang, _ in kept], lambda model, ids: nll_gradients(
@@ -2274,7 +2342,7 @@ def nll_gradients(model, sequences: list[tuple[list[int], int]], micro_batch_siz
     metrics = []
     for micro in micro_batches:
         batch = collate([sequences[i] for i in micro], pad_id)
-        logps, lengths = sequence_logps(model, *(t.to(model.device) for t in batch))
+        logps, lengths = chunked_sequence_logps(model, *(t.to(model.device) for t in batch))
         (-logps.sum() / answer_tokens).backward()
         metrics.append({"loss/nll": (-logps / lengths).detach(), "tokens": batch[1].sum(-1)})
     return in_step_order(micro_batches, metrics)
@@ -2565,7 +2633,7 @@ def toy_model_folder(root: Path, seed: int, langs) -> Path:
     pre-training (its code included) makes another M0."""
     functions = (toy_problem_list, toy_text, toy_answer, toy_translation_requests, toy_tokenizer,
                  untrained_toy_model, toy_pretraining_data, toy_model, train, nll_gradients, length_grouped,
-                 in_step_order, collate, sequence_logps, answer_token_logps, warmup_cosine)
+                 in_step_order, collate, chunked_sequence_logps, answer_token_logps, optimizer_for, warmup_cosine)
     recipe = json.dumps([TOY_RECIPE, TOY_TEMPLATES, TOY_NUMBERS, TOY_OBJECTS, TOY_NAMES, TOY_SYSTEM_PROMPT,
                          TRANSLATION_REQUEST, TRANSLATION_PREFIX, LANGUAGE_NAMES])
     recipe += "".join(inspect.getsource(function) for function in functions)

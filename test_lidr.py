@@ -143,15 +143,6 @@ def dpo_train(model, pairs, ref_chosen, ref_rejected, settings, log_path):
         settings.micro_batch_size, 0), settings, log_path)
 
 
-def full_vocab_sequence_logps(model, input_ids, attention_mask, labels):
-    """The simplest correct log-probs: float32 logits over the whole vocabulary for every position."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
-    targets = labels[:, 1:]
-    mask = targets != -100
-    token_logps = logits.log_softmax(-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (token_logps * mask).sum(-1), mask.sum(-1)
-
-
 @torch.no_grad()
 def long_answer_log_prob_sums() -> tuple[float, float, float]:
     """A 4,000-token answer's log-prob under the byte-level model: lidr's sum, the exact one
@@ -159,7 +150,7 @@ def long_answer_log_prob_sums() -> tuple[float, float, float]:
     model, _ = tiny_model()
     ids = torch.randint(3, 250, (4000,), generator=torch.Generator().manual_seed(0)).tolist()
     batch = lidr.collate([(ids, 5)], pad_id=0)
-    logps, _ = lidr.sequence_logps(model, *batch)
+    logps, _ = lidr.chunked_sequence_logps(model, *batch)
     logits, targets = model(batch[0]).logits[0, 4:-1], torch.tensor(ids[5:]).unsqueeze(-1)
     exact = logits.double().log_softmax(-1).gather(-1, targets).sum().item()
     terms = logits.log_softmax(-1).gather(-1, targets).squeeze(-1)
@@ -199,7 +190,7 @@ def run_lidr(*args, cwd):
 def steered_tiny_model(folder: Path) -> Path:
     """A tiny model fitted for a few seconds to answer 'Sure.' and to translate anything as
     'Ja.' in the tagged format, so the loop's translations parse and real pairs get built.
-    It is fitted with lidr's own chat format and sequence_logps (plain NLL)."""
+    It is fitted with lidr's own chat format and chunked_sequence_logps (plain NLL)."""
     model, tokenizer = tiny_model()
     eot = lidr.end_of_turn_id(tokenizer)
     texts = [record[lang] for record in lidr.BUILTIN_PROMPTS for lang in ("en", "de", "fr")]
@@ -215,7 +206,7 @@ def steered_tiny_model(folder: Path) -> Path:
     model.train()
     for _ in range(60):
         batch = [examples[i] for i in torch.randint(len(examples), (16,), generator=generator)]
-        logps, lengths = lidr.sequence_logps(model, *lidr.collate(batch, tokenizer.pad_token_id))
+        logps, lengths = lidr.chunked_sequence_logps(model, *lidr.collate(batch, tokenizer.pad_token_id))
         (-(logps / lengths).mean()).backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -774,20 +765,20 @@ def test_prompt_tokens_never_reach_the_loss():
     assert labels[0, prompt_length:].tolist() == chosen[prompt_length:]
     assert (labels[1, len(chosen) - 3:] == -100).all(), "padding must be masked"
     # only 'ok' and the end-of-turn token are scored
-    _, lengths = lidr.sequence_logps(model, input_ids[:1], attention_mask[:1], labels[:1])
+    _, lengths = lidr.chunked_sequence_logps(model, input_ids[:1], attention_mask[:1], labels[:1])
     assert lengths.item() == 3
 
 
 def test_sequence_logps_equal_one_at_a_time_and_ignore_padding():
     model, tokenizer = tiny_model()
     sequences = [(list(range(60, 60 + n)), p) for n, p in ((12, 4), (30, 10), (7, 2))]
-    batched, _ = lidr.sequence_logps(model, *lidr.collate(sequences, pad_id=0))
+    batched, _ = lidr.chunked_sequence_logps(model, *lidr.collate(sequences, pad_id=0))
     for row, (ids, prompt_length) in enumerate(sequences):
         log_probs = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
         by_hand = sum(log_probs[k - 1, ids[k]] for k in range(prompt_length, len(ids)))
         assert batched[row].item() == pytest.approx(by_hand.item(), abs=1e-4)
     # the same sequence next to a much longer one (more padding) and in another position
-    recombined, _ = lidr.sequence_logps(model, *lidr.collate([sequences[2], (list(range(70, 150)), 5)], pad_id=9))
+    recombined, _ = lidr.chunked_sequence_logps(model, *lidr.collate([sequences[2], (list(range(70, 150)), 5)], pad_id=9))
     assert recombined[0].item() == pytest.approx(batched[2].item(), abs=1e-4)
 
 
@@ -809,12 +800,12 @@ def test_chunked_logps_and_gradients_equal_full_vocab_logps(monkeypatch):
     model, _ = tiny_model()
     batch = lidr.collate([(list(range(60, 90)), 5), (list(range(70, 82)), 9), (list(range(40, 60)), 1)], pad_id=0)
     gradients = []
-    for logps_fn in (lidr.sequence_logps, full_vocab_sequence_logps):
+    for logps_fn in (lidr.chunked_sequence_logps, lidr.sequence_logps):
         model.zero_grad()
         logps, lengths = logps_fn(model, *batch)
         (logps * torch.tensor([1.0, -2.0, 0.5])).sum().backward()
         gradients.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
-        if logps_fn is lidr.sequence_logps:
+        if logps_fn is lidr.chunked_sequence_logps:
             chunked, chunked_lengths = logps.detach(), lengths
     assert torch.allclose(chunked, logps.detach(), atol=1e-4) and torch.equal(chunked_lengths, lengths)
     assert torch.allclose(gradients[0], gradients[1], atol=1e-5)
@@ -897,12 +888,22 @@ def test_train_uses_the_optimizer_and_checkpointing_it_is_given(tmp_path, monkey
     assert built == [1], "--optim adamw-bf16 must train with BF16AdamW"
     assert len(attention_calls) == 2, "--gradient-checkpointing on: the layer runs again in the backward pass"
     assert not model.training and not model.model.layers[0].gradient_checkpointing, "sampling needs eval mode back"
-    adamw = []
-    monkeypatch.setattr(torch.optim, "AdamW", lambda *args, **kwargs: adamw.append(kwargs) or torch.optim.SGD(
+    masters = []
+    monkeypatch.setattr(lidr, "MasterWeightAdamW", lambda *args, **kwargs: masters.append(1) or torch.optim.SGD(
         *args, lr=0.0))
     dpo_train(model, pairs, ref_chosen, ref_rejected, dataclasses.replace(settings, optim="adamw-fp32"),
               tmp_path / "log.jsonl")
-    assert adamw[0]["fused"] is True, "the fused step: no float32 temporaries, and the fastest"
+    assert masters == [1], "--optim adamw-fp32 on a bf16 model must train float32 master weights"
+
+
+def test_adamw_is_fused_whatever_the_weights():
+    model, _ = tiny_model()
+    for dtype, optim, kind in ((torch.float32, "adamw-fp32", torch.optim.AdamW),
+                               (torch.bfloat16, "adamw-fp32", lidr.MasterWeightAdamW)):
+        params = list(model.to(dtype).parameters())
+        optimizer = lidr.optimizer_for(params, lidr.Settings(optim=optim))
+        assert type(optimizer) is kind and optimizer.defaults["fused"] is True, "no float32 temporaries, fastest"
+    assert type(lidr.optimizer_for(params, lidr.Settings(optim="adamw-bf16"))) is lidr.BF16AdamW
 
 
 def fraction_changed(before, model):
@@ -942,6 +943,19 @@ def test_master_weights_are_rounded_into_bf16_stochastically(tmp_path):
     # to nearest would leave most bf16 weights where they were; stochastic rounding moves ~2x more
     model, _, before, *_ = train_bf16_tiny_model(tmp_path, optim="adamw-fp32", lr=5e-7, epochs=4)
     assert fraction_changed(before, model) > 0.06, "round-to-nearest changes ~4% here, stochastic ~9%"
+
+
+def test_master_weights_are_saved_with_the_optimizer_state():
+    # train's saved progress must restore the float32 masters: the bf16 model only has them rounded
+    weight = torch.nn.Parameter(torch.full((4,), 0.02, dtype=torch.bfloat16))
+    optimizer = lidr.MasterWeightAdamW([weight], lr=1e-7)
+    weight.grad = torch.ones_like(weight)
+    optimizer.step()
+    restored = lidr.MasterWeightAdamW([torch.nn.Parameter(weight.detach().clone())], lr=1e-7)
+    restored.load_state_dict(optimizer.state_dict())
+    masters = [o.param_groups[0]["params"][0] for o in (optimizer, restored)]
+    assert masters[0].dtype == torch.float32 and torch.equal(masters[0], masters[1])
+    assert not torch.equal(masters[1], weight.float()), "the master holds what bf16 rounds away"
 
 
 def test_bf16_adamw_equals_torch_adamw_on_float32_weights():
@@ -1965,8 +1979,8 @@ def test_bench_loss_step_memory_chunked_vs_full_vocab(bench, monkeypatch):
     pair = [long_pair(tokenizer, 2048)]
     ref = torch.tensor([-5000.0]), torch.tensor([-5000.0])
     peaks = []
-    for logps in (lidr.sequence_logps, full_vocab_sequence_logps):
-        monkeypatch.setattr(lidr, "sequence_logps", logps)
+    for logps in (lidr.chunked_sequence_logps, lidr.sequence_logps):
+        monkeypatch.setattr(lidr, "chunked_sequence_logps", logps)
         model.zero_grad(set_to_none=True)
         peaks.append(peak_memory_of(lambda: lidr.accumulate_gradients(model, pair, *ref, 0.1, 1.0, 1, 0)) / 1e6)
     bench.append(("loss step peak memory, 128k vocab, 2 x 2,048 tokens", *peaks, "MB", "<= 0.5x"))
@@ -2007,8 +2021,8 @@ def test_bench_training_throughput(bench, monkeypatch, tmp_path, size):
     model = model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
     results = []
-    for logps in (lidr.sequence_logps, full_vocab_sequence_logps):
-        monkeypatch.setattr(lidr, "sequence_logps", logps)
+    for logps in (lidr.chunked_sequence_logps, lidr.sequence_logps):
+        monkeypatch.setattr(lidr, "chunked_sequence_logps", logps)
         results.append(training_throughput(copy.deepcopy(model), pairs, settings, tmp_path))
     label = f"training, {size} ({n_params:.1f}M params), chunked vs full-vocab logps:"
     bench.append((f"{label} pairs/s", results[0][0], results[1][0], "/s", "-"))
@@ -2190,17 +2204,12 @@ def test_bench_8b_step_memory_simulated_vs_estimate(bench, optim, pairs):
         params = list(model.parameters())
         for param in params:
             live.count(param)
-        masters = params if optim == "adamw-bf16" else [p.detach().float() for p in params]
-        optimizer = (lidr.BF16AdamW(params, lr=5e-7) if optim == "adamw-bf16"
-                     else torch.optim.AdamW(masters, lr=5e-7, fused=True))
+        optimizer = lidr.optimizer_for(params, lidr.Settings(optim=optim, lr=5e-7))
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.train()
         for _ in range(2):  # the moments exist from the first step on: the second is the steady state
             lidr.accumulate_gradients(model, [pair] * pairs, torch.zeros(pairs), torch.zeros(pairs), 0.1, 1.0, 1, 0)
-            if masters is not params:
-                for master, param in zip(masters, params):
-                    master.grad, param.grad = param.grad.float(), None
-            torch.nn.utils.clip_grad_norm_(masters, 1.0)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     settings = lidr.Settings(dtype="bfloat16", batch_size=pairs, micro_batch_size=1, max_len=2048)
