@@ -128,7 +128,7 @@ class Settings:
     # step 4: pairs
     pairing: str = setting("dominant", "dominant: pairs between the first language and each other "
                                        "(paper); ranked: between every two languages, in --langs order")
-    # steps 5-6: training
+    # step 5: training
     beta: float = setting(0.1, "DPO inverse temperature")
     alpha: float = setting(1.0, "weight of the length-normalised NLL of the chosen answer")
     lr: float = setting(5e-7, "peak learning rate of AdamW")
@@ -172,12 +172,10 @@ CHOICES = {"method": ("lidr", "qalign"), "dtype": ("auto", "bfloat16", "float32"
            "engine": ("generate", "continuous"), "pairing": ("dominant", "ranked"),
            "optim": ("auto", "adamw-fp32", "adamw-bf16"), "gradient_checkpointing": ("auto", "on", "off")}
 
-# --model toy runs the toy world on CPU: its prompts and evaluation, and lengths that fit its answers.
-# No repetition penalty: a toy answer repeats the question's name and object, and often one of its
-# numbers ("12 minus 6" is 6); penalised, the correct answer lost to a neighbour (README: The toy world).
-# NLL weight 2: DPO also lowers the end-of-turn token that ends chosen and rejected answers alike; at
-# 1, two seeds in three of a 4 x 96 toy lost 3 to 4.5 points of English, some answers running on
-# into "</translated>".
+# --model toy runs the toy world (end of this file) on CPU: its prompts and evaluation, and lengths
+# that fit its answers. No repetition penalty: a toy answer repeats the question's name and object,
+# and often one of its numbers. NLL weight 2: DPO also lowers the end-of-turn token that ends both
+# answers of a pair; at 1, some toy answers ran on past it and English fell.
 TOY_DEFAULTS = dict(prompts="toy", eval="toy", num_prompts=300, system_prompt="", repetition_penalty=1.0,
                      max_new_tokens=48, translation_max_new_tokens=64, eval_max_new_tokens=48, lr=1e-4, alpha=2.0,
                      batch_size=8, micro_batch_size=8, max_len=512)
@@ -185,7 +183,6 @@ TOY_DEFAULTS = dict(prompts="toy", eval="toy", num_prompts=300, system_prompt=""
 # --method qalign: QAlign's SFT hyperparameters (NJUNLP/QAlign training_scripts/finetune.sh: 3 epochs,
 # lr 2e-5, 128 examples per step, 3% warmup, cosine). The toy keeps its own lr and batch size.
 QALIGN_DEFAULTS = dict(lr=2e-5, epochs=3, batch_size=128, warmup_ratio=0.03)
-
 QALIGN_TOY_DEFAULTS = dict(epochs=3, warmup_ratio=0.03)
 
 LANGUAGE_NAMES = {
@@ -207,11 +204,15 @@ class RunFault(LidrError):
     exit_code = 1
 
 
-# ------------------------------------------------------------------------ the loop: one LIDR iteration, M_{t-1} -> M_t
+# ------------------------------------------------------------------------ the loop
 def lidr_iteration(model, tokenizer, prompts: list[dict], languages: dict[str, str], settings: Settings,
                    folder: Path) -> dict:
-    """One LIDR iteration, M_{t-1} -> M_t, in place on `model`; each stage's artifact is reused
-    if a previous run finished it. Returns the iteration's metrics."""
+    """One LIDR iteration, M_{t-1} -> M_t, in place on `model`: steps 1 to 5 in order. Each
+    stage(file, compute) computes a step's records and writes them into the iteration's folder,
+    or reads them back if an earlier run of this folder finished that step (the run folder
+    section), so that every step leaves a file to inspect and an interrupted run resumes where it
+    stopped. Returns the iteration's metrics: pairs built and skipped per language, translations
+    that failed per target language, and training's."""
     langs = list(languages)
     prompts, prompts_too_long = drop_untrainable_prompts(prompts, tokenizer, languages, settings)
     prompt_translations = stage(folder / "prompt_translations.jsonl", lambda: translate(
@@ -232,7 +233,7 @@ def lidr_iteration(model, tokenizer, prompts: list[dict], languages: dict[str, s
             "train": trained}
 
 
-# ------------------------------------------------------------------------ step 1: the same prompts in every language
+# ------------------------------------------------------------------------ step 1: prompts
 def prompts_for_iteration(prompts: list[dict], iteration: int, num_prompts: int) -> list[dict]:
     """Iteration t takes the t-th slice of num_prompts: fresh prompts each iteration, as the
     released scripts did, as long as the source has iters * num_prompts; then it wraps around."""
@@ -289,7 +290,7 @@ def sample_responses(model, tokenizer, prompts: list[dict], languages: dict[str,
     """Step 2: M_{t-1} answers every prompt in its own language. With --prompt-template each prompt
     is asked inside that template (the authors' arithmetic run asks for an answer in the language
     so); "prompt" is what was asked, and becomes the prompt of the pairs."""
-    prompt_template = template(settings, "prompt_template")
+    prompt_template = template(settings, "prompt_template")  # the file's text ('' without the flag)
     jobs = [(prompt["id"], lang, fill_template(prompt_template, prompt[lang], languages[lang]))
             for prompt in prompts for lang in languages if prompt.get(lang)]
     ids = [chat_prompt_ids(tokenizer, text, settings.system_prompt) for _, _, text in jobs]
@@ -318,12 +319,12 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, ba
              repetition_penalty: float, temperature: float, desc: str,
              engine: str = "generate") -> list[tuple[str, bool]]:
     """(answer, finished) for each token-id prompt, in input order; finished is False when the
-    answer hit max_new_tokens before a stop token. engine: generate (padded_batches) or continuous
-    (continuous_batches, used where there is no repetition penalty, which it cannot apply).
-    batch_size caps the sequences generated at once (0: 512 on GPU, 32 on CPU, where larger
-    batches stop paying); free memory caps the rest. Greedy answers are the same, up to float
-    rounding, with either engine and any batch size. Prints the plan first and the measured rate after: the numbers a
-    time estimate for a long run needs."""
+    answer hit max_new_tokens before a stop token. engine: generate (padded_batches, below) or
+    continuous (transformers' continuous batching: continuous_batches, in the plumbing; used only
+    without a repetition penalty, which it cannot apply). batch_size caps the sequences generated
+    at once (0: 512 on GPU, 32 on CPU, where larger batches stop paying); free memory caps the
+    rest. Greedy answers are the same, up to float rounding, with either engine and any batch
+    size. Prints the plan first and the measured rate after: what a time estimate needs."""
     if not prompts:
         return []
     max_batch_size = batch_size or (512 if model.device.type == "cuda" else 32)
@@ -373,9 +374,10 @@ def stop_token_ids(model, tokenizer) -> list[int]:
 
 def padded_batches(model, prompts: list[list[int]], config: GenerationConfig, max_batch_size: int,
                    desc: str) -> list[list[int]]:
-    """HF generate on batches of similar-length prompts, left-padded, each of at most max_batch_size
-    sequences and of what fits in free memory (generation_memory): each batch runs until its
-    longest answer ends. Returns each prompt's new tokens."""
+    """HF generate on batches of similar-length prompts, left-padded: generation_batches groups
+    them, shortest first, into batches of at most max_batch_size sequences whose KV cache and
+    prefill (generation_memory; both in the memory planning) fit in free memory. Each batch runs
+    until its longest answer ends. Returns each prompt's new tokens."""
     budget = free_memory(model.device) * 3 // 4  # a quarter left for the allocator's fragmentation
     fits = lambda sequences, prompt_len: generation_memory(
         model.config, model.dtype.itemsize, sequences, prompt_len, config.max_new_tokens) <= budget
@@ -396,51 +398,6 @@ def padded_batches(model, prompts: list[list[int]], config: GenerationConfig, ma
         bar.update(len(batch))
     bar.close()
     return outputs
-
-
-def continuous_batches(model, prompts: list[list[int]], config: GenerationConfig, max_batch_size: int,
-                       desc: str) -> list[list[int]]:
-    """transformers' continuous batching: the KV cache is paged, a sequence leaves the batch the
-    step it ends and a waiting one takes its place, so no step is spent on finished sequences or
-    padding. The cache holds max_batch_size sequences at full length, or what fits in free memory:
-    without flash attention (not a requirement here) attention runs over the whole cache under a
-    block-diagonal mask, so a larger cache costs time as well as memory (README: Hardware).
-    Returns each prompt's new tokens."""
-    from transformers.generation import ContinuousBatchingConfig
-    page = 64  # tokens per cache block
-    longest = max(map(len, prompts)) + config.max_new_tokens
-    blocks = min(len(prompts), max_batch_size) * math.ceil(longest / page)
-    budget = free_memory(model.device) * 3 // 4 // kv_cache_bytes(model.config, model.dtype.itemsize, page)
-    cache = ContinuousBatchingConfig(page_size=page, num_blocks=max(1, min(blocks, budget)),  # default: most of RAM
-                                     max_requests_per_batch=max_batch_size, max_batch_tokens=1024,
-                                     allow_block_sharing=False, use_cuda_graph=False, use_async_batching=False)
-    attention = model.config._attn_implementation  # the manager switches it (eager -> paged|eager)
-    manager = model.init_continuous_batching(generation_config=config, continuous_batching_config=cache)
-    results = {}
-    # the manager reseeds torch's generators from them: the stage's random stream goes on as it was
-    with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
-        try:
-            ids = manager.add_requests(inputs=prompts, max_new_tokens=config.max_new_tokens)
-            manager.start()  # after queueing every request: the same batches, so the same draws, in every run
-            with tqdm(total=len(prompts), desc=f"{desc} (continuous)", unit="seq", leave=False) as bar:
-                while len(results) < len(ids):
-                    result = manager.get_result(timeout=1)
-                    if result is None and not manager.is_running():
-                        break  # stopped with sequences unfinished: said below
-                    if result is not None and result.is_finished():
-                        results[result.request_id] = result
-                        bar.update()
-        finally:  # hard_stop: an interrupt must not wait for the queued sequences
-            manager.stop(block=True, hard_stop=True)
-            manager.destroy()
-            if model.config._attn_implementation != attention:  # a manager that never started leaves it switched
-                model.set_attn_implementation(attention)
-    failed = [i for i in ids if i not in results or results[i].error is not None]
-    if failed:  # transformers logs a failed request and goes on
-        raise RunFault(f"{desc}: continuous batching failed {len(failed)} of {len(ids)} sequences "
-                       f"({results[failed[0]].error if failed[0] in results else 'no result'}); --engine generate "
-                       f"avoids it")
-    return [results[i].generated_tokens for i in ids]
 
 
 # ------------------------------------------------------------------------ step 3: self-translation
@@ -500,7 +457,7 @@ def translate(model, tokenizer, requests: list[dict], languages: dict[str, str],
     """requests: {"id", "source_lang", "target_lang", "source"}; returns them with the model's
     raw output and the parsed "translation" (None when it failed: kept for inspection, never used).
     The request is TRANSLATION_REQUEST, or --translation-request's ({lang} is the target)."""
-    request = template(settings, "translation_request") or TRANSLATION_REQUEST
+    request = template(settings, "translation_request") or TRANSLATION_REQUEST  # the file's text, if any
     ids = [chat_prompt_ids(tokenizer, request.format(
         source=languages[r["source_lang"]], target=languages[r["target_lang"]], lang=languages[r["target_lang"]],
         text=r["source"]), settings.system_prompt, TRANSLATION_PREFIX) for r in requests]
@@ -581,10 +538,10 @@ def build_pairs(prompts: list[dict], responses: list[dict], translations: list[d
     return pairs, counts
 
 
-# ------------------------------------------------------------------------ step 5: DPO + NLL, with M_{t-1} as the reference
+# ------------------------------------------------------------------------ step 5: DPO + NLL
 def train_on_pairs(model, tokenizer, pairs: list[dict], settings: Settings, log_path: Path) -> dict | None:
-    """Steps 5-6 for one iteration: tokenise the pairs, take the reference log-probs with the
-    model as it is (M_{t-1}), then train it into M_t. None when no pair is left to train on."""
+    """Step 5: tokenise the pairs, take the reference log-probs with the model as it is (M_{t-1}),
+    then train it into M_t with DPO + NLL. None when no pair is left to train on."""
     end_of_turn = end_of_turn_id(tokenizer)
     tokenized = [tokenize_pair(tokenizer, pair, settings.system_prompt, end_of_turn, settings.max_len)
                  for pair in pairs]
@@ -645,8 +602,8 @@ def collate(sequences: list[tuple[list[int], int]], pad_id: int):
 
 @torch.no_grad()
 def reference_logps(model, pairs: list[TokenizedPair], micro_batch_size: int, pad_id: int):
-    """Step 6: log ref(y|x) of every pair's chosen and rejected answer, (N,) each, computed once
-    with M_{t-1} before any update, so the reference needs no second model in memory."""
+    """The reference model's log-probs log ref(y|x) of every pair's chosen and rejected answer,
+    (N,) each, computed once with M_{t-1} before any update: no second model in memory."""
     chosen, rejected = [], []
     for start in tqdm(range(0, len(pairs), micro_batch_size), desc="reference log-probs", leave=False):
         chosen_logps, rejected_logps, _ = chosen_rejected_logps(model, pairs[start:start + micro_batch_size], pad_id)
@@ -838,7 +795,10 @@ def warmup_cosine(total_steps: int, warmup_ratio: float):
 # ------------------------------------------------------------------------ run and main
 def run(settings: Settings, command: list[str]):
     """A whole run into the run folder: M0 -> M1 -> ... -> M_iters (or QAlign's two stages),
-    evaluating M0 and every M_t with --eval. A folder with finished work goes on where it stopped."""
+    evaluating M0 and every M_t with --eval (evaluate_once, in the evaluation section). A folder
+    with finished work goes on where it stopped (resume_point). From the plumbing: resolve fills
+    in the 'auto' settings; open_run checks, loads the model, and locks and records the folder;
+    finished_metrics reads a finished iteration's metrics; run_tables are the tables printed."""
     languages = parse_languages(settings.langs)
     langs = list(languages)
     all_prompts = load_prompts(settings.prompts, settings.prompt_field, languages, settings.translation_tasks,
@@ -889,27 +849,10 @@ def resume_point(out: Path, settings: Settings) -> tuple[int, str]:
     return max(saved, default=0) + 1, str(out / f"iter_{saved[-1]}" / "model") if saved else settings.model
 
 
-def evaluate_once(model, tokenizer, problems: dict, settings: Settings, out: Path, t: int, in_memory: bool) -> dict:
-    """--eval of M_t, kept in iter_<t>/eval.json (reused from it when resuming); in_memory: whether
-    `model` is M_t, so that a missing evaluation can be redone."""
-    folder = out / f"iter_{t}"
-    if (folder / "eval.json").exists():
-        results = read_json(folder / "eval.json")
-        check_shape(str(folder / "eval.json"), results, {benchmark: dict.fromkeys(by_lang, dict)
-                                                         for benchmark, by_lang in problems.items()})
-        return results
-    if not in_memory:
-        raise LidrError(f"{folder / 'eval.json'} is missing and M{t} is not the model being resumed; "
-                        f"to redo it, move the later iter_* folders out of {out}")
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(stage_seed(settings.seed, folder / "eval.json"))  # as a stage: resumed == uninterrupted
-    model_name = f"{Path(settings.model).name}-{settings.method}-{model_names(settings.method, t + 1)[t]}"
-    results = evaluate(model, tokenizer, problems, settings, folder, model_name)
-    write_atomic(folder / "eval.json", to_json(results, indent=2))
-    return results
-
-
 def main(argv: list[str] | None = None) -> int:
+    """The command line: parse_settings reads and checks the flags, then run, or --compare's table.
+    Bad input (LidrError) and faults are one line and an exit code, never a traceback; an
+    interrupt says what was kept (finished_work) and how to resume."""
     command = sys.argv if argv is None else ["lidr.py", *argv]
     settings = None
     on_sigterm = signal.signal(signal.SIGTERM, raise_terminated)
@@ -944,8 +887,8 @@ def raise_terminated(signum, frame):
 
 
 # ======================================================================== PLUMBING
-
-
+# What a first reading can skip: checking the settings and inputs, reading files, loading models,
+# planning memory, the bf16 optimizers, the run folder, and the tables a run prints.
 # ------------------------------------------------------------------------ validation
 class OneLineArgumentParser(argparse.ArgumentParser):
     def error(self, message):
@@ -1399,6 +1342,52 @@ def model_shape(name: str):
     except Exception as error:  # no causal LM for the config (T5), or sizes no model can have
         raise LidrError(f"model '{name}': its config makes no causal language model ({first_line(error)})") from None
     return config, sum(p.numel() for p in model.parameters())
+
+
+# ------------------------------------------------------------------------ continuous batching (--engine continuous)
+def continuous_batches(model, prompts: list[list[int]], config: GenerationConfig, max_batch_size: int,
+                       desc: str) -> list[list[int]]:
+    """transformers' continuous batching: the KV cache is paged, a sequence leaves the batch the
+    step it ends and a waiting one takes its place, so no step is spent on finished sequences or
+    padding. The cache holds max_batch_size sequences at full length, or what fits in free memory:
+    without flash attention (not a requirement here) attention runs over the whole cache under a
+    block-diagonal mask, so a larger cache costs time as well as memory (README: Hardware).
+    Returns each prompt's new tokens."""
+    from transformers.generation import ContinuousBatchingConfig
+    page = 64  # tokens per cache block
+    longest = max(map(len, prompts)) + config.max_new_tokens
+    blocks = min(len(prompts), max_batch_size) * math.ceil(longest / page)
+    budget = free_memory(model.device) * 3 // 4 // kv_cache_bytes(model.config, model.dtype.itemsize, page)
+    cache = ContinuousBatchingConfig(page_size=page, num_blocks=max(1, min(blocks, budget)),  # default: most of RAM
+                                     max_requests_per_batch=max_batch_size, max_batch_tokens=1024,
+                                     allow_block_sharing=False, use_cuda_graph=False, use_async_batching=False)
+    attention = model.config._attn_implementation  # the manager switches it (eager -> paged|eager)
+    manager = model.init_continuous_batching(generation_config=config, continuous_batching_config=cache)
+    results = {}
+    # the manager reseeds torch's generators from them: the stage's random stream goes on as it was
+    with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
+        try:
+            ids = manager.add_requests(inputs=prompts, max_new_tokens=config.max_new_tokens)
+            manager.start()  # after queueing every request: the same batches, so the same draws, in every run
+            with tqdm(total=len(prompts), desc=f"{desc} (continuous)", unit="seq", leave=False) as bar:
+                while len(results) < len(ids):
+                    result = manager.get_result(timeout=1)
+                    if result is None and not manager.is_running():
+                        break  # stopped with sequences unfinished: said below
+                    if result is not None and result.is_finished():
+                        results[result.request_id] = result
+                        bar.update()
+        finally:  # hard_stop: an interrupt must not wait for the queued sequences
+            manager.stop(block=True, hard_stop=True)
+            manager.destroy()
+            if model.config._attn_implementation != attention:  # a manager that never started leaves it switched
+                model.set_attn_implementation(attention)
+    failed = [i for i in ids if i not in results or results[i].error is not None]
+    if failed:  # transformers logs a failed request and goes on
+        raise RunFault(f"{desc}: continuous batching failed {len(failed)} of {len(ids)} sequences "
+                       f"({results[failed[0]].error if failed[0] in results else 'no result'}); --engine generate "
+                       f"avoids it")
+    return [results[i].generated_tokens for i in ids]
 
 
 # ------------------------------------------------------------------------ memory planning
@@ -2243,6 +2232,26 @@ def evaluate(model, tokenizer, problems: dict, settings: Settings, folder: Path,
                 outputs = [{"instruction": r["prompt"], "output": r["answer"], "generator": model_name,
                             "dataset": r["dataset"]} for r in scored]
                 write_atomic(folder / f"alpaca_{lang}.json", to_json(outputs, indent=1))
+    return results
+
+
+def evaluate_once(model, tokenizer, problems: dict, settings: Settings, out: Path, t: int, in_memory: bool) -> dict:
+    """--eval of M_t, kept in iter_<t>/eval.json (reused from it when resuming); in_memory: whether
+    `model` is M_t, so that a missing evaluation can be redone."""
+    folder = out / f"iter_{t}"
+    if (folder / "eval.json").exists():
+        results = read_json(folder / "eval.json")
+        check_shape(str(folder / "eval.json"), results, {benchmark: dict.fromkeys(by_lang, dict)
+                                                         for benchmark, by_lang in problems.items()})
+        return results
+    if not in_memory:
+        raise LidrError(f"{folder / 'eval.json'} is missing and M{t} is not the model being resumed; "
+                        f"to redo it, move the later iter_* folders out of {out}")
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(stage_seed(settings.seed, folder / "eval.json"))  # as a stage: resumed == uninterrupted
+    model_name = f"{Path(settings.model).name}-{settings.method}-{model_names(settings.method, t + 1)[t]}"
+    results = evaluate(model, tokenizer, problems, settings, folder, model_name)
+    write_atomic(folder / "eval.json", to_json(results, indent=2))
     return results
 
 
