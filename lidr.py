@@ -515,23 +515,25 @@ def build_pairs(prompts: list[dict], responses: list[dict], translations: list[d
             counts[stronger_lang][why_not] += 1
             counts[weaker_lang][why_not] += 1
             continue
-        back_translated = translated.get((prompt["id"], weaker_lang, stronger_lang))
-        forward_translated = translated.get((prompt["id"], stronger_lang, weaker_lang))
+        back_translated = translated.get((prompt["id"], weaker_lang, stronger_lang))  # y_weaker, into stronger
+        forward_translated = translated.get((prompt["id"], stronger_lang, weaker_lang))  # y_stronger, into weaker
+        keep_stronger_pair = True
         if recipe == "scripts":
             kept_english = weaker_lang == langs[-1]  # the English pair the scripts' last file write keeps
             if back_translated is None or forward_translated is None:  # either failed: both pairs dropped
                 counts[stronger_lang]["translation_failed" if kept_english else "overwritten"] += 1
                 counts[weaker_lang]["translation_failed"] += 1
                 continue
-            if kept_english:
-                add(stronger, "own>translated", weaker_lang, stronger["response"], back_translated)
-            else:
+            if not kept_english:
                 counts[stronger_lang]["overwritten"] += 1
-        elif prompt["translation_task"]:
+            keep_stronger_pair = kept_english
+        # The paper's two pairs. Translating the answer of a translation task would corrupt it:
+        # there the answers are paired as written (the scripts still back-translate the weaker one).
+        if keep_stronger_pair and prompt["translation_task"] and recipe == "lidr":
             add(stronger, "own>untranslated", weaker_lang, stronger["response"], weaker["response"])
-        else:
+        elif keep_stronger_pair:
             add(stronger, "own>translated", weaker_lang, stronger["response"], back_translated)
-        if prompt["translation_task"]:  # translating the answer of a translation task would corrupt it
+        if prompt["translation_task"]:
             add(weaker, "untranslated>own", stronger_lang, stronger["response"], weaker["response"])
         else:
             add(weaker, "translated>own", stronger_lang, forward_translated, weaker["response"])
@@ -889,6 +891,7 @@ def raise_terminated(signum, frame):
 # ======================================================================== PLUMBING
 # What a first reading can skip: checking the settings and inputs, reading files, loading models,
 # planning memory, the bf16 optimizers, the run folder, and the tables a run prints.
+
 # ------------------------------------------------------------------------ validation
 class OneLineArgumentParser(argparse.ArgumentParser):
     def error(self, message):
@@ -2360,102 +2363,73 @@ def nll_gradients(model, sequences: list[tuple[list[int], int]], micro_batch_siz
 # ======================================================================== built-in prompts
 # Used when --prompts is omitted, so the whole loop runs with no download.
 BUILTIN_PROMPTS = [  # written for this kit; the same instruction in the five languages of the paper
-    {"id": "b01",
-     "en": "Give three tips for staying healthy.",
-     "es": "Da tres consejos para mantenerse sano.",
-     "ru": "Дай три совета, как оставаться здоровым.",
-     "de": "Nenne drei Tipps, um gesund zu bleiben.",
+    {"id": "b01", "en": "Give three tips for staying healthy.", "es": "Da tres consejos para mantenerse sano.",
+     "ru": "Дай три совета, как оставаться здоровым.", "de": "Nenne drei Tipps, um gesund zu bleiben.",
      "fr": "Donne trois conseils pour rester en bonne santé."},
-    {"id": "b02",
-     "en": "Explain why the sky is blue in two sentences.",
+    {"id": "b02", "en": "Explain why the sky is blue in two sentences.",
      "es": "Explica en dos frases por qué el cielo es azul.",
      "ru": "Объясни в двух предложениях, почему небо голубое.",
      "de": "Erkläre in zwei Sätzen, warum der Himmel blau ist.",
      "fr": "Explique en deux phrases pourquoi le ciel est bleu."},
-    {"id": "b03",
-     "en": "Write a short poem about the sea.",
-     "es": "Escribe un poema corto sobre el mar.",
-     "ru": "Напиши короткое стихотворение о море.",
-     "de": "Schreibe ein kurzes Gedicht über das Meer.",
+    {"id": "b03", "en": "Write a short poem about the sea.", "es": "Escribe un poema corto sobre el mar.",
+     "ru": "Напиши короткое стихотворение о море.", "de": "Schreibe ein kurzes Gedicht über das Meer.",
      "fr": "Écris un court poème sur la mer."},
-    {"id": "b04",
-     "en": "What is the capital of Australia?",
-     "es": "¿Cuál es la capital de Australia?",
-     "ru": "Какая столица у Австралии?",
-     "de": "Was ist die Hauptstadt von Australien?",
+    {"id": "b04", "en": "What is the capital of Australia?", "es": "¿Cuál es la capital de Australia?",
+     "ru": "Какая столица у Австралии?", "de": "Was ist die Hauptstadt von Australien?",
      "fr": "Quelle est la capitale de l'Australie ?"},
-    {"id": "b05",
-     "en": "A shop sells pencils at 3 for 2 dollars. How much do 12 pencils cost?",
+    {"id": "b05", "en": "A shop sells pencils at 3 for 2 dollars. How much do 12 pencils cost?",
      "es": "Una tienda vende lápices a 3 por 2 dólares. ¿Cuánto cuestan 12 lápices?",
      "ru": "Магазин продаёт карандаши по 3 штуки за 2 доллара. Сколько стоят 12 карандашей?",
      "de": "Ein Laden verkauft Bleistifte zu 3 Stück für 2 Dollar. Was kosten 12 Bleistifte?",
      "fr": "Un magasin vend des crayons à 3 pour 2 dollars. Combien coûtent 12 crayons ?"},
-    {"id": "b06",
-     "en": "Describe how to make a cup of tea.",
-     "es": "Describe cómo preparar una taza de té.",
-     "ru": "Опиши, как заварить чашку чая.",
-     "de": "Beschreibe, wie man eine Tasse Tee zubereitet.",
+    {"id": "b06", "en": "Describe how to make a cup of tea.", "es": "Describe cómo preparar una taza de té.",
+     "ru": "Опиши, как заварить чашку чая.", "de": "Beschreibe, wie man eine Tasse Tee zubereitet.",
      "fr": "Décris comment préparer une tasse de thé."},
-    {"id": "b07",
-     "en": "Suggest a name for a small bakery.",
-     "es": "Sugiere un nombre para una pequeña panadería.",
-     "ru": "Предложи название для маленькой пекарни.",
-     "de": "Schlage einen Namen für eine kleine Bäckerei vor.",
+    {"id": "b07", "en": "Suggest a name for a small bakery.", "es": "Sugiere un nombre para una pequeña panadería.",
+     "ru": "Предложи название для маленькой пекарни.", "de": "Schlage einen Namen für eine kleine Bäckerei vor.",
      "fr": "Propose un nom pour une petite boulangerie."},
-    {"id": "b08",
-     "en": "Summarise the plot of Little Red Riding Hood in one sentence.",
+    {"id": "b08", "en": "Summarise the plot of Little Red Riding Hood in one sentence.",
      "es": "Resume el argumento de Caperucita Roja en una frase.",
      "ru": "Перескажи сюжет «Красной Шапочки» в одном предложении.",
      "de": "Fasse die Handlung von Rotkäppchen in einem Satz zusammen.",
      "fr": "Résume l'histoire du Petit Chaperon rouge en une phrase."},
-    {"id": "b09",
-     "en": "List the planets of the solar system in order from the sun.",
+    {"id": "b09", "en": "List the planets of the solar system in order from the sun.",
      "es": "Enumera los planetas del sistema solar en orden desde el sol.",
      "ru": "Перечисли планеты Солнечной системы по порядку от Солнца.",
      "de": "Zähle die Planeten des Sonnensystems in der Reihenfolge ab der Sonne auf.",
      "fr": "Énumère les planètes du système solaire dans l'ordre à partir du soleil."},
-    {"id": "b10",
-     "en": "Write a polite email asking a colleague to move a meeting to Friday.",
+    {"id": "b10", "en": "Write a polite email asking a colleague to move a meeting to Friday.",
      "es": "Escribe un correo cortés pidiendo a un colega que mueva una reunión al viernes.",
      "ru": "Напиши вежливое письмо с просьбой к коллеге перенести встречу на пятницу.",
      "de": "Schreibe eine höfliche E-Mail, in der du einen Kollegen bittest, ein Treffen auf Freitag zu verlegen.",
      "fr": "Écris un e-mail poli demandant à un collègue de déplacer une réunion à vendredi."},
-    {"id": "b11",
-     "en": "What are the advantages of riding a bicycle to work?",
+    {"id": "b11", "en": "What are the advantages of riding a bicycle to work?",
      "es": "¿Cuáles son las ventajas de ir al trabajo en bicicleta?",
      "ru": "Каковы преимущества поездок на работу на велосипеде?",
      "de": "Welche Vorteile hat es, mit dem Fahrrad zur Arbeit zu fahren?",
      "fr": "Quels sont les avantages d'aller au travail à vélo ?"},
-    {"id": "b12",
-     "en": "Explain the difference between weather and climate.",
-     "es": "Explica la diferencia entre el tiempo y el clima.",
-     "ru": "Объясни разницу между погодой и климатом.",
+    {"id": "b12", "en": "Explain the difference between weather and climate.",
+     "es": "Explica la diferencia entre el tiempo y el clima.", "ru": "Объясни разницу между погодой и климатом.",
      "de": "Erkläre den Unterschied zwischen Wetter und Klima.",
      "fr": "Explique la différence entre la météo et le climat."},
-    {"id": "b13", "translation_task": True,
-     "en": "Translate into French: 'The library opens at nine.'",
+    {"id": "b13", "translation_task": True, "en": "Translate into French: 'The library opens at nine.'",
      "es": "Traduce al francés: 'The library opens at nine.'",
      "ru": "Переведи на французский: 'The library opens at nine.'",
      "de": "Übersetze ins Französische: 'The library opens at nine.'",
      "fr": "Traduis en français : 'The library opens at nine.'"},
-    {"id": "b14",
-     "en": "Give an example of a renewable energy source and explain how it works.",
+    {"id": "b14", "en": "Give an example of a renewable energy source and explain how it works.",
      "es": "Da un ejemplo de fuente de energía renovable y explica cómo funciona.",
      "ru": "Приведи пример возобновляемого источника энергии и объясни, как он работает.",
      "de": "Nenne ein Beispiel für eine erneuerbare Energiequelle und erkläre, wie sie funktioniert.",
      "fr": "Donne un exemple de source d'énergie renouvelable et explique son fonctionnement."},
-    {"id": "b15",
-     "en": "If a train travels 60 km in 45 minutes, what is its average speed in km/h?",
+    {"id": "b15", "en": "If a train travels 60 km in 45 minutes, what is its average speed in km/h?",
      "es": "Si un tren recorre 60 km en 45 minutos, ¿cuál es su velocidad media en km/h?",
      "ru": "Если поезд проезжает 60 км за 45 минут, какова его средняя скорость в км/ч?",
      "de": "Wenn ein Zug 60 km in 45 Minuten fährt, wie hoch ist seine Durchschnittsgeschwindigkeit in km/h?",
      "fr": "Si un train parcourt 60 km en 45 minutes, quelle est sa vitesse moyenne en km/h ?"},
-    {"id": "b16", "translation_task": True,
-     "en": "Translate 'good morning, friends' into Spanish.",
-     "es": "Traduce 'good morning, friends' al español.",
-     "ru": "Переведи 'good morning, friends' на испанский.",
-     "de": "Übersetze 'good morning, friends' ins Spanische.",
-     "fr": "Traduis 'good morning, friends' en espagnol."},
+    {"id": "b16", "translation_task": True, "en": "Translate 'good morning, friends' into Spanish.",
+     "es": "Traduce 'good morning, friends' al español.", "ru": "Переведи 'good morning, friends' на испанский.",
+     "de": "Übersetze 'good morning, friends' ins Spanische.", "fr": "Traduis 'good morning, friends' en espagnol."},
 ]
 
 
@@ -2503,10 +2477,9 @@ TOY_TEMPLATES = {  # (gets more, gives away, answer)
            "{name} a {a} {obj} et donne {b}. Combien de {obj} a {name} maintenant ?", "{name} a {c} {obj}."),
 }
 
-# English: ~2,700 examples, all correct; every weaker language 1,000, 60% careless. With 300 each, M0
-# was as weak but the loop lifted them only +9 points in two iterations; with 800 steps, one seed's
-# M0 translated half its Russian wrong; with half the sequences in steps of 32, one seed's M0 got 25%
-# of English right. 3 layers of width 96 (were 4 of 128) pre-train in half the time, and as well.
+# English: ~2,700 examples, all correct; every weaker language 1,000, 60% of them careless. Fewer
+# weak examples left the gap as wide but gave the loop less to build on; fewer sequences seen left
+# some seeds' M0 weak in English or in translating (README: The toy world).
 TOY_RECIPE = dict(largest_number=12, eval_problems=200, weak_examples=1000, weak_careless=0.6,  # the world
                   hidden_size=96, layers=3, sequences_seen=76_800, batch_size=64, lr=3e-3,  # M0 and its pre-training
                   adam_beta2=0.98)

@@ -21,7 +21,8 @@ NUMERICS: the same numbers, to float rounding, in less memory and time
   Tokenisation and log-probs   ids concatenated not re-tokenised, truncation, masked prompts and padding, batched =
                                one at a time, chunked = full-vocab, long sums exact to float32 rounding
   Gradients                    accumulation = one big batch, length-grouped micro-batches, checkpointing
-  bf16 training                which optimizer train uses, BF16AdamW = AdamW, stochastic rounding, small updates kept
+  bf16 training                which optimizer train uses (fused), BF16AdamW = AdamW, float32 master weights
+                               rounded stochastically and saved with the optimizer, small updates kept
   The memory plan              an 8B step in 80 GB, generation's prefill counted, what cannot fit refused up front
   Generation                   batched = one at a time = continuous batching, reproducible sampling, batches that fit
 PLUMBING: getting data in and results out, and failing in one line
