@@ -602,6 +602,26 @@ def collate(sequences: list[tuple[list[int], int]], pad_id: int):
     return input_ids, attention_mask, labels
 
 
+def dpo_nll_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                 chosen_lengths, beta: float, alpha: float):
+    """DPO (Rafailov et al. 2023, eq. 7) plus the chosen answer's length-normalised NLL
+    (Pang et al. 2024), per pair:
+        -log sigmoid(beta * [(pc - rc) - (pr - rr)]) + alpha * (-pc / |y_c|)
+    All inputs (B,): summed log-probs of each answer under the policy (p) and the reference (r).
+    Returns the loss averaged over pairs and a dict of detached per-pair metrics (B,)."""
+    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps)
+    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps)
+    dpo = -F.logsigmoid(chosen_rewards - rejected_rewards)
+    nll = -policy_chosen_logps / chosen_lengths
+    losses = dpo + alpha * nll
+    metrics = {"loss/total": losses, "loss/dpo": dpo, "loss/nll": nll,
+               "rewards/chosen": chosen_rewards, "rewards/rejected": rejected_rewards,
+               "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
+               "rewards/margins": chosen_rewards - rejected_rewards,
+               "logps/chosen": policy_chosen_logps, "logps/rejected": policy_rejected_logps}
+    return losses.mean(), {name: value.detach() for name, value in metrics.items()}
+
+
 @torch.no_grad()
 def reference_logps(model, pairs: list[TokenizedPair], micro_batch_size: int, pad_id: int):
     """The reference model's log-probs log ref(y|x) of every pair's chosen and rejected answer,
@@ -668,26 +688,6 @@ def answer_token_logps(output_layer, hidden, targets):
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
 
 
-def dpo_nll_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                 chosen_lengths, beta: float, alpha: float):
-    """DPO (Rafailov et al. 2023, eq. 7) plus the chosen answer's length-normalised NLL
-    (Pang et al. 2024), per pair:
-        -log sigmoid(beta * [(pc - rc) - (pr - rr)]) + alpha * (-pc / |y_c|)
-    All inputs (B,): summed log-probs of each answer under the policy (p) and the reference (r).
-    Returns the loss averaged over pairs and a dict of detached per-pair metrics (B,)."""
-    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps)
-    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps)
-    dpo = -F.logsigmoid(chosen_rewards - rejected_rewards)
-    nll = -policy_chosen_logps / chosen_lengths
-    losses = dpo + alpha * nll
-    metrics = {"loss/total": losses, "loss/dpo": dpo, "loss/nll": nll,
-               "rewards/chosen": chosen_rewards, "rewards/rejected": rejected_rewards,
-               "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
-               "rewards/margins": chosen_rewards - rejected_rewards,
-               "logps/chosen": policy_chosen_logps, "logps/rejected": policy_rejected_logps}
-    return losses.mean(), {name: value.detach() for name, value in metrics.items()}
-
-
 def accumulate_gradients(model, pairs: list[TokenizedPair], ref_chosen_logps, ref_rejected_logps,
                          beta: float, alpha: float, micro_batch_size: int, pad_id: int) -> dict:
     """Backward over one optimizer step's pairs in micro-batches. Each micro-batch's mean loss is
@@ -730,16 +730,19 @@ def train(model, example_langs: list[str], accumulate, settings: Settings, log_p
     accumulate(model, example indices): their forward and backward passes in micro-batches, each
     micro-batch's loss weighted so that the gradient is the step's mean (accumulate_gradients,
     nll_gradients), returning per-example metric tensors and token counts. Then clip, step,
-    schedule, log: AdamW (optimizer_for: float32 master weights or BF16AdamW for a bf16 model),
-    warmup then cosine decay, one line of metrics per step in log_path. With progress, all a
-    training needs to go on is saved there every progress_every steps, and an interrupted one goes
-    on from it. Returns the last epoch's metrics, averaged over its examples and per language."""
+    schedule, log: AdamW (optimizer_for: float32 master weights or BF16AdamW for a bf16 model;
+    before the run, the memory plan chose --optim auto's and resolve --gradient-checkpointing
+    auto's), warmup then cosine decay, one line of metrics per step in log_path. With progress
+    (only the toy M0's pre-training has one), all a training needs to go on is saved there every
+    progress_every steps, and an interrupted one goes on from it; an interrupted DPO training
+    starts again from M_{t-1}. Returns the last epoch's metrics, averaged over its examples and
+    per language."""
     optimizer = optimizer_for([p for p in model.parameters() if p.requires_grad], settings)
     generator = torch.Generator().manual_seed(settings.seed)
     steps = [(epoch, step_ids) for epoch in range(settings.epochs)
              for step_ids in torch.randperm(len(example_langs), generator=generator).split(settings.batch_size)]
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(len(steps), settings.warmup_ratio))
-    if settings.gradient_checkpointing == "on":
+    if settings.gradient_checkpointing == "on":  # transformers 5's name for gradient_checkpointing_enable
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()  # HF checkpoints layers only in train mode; dropout was switched off in load_model
     parts = {"model": model, "optimizer": optimizer, "schedule": schedule}
@@ -846,7 +849,9 @@ def run(settings: Settings, command: list[str]):
 def resume_point(out: Path, settings: Settings) -> tuple[int, str]:
     """Where a run starts: the iteration after the last one whose model (M_t) is saved in the run
     folder, and the model it starts from (that M_t, else --model). Earlier iterations are read,
-    not redone, and within the starting iteration every stage whose file is there is reused (stage)."""
+    not redone; within the starting iteration every step whose file is there is reused (stage),
+    and its training, if it was interrupted, starts again. check_resumable (in open_run) has
+    already refused a folder made with other settings or inputs."""
     saved = [t for t in range(1, settings.iters + 1) if (out / f"iter_{t}" / "model").exists()]
     return max(saved, default=0) + 1, str(out / f"iter_{saved[-1]}" / "model") if saved else settings.model
 
@@ -1556,6 +1561,7 @@ class MasterWeightAdamW(torch.optim.AdamW):
         for master, param in zip(masters, self.model_params):  # free each bf16 gradient once copied
             master.grad, param.grad = (None if param.grad is None else param.grad.float()), None
         super().step()
+        self.zero_grad(set_to_none=True)  # used up: freed before the rounding's temporaries (5 GB on Llama-3-8B)
         for master, param in zip(masters, self.model_params):
             param.copy_(round_stochastically(master) if param.dtype == torch.bfloat16 else master)
 
