@@ -738,6 +738,7 @@ def train(model, example_langs: list[str], accumulate, settings: Settings, log_p
     starts again from M_{t-1}. Returns the last epoch's metrics, averaged over its examples and
     per language."""
     optimizer = optimizer_for([p for p in model.parameters() if p.requires_grad], settings)
+    trained = optimizer.param_groups[0]["params"]  # the model's weights, or their float32 masters
     generator = torch.Generator().manual_seed(settings.seed)
     steps = [(epoch, step_ids) for epoch in range(settings.epochs)
              for step_ids in torch.randperm(len(example_langs), generator=generator).split(settings.batch_size)]
@@ -758,7 +759,9 @@ def train(model, example_langs: list[str], accumulate, settings: Settings, log_p
         for step, (epoch, step_ids) in enumerate(steps[start:], start + 1):
             metrics = accumulate(model, step_ids.tolist())  # forward and backward, micro-batch by micro-batch
             tokens_trained += metrics.pop("tokens").sum().item()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
+            if isinstance(optimizer, MasterWeightAdamW):
+                optimizer.take_gradients()
+            grad_norm = torch.nn.utils.clip_grad_norm_(trained, settings.max_grad_norm)
             line = {"step": step, "epoch": epoch + 1, **{k: v.mean().item() for k, v in metrics.items()},
                     "optim/lr": schedule.get_last_lr()[0], "optim/grad_norm": grad_norm.item()}
             stop_if_diverged(line, settings)  # before one step makes every weight NaN
@@ -876,8 +879,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lidr: error: {error.strerror or error}: {error.filename or 'a file of the run'}", file=sys.stderr)
         return 1
     except (KeyboardInterrupt, Terminated) as interrupt:  # every finished stage is already on disk, whole
-        out = Path(resolve(settings).out) if settings else None
-        print(f"lidr: interrupted; {finished_work(out)}; to resume, run the same command: "
+        print(f"lidr: interrupted; {finished_work(settings and resolve(settings))}; to resume, run the same command: "
               f"python {shlex.join(command)}", file=sys.stderr)
         return 143 if isinstance(interrupt, Terminated) else 130
     finally:
@@ -1549,20 +1551,26 @@ class MasterWeightAdamW(torch.optim.AdamW):
     would vanish (a known DPO trap). Each step takes the model's bf16 gradients into the masters,
     updates the masters, and rounds them into the model stochastically, so that the model keeps
     sub-bf16 updates in expectation. 16 bytes per parameter besides the bf16 weights: float32
-    masters, gradients and two moments."""
+    masters, gradients and two moments. train calls take_gradients before clipping, so that the
+    gradients are clipped, and their norm logged, in float32 (as AMP's scaler.unscale_)."""
 
     def __init__(self, params, **options):
         self.model_params = list(params)
         super().__init__([p.detach().float() for p in self.model_params], fused=True, **options)
 
     @torch.no_grad()
-    def step(self):
-        masters = self.param_groups[0]["params"]
-        for master, param in zip(masters, self.model_params):  # free each bf16 gradient once copied
-            master.grad, param.grad = (None if param.grad is None else param.grad.float()), None
-        super().step()
+    def take_gradients(self):
+        """The model's bf16 gradients into the masters, each freed once copied."""
+        for master, param in zip(self.param_groups[0]["params"], self.model_params):
+            if param.grad is not None:
+                master.grad, param.grad = param.grad.float(), None
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        self.take_gradients()  # if train has not yet
+        super().step(closure)
         self.zero_grad(set_to_none=True)  # used up: freed before the rounding's temporaries (5 GB on Llama-3-8B)
-        for master, param in zip(masters, self.model_params):
+        for master, param in zip(self.param_groups[0]["params"], self.model_params):
             param.copy_(round_stochastically(master) if param.dtype == torch.bfloat16 else master)
 
     def state_dict(self):  # with the masters: the model's rounded weights cannot restore them
@@ -1573,7 +1581,6 @@ class MasterWeightAdamW(torch.optim.AdamW):
             for master, saved in zip(self.param_groups[0]["params"], state["masters"]):
                 master.copy_(saved)
         super().load_state_dict({name: value for name, value in state.items() if name != "masters"})
-
 
 
 def round_stochastically(x: torch.Tensor) -> torch.Tensor:
@@ -1902,13 +1909,12 @@ def record_run(out: Path, settings: Settings, command: list[str], inputs_sha256:
         log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} lidr_sha256={code_hash[:12]} {' '.join(command)}\n")
 
 
-def finished_work(out: Path | None) -> str:
-    """What an interrupted run leaves for the next one to reuse, in a few words."""
+def finished_work(settings: Settings | None) -> str:
+    """What an interrupted run leaves for the next one to reuse (resume_point), in a few words."""
+    out = Path(settings.out) if settings else None
     if out is None or not (out / "settings.json").exists():
         return "nothing was finished"
-    t = 1
-    while (out / f"iter_{t}" / "model").exists():
-        t += 1
+    t, _ = resume_point(out, settings)
     stages = sorted(path.name for path in (out / f"iter_{t}").glob("*.json*") if not leftover(path))
     kept = ([f"M1 to M{t - 1}" if t > 2 else "M1"] if t > 1 else []) + ([f"iteration {t}'s {', '.join(stages)}"]
                                                                        if stages else [])
@@ -2037,7 +2043,8 @@ def compare_table(folders: list[str]) -> str:
         if not isinstance(record, dict) or not isinstance(record.get("settings"), dict):
             raise LidrError(f"--compare: {folder} is not a lidr run folder")
         settings = record["settings"]
-        toy_seed = ("seed",) if settings.get("model") == "toy" else ()  # each seed pre-trains its own toy M0
+        # each seed pre-trains its own toy M0 ("tiny": the toy world's name before)
+        toy_seed = ("seed",) if settings.get("model") in ("toy", "tiny") else ()
         same = {name: settings.get(name) for name in SAME_M0_AND_EVALUATION + toy_seed}
         same["evaluation problems"] = record.get("inputs_sha256", {}).get("evaluation problems")
         run_evaluations = []
@@ -2619,9 +2626,10 @@ def toy_pretraining_data(tokenizer, seed: int, langs) -> list[tuple[list[int], i
 def toy_model_folder(root: Path, seed: int, langs) -> Path:
     """root/toy-m0-<langs>-seed<seed>-<recipe hash>: any change to the toy's data, model or
     pre-training (its code included) makes another M0."""
-    functions = (toy_problem_list, toy_text, toy_answer, toy_translation_requests, toy_tokenizer,
-                 untrained_toy_model, toy_pretraining_data, toy_model, train, nll_gradients, length_grouped,
-                 in_step_order, collate, chunked_sequence_logps, answer_token_logps, optimizer_for, warmup_cosine)
+    functions = (toy_problem_list, toy_text, toy_answer, toy_translation_requests, toy_tokenizer, chat_prompt_ids,
+                 end_of_turn_id, untrained_toy_model, toy_pretraining_data, toy_model, train, nll_gradients,
+                 length_grouped, in_step_order, collate, chunked_sequence_logps, answer_token_logps, optimizer_for,
+                 warmup_cosine)
     recipe = json.dumps([TOY_RECIPE, TOY_TEMPLATES, TOY_NUMBERS, TOY_OBJECTS, TOY_NAMES, TOY_SYSTEM_PROMPT,
                          TRANSLATION_REQUEST, TRANSLATION_PREFIX, LANGUAGE_NAMES])
     recipe += "".join(inspect.getsource(function) for function in functions)

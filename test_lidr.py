@@ -890,8 +890,12 @@ def test_train_uses_the_optimizer_and_checkpointing_it_is_given(tmp_path, monkey
     assert len(attention_calls) == 2, "--gradient-checkpointing on: the layer runs again in the backward pass"
     assert not model.training and not model.model.layers[0].gradient_checkpointing, "sampling needs eval mode back"
     masters = []
-    monkeypatch.setattr(lidr, "MasterWeightAdamW", lambda *args, **kwargs: masters.append(1) or torch.optim.SGD(
-        *args, lr=0.0))
+
+    class Recorded(lidr.MasterWeightAdamW):
+        def __init__(self, *args, **kwargs):
+            masters.append(1)
+            super().__init__(*args, **kwargs)
+    monkeypatch.setattr(lidr, "MasterWeightAdamW", Recorded)
     dpo_train(model, pairs, ref_chosen, ref_rejected, dataclasses.replace(settings, optim="adamw-fp32"),
               tmp_path / "log.jsonl")
     assert masters == [1], "--optim adamw-fp32 on a bf16 model must train float32 master weights"
@@ -946,17 +950,27 @@ def test_master_weights_are_rounded_into_bf16_stochastically(tmp_path):
     assert fraction_changed(before, model) > 0.06, "round-to-nearest changes ~4% here, stochastic ~9%"
 
 
-def test_master_weights_are_saved_with_the_optimizer_state():
+def test_master_weights_are_saved_with_the_training_progress(tmp_path):
     # train's saved progress must restore the float32 masters: the bf16 model only has them rounded
     weight = torch.nn.Parameter(torch.full((4,), 0.02, dtype=torch.bfloat16))
     optimizer = lidr.MasterWeightAdamW([weight], lr=1e-7)
     weight.grad = torch.ones_like(weight)
     optimizer.step()
+    lidr.save_progress(tmp_path / "progress.pt", {"optimizer": optimizer}, (1, ["line"], [], []))
     restored = lidr.MasterWeightAdamW([torch.nn.Parameter(weight.detach().clone())], lr=1e-7)
-    restored.load_state_dict(optimizer.state_dict())
+    assert lidr.load_progress(tmp_path / "progress.pt", {"optimizer": restored}) == (1, ["line"], [], [])
     masters = [o.param_groups[0]["params"][0] for o in (optimizer, restored)]
     assert masters[0].dtype == torch.float32 and torch.equal(masters[0], masters[1])
     assert not torch.equal(masters[1], weight.float()), "the master holds what bf16 rounds away"
+    assert restored.state[masters[1]]["step"] == 1
+
+
+def test_bf16_gradients_are_clipped_in_float32(tmp_path, monkeypatch):
+    clipped, clip = [], torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: clipped.append(
+        {p.grad.dtype for p in arguments(clip, a, k)["parameters"]}) or clip(*a, **k))
+    train_bf16_tiny_model(tmp_path, optim="adamw-fp32", lr=1e-5)
+    assert clipped and all(dtypes == {torch.float32} for dtypes in clipped), "norm and clip factor in float32"
 
 
 def test_bf16_adamw_equals_torch_adamw_on_float32_weights():
@@ -1595,6 +1609,14 @@ def test_resumed_run_reuses_finished_stages(steered_run):
     assert set(json.loads((run / "iter_2" / "eval.json").read_text())["alpaca"]) == {"en", "de", "fr"}
 
 
+def test_a_run_resumes_after_the_last_saved_model(tmp_path):
+    settings = lidr.Settings(model="base", iters=3)
+    assert lidr.resume_point(tmp_path, settings) == (1, "base")
+    (tmp_path / "iter_2" / "model").mkdir(parents=True)  # M1's folder lost: M2 is still the latest model
+    assert lidr.resume_point(tmp_path, settings) == (3, str(tmp_path / "iter_2" / "model"))
+    assert lidr.resume_point(tmp_path, dataclasses.replace(settings, iters=1)) == (1, "base")
+
+
 def test_resume_with_other_settings_is_refused(steered_run, capsys, monkeypatch):
     run, model_path, _ = steered_run
     monkeypatch.chdir(run.parent)  # where the run's relative --prompts path points
@@ -2210,7 +2232,9 @@ def test_bench_8b_step_memory_simulated_vs_estimate(bench, optim, pairs):
         model.train()
         for _ in range(2):  # the moments exist from the first step on: the second is the steady state
             lidr.accumulate_gradients(model, [pair] * pairs, torch.zeros(pairs), torch.zeros(pairs), 0.1, 1.0, 1, 0)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            if isinstance(optimizer, lidr.MasterWeightAdamW):
+                optimizer.take_gradients()
+            torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     settings = lidr.Settings(dtype="bfloat16", batch_size=pairs, micro_batch_size=1, max_len=2048)
