@@ -759,7 +759,7 @@ def train(model, example_langs: list[str], accumulate, settings: Settings, log_p
         for step, (epoch, step_ids) in enumerate(steps[start:], start + 1):
             metrics = accumulate(model, step_ids.tolist())  # forward and backward, micro-batch by micro-batch
             tokens_trained += metrics.pop("tokens").sum().item()
-            if isinstance(optimizer, MasterWeightAdamW):
+            if isinstance(optimizer, MasterWeightAdamW):  # as AMP's unscale_: clip the float32 gradients
                 optimizer.take_gradients()
             grad_norm = torch.nn.utils.clip_grad_norm_(trained, settings.max_grad_norm)
             line = {"step": step, "epoch": epoch + 1, **{k: v.mean().item() for k, v in metrics.items()},
@@ -1133,33 +1133,34 @@ def is_unicode(text: str) -> bool:
 
 
 def read_prompt_file(path: Path, flag: str = "--prompts") -> list[dict]:
+    """A .json list of records, or a .jsonl file of one record per line (each given its "_line")."""
     try:
         content = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
         raise LidrError(f"{flag}: cannot read {path}: {first_line(error)}") from None
     if path.suffix == ".json":
-        try:
-            records = json.loads(content)
-        except json.JSONDecodeError as error:
-            raise LidrError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from None
-        except RecursionError:
-            raise LidrError(f"{path}: nested too deep to be a list of records") from None
+        records = parse_json(content, path)
         if not isinstance(records, list):
             raise LidrError(f"{path}: expected a JSON list of prompt records")
         return records
     records = []
     for number, line in enumerate(content.splitlines(), 1):
         if line.strip():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise LidrError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-            except RecursionError:
-                raise LidrError(f"{path}:{number}: nested too deep to be a record") from None
+            record = parse_json(line, path, number)
             if not isinstance(record, dict):
                 raise LidrError(f"{path}:{number}: expected a JSON object per prompt")
             records.append({**record, "_line": number})
     return records
+
+
+def parse_json(text: str, path: Path, line: int | None = None):
+    """text (the file's, or its line `line`) as JSON; bad JSON is one line naming the file and line."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise LidrError(f"{path}:{line or error.lineno}: not valid JSON ({error.msg})") from None
+    except RecursionError:
+        raise LidrError(f"{path}{f':{line}' if line else ''}: nested too deep to be a record") from None
 
 
 def read_language_folders(folders: list[str], prompt_field: str, langs: list[str], flag: str) -> list[dict]:
