@@ -815,6 +815,7 @@ def run(settings: Settings, command: list[str]):
     settings = resolve(settings)
     out = Path(settings.out)
     start, start_model = resume_point(out, settings)
+    # run_folder_lock: one process per folder, for as long as this function runs
     model, tokenizer, settings, run_folder_lock = open_run(out, settings, command, start_model, all_prompts, problems)
     history, evaluations = [], []
     if problems:  # iter_0 holds M0's evaluation
