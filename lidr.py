@@ -842,9 +842,10 @@ def run(settings: Settings, command: list[str]):
             evaluations.append(evaluate_once(model, tokenizer, problems, settings, out, t, in_memory=t >= start - 1))
         if t >= start:
             print(run_tables(history, evaluations, langs, settings))
-    write_atomic(out / "summary.txt", run_tables(history, evaluations, langs, settings) + "\n")
+    tables = run_tables(history, evaluations, langs, settings)
+    write_atomic(out / "summary.txt", tables + "\n")
     if start > settings.iters:  # nothing left to run: the tables were not printed
-        print(run_tables(history, evaluations, langs, settings))
+        print(tables)
     print(f"final model: {out / f'iter_{settings.iters}' / 'model'}")
     if problems:
         compare_with_sibling(out, settings)
@@ -1559,11 +1560,12 @@ class MasterWeightAdamW(torch.optim.AdamW):
     def __init__(self, params, **options):
         self.model_params = list(params)
         super().__init__([p.detach().float() for p in self.model_params], fused=True, **options)
+        self.masters = self.param_groups[0]["params"]
 
     @torch.no_grad()
     def take_gradients(self):
         """The model's bf16 gradients into the masters, each freed once copied."""
-        for master, param in zip(self.param_groups[0]["params"], self.model_params):
+        for master, param in zip(self.masters, self.model_params):
             if param.grad is not None:
                 master.grad, param.grad = param.grad.float(), None
 
@@ -1572,15 +1574,15 @@ class MasterWeightAdamW(torch.optim.AdamW):
         self.take_gradients()  # if train has not yet
         super().step(closure)
         self.zero_grad(set_to_none=True)  # used up: freed before the rounding's temporaries (5 GB on Llama-3-8B)
-        for master, param in zip(self.param_groups[0]["params"], self.model_params):
+        for master, param in zip(self.masters, self.model_params):
             param.copy_(round_stochastically(master) if param.dtype == torch.bfloat16 else master)
 
     def state_dict(self):  # with the masters: the model's rounded weights cannot restore them
-        return {**super().state_dict(), "masters": self.param_groups[0]["params"]}
+        return {**super().state_dict(), "masters": self.masters}
 
     def load_state_dict(self, state: dict):
         with torch.no_grad():
-            for master, saved in zip(self.param_groups[0]["params"], state["masters"]):
+            for master, saved in zip(self.masters, state["masters"]):
                 master.copy_(saved)
         super().load_state_dict({name: value for name, value in state.items() if name != "masters"})
 
