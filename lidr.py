@@ -29,6 +29,7 @@ import ast
 import csv
 import dataclasses
 import fcntl
+import functools
 import hashlib
 import inspect
 import json
@@ -44,6 +45,7 @@ import string
 import sys
 import tempfile
 import time
+import unicodedata
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +55,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 import transformers
+from py3langid.langid import MODEL_FILE as LANGID_MODEL, LanguageIdentifier
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
@@ -90,7 +93,9 @@ class Settings:
     prompts: str = setting("", "a .jsonl/.json file; a folder of <lang>.jsonl files, one per language, records "
                                "joined by id (the authors' data/alpagasus/subset/id_0_1000), or several such folders, "
                                "comma-separated, read in order; a dataset id or folder for datasets.load_dataset "
-                               "(train split); toy = the toy world's problems; empty = the built-in prompts")
+                               "(train split); toy = the toy world's problems; capitals = questions on "
+                               "capitals for small real models (not those --eval capitals asks); empty = the "
+                               "built-in prompts")
     prompt_field: str = setting("instruction", "for datasets and per-language folders: the field holding the "
                                                "prompt (a non-empty 'input' field is appended after a newline, "
                                                "as the authors' scripts do)")
@@ -148,9 +153,10 @@ class Settings:
     gradient_checkpointing: str = setting("auto", "on: recompute each layer's activations in the backward "
                                                   "pass instead of storing them; off; auto = on on GPU")
     # evaluation: M0 and every M_t
-    eval: str = setting("", "comma-separated benchmarks: toy (held-out toy problems, exact answer), mgsm (accuracy "
-                            "by the last number, off-target rate by script), alpaca (answers in AlpacaEval's "
-                            "model_outputs.json format, for a judge to score); empty = none")
+    eval: str = setting("", "comma-separated benchmarks: toy (held-out toy problems, exact answer), capitals "
+                            "(held-out questions on capitals in en, de, es: accuracy by the city's name), mgsm "
+                            "(accuracy by the last number), alpaca (answers in AlpacaEval's model_outputs.json "
+                            "format, for a judge to score); all but toy: off-target rate; empty = none")
     eval_langs: str = setting("", "languages to evaluate, as in --langs; empty = --langs")
     eval_limit: int = setting(0, "most problems per benchmark and language; 0 = all")
     eval_max_new_tokens: int = setting(2048, "evaluation answer length cap (the scripts' evaluation: 2048)")
@@ -227,10 +233,12 @@ def lidr_iteration(model, tokenizer, prompts: list[dict], languages: dict[str, s
         languages, settings, "self-translating"), settings)
     built, counts = build_pairs(prompts, responses, translations, langs, settings.pairing, settings.recipe)
     pairs = stage(folder / "pairs.jsonl", lambda: built, settings)  # train on exactly what the folder holds
-    failures = failed_translations_into(prompt_translations + translations, langs)
+    every_translation = prompt_translations + translations
+    failures = count_per_target_language(every_translation, langs, lambda t: t["translation"] is None)
+    wrong_language = count_per_target_language(every_translation, langs, in_another_language)
     trained = train_on_pairs(model, tokenizer, pairs, settings, folder / "train_log.jsonl")
-    return {"counts": counts, "translation_failures": failures, "prompts_too_long": prompts_too_long,
-            "train": trained}
+    return {"counts": counts, "translation_failures": failures, "translations_wrong_language": wrong_language,
+            "prompts_too_long": prompts_too_long, "train": trained}
 
 
 # ------------------------------------------------------------------------ step 1: prompts
@@ -377,25 +385,29 @@ def padded_batches(model, prompts: list[list[int]], config: GenerationConfig, ma
     """HF generate on batches of similar-length prompts, left-padded: generation_batches groups
     them, shortest first, into batches of at most max_batch_size sequences whose KV cache and
     prefill (generation_memory; both in the memory planning) fit in free memory. Each batch runs
-    until its longest answer ends. Returns each prompt's new tokens."""
+    until its longest answer ends. Returns each prompt's new tokens. The progress bar counts
+    tokens, every sequence at the cap: from the first seconds its time left is the stage's longest."""
     budget = free_memory(model.device) * 3 // 4  # a quarter left for the allocator's fragmentation
     fits = lambda sequences, prompt_len: generation_memory(
         model.config, model.dtype.itemsize, sequences, prompt_len, config.max_new_tokens) <= budget
     batches = generation_batches([len(p) for p in prompts], max_batch_size, fits)
     outputs = [[]] * len(prompts)
-    bar = tqdm(total=len(prompts), desc=f"{desc} ({len(batches)} batches)", unit="seq", leave=False)
+    bar = tqdm(total=len(prompts) * config.max_new_tokens, desc=f"{desc} ({len(batches)} batches, tokens at the cap)",
+               unit="tok", unit_scale=True, leave=False)
     for batch in batches:
+        steps = []  # one per token generated: a batch's rows move the bar at every step
+        step_progress = lambda input_ids, scores: steps.append(bar.update(len(batch))) or scores
         width = max(len(prompts[i]) for i in batch)
         # Left-pad each row with its own first token: the repetition penalty counts every input
         # id, so a shared pad id (often EOS) would be penalised in padded rows only and batched
         # greedy output would differ from one-at-a-time. The attention mask hides the pads.
         input_ids = torch.tensor([[prompts[i][0]] * (width - len(prompts[i])) + prompts[i] for i in batch])
         attention_mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in batch])
-        output = model.generate(input_ids=input_ids.to(model.device),
-                                attention_mask=attention_mask.to(model.device), generation_config=config)
+        output = model.generate(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
+                                generation_config=config, logits_processor=[step_progress])
         for i, new_tokens in zip(batch, output[:, width:].tolist()):
             outputs[i] = new_tokens
-        bar.update(len(batch))
+        bar.update(len(batch) * (config.max_new_tokens - len(steps)))  # the steps a batch ending early saves
     bar.close()
     return outputs
 
@@ -455,8 +467,11 @@ def stronger_weaker_languages(langs: list[str], pairing: str) -> list[tuple[str,
 def translate(model, tokenizer, requests: list[dict], languages: dict[str, str], settings: Settings,
               desc: str) -> list[dict]:
     """requests: {"id", "source_lang", "target_lang", "source"}; returns them with the model's
-    raw output and the parsed "translation" (None when it failed: kept for inspection, never used).
-    The request is TRANSLATION_REQUEST, or --translation-request's ({lang} is the target)."""
+    raw output, the parsed "translation" (None when it failed: kept for inspection, never used) and
+    the "language" it is written in (language_of). Under --recipe lidr a translation into another
+    language than asked fails too: a small model often copies its input instead of translating, and
+    a chosen answer in the wrong language would teach the model to answer in it. The request is
+    TRANSLATION_REQUEST, or --translation-request's ({lang} is the target)."""
     request = template(settings, "translation_request") or TRANSLATION_REQUEST  # the file's text, if any
     ids = [chat_prompt_ids(tokenizer, request.format(
         source=languages[r["source_lang"]], target=languages[r["target_lang"]], lang=languages[r["target_lang"]],
@@ -464,8 +479,14 @@ def translate(model, tokenizer, requests: list[dict], languages: dict[str, str],
     # No repetition penalty: the prompt holds the text to copy and the closing tag (released scripts too).
     outputs = generate(model, tokenizer, ids, settings.translation_max_new_tokens, settings.gen_batch_size,
                        1.0, settings.temperature, desc=desc, engine=settings.engine)
-    return [{**r, "raw": raw, "translation": parse_translation(raw, empty_fails=settings.recipe == "lidr")}
-            for r, (raw, _) in zip(requests, outputs)]
+    done = []
+    for r, (raw, _) in zip(requests, outputs):
+        translation = parse_translation(raw, empty_fails=settings.recipe == "lidr")
+        language = language_of(translation, tuple(languages)) if translation else None
+        if settings.recipe == "lidr" and language not in (None, r["target_lang"]):
+            translation = None  # the scripts keep it
+        done.append({**r, "raw": raw, "translation": translation, "language": language})
+    return done
 
 
 def parse_translation(generated: str, empty_fails: bool = True) -> str | None:
@@ -478,6 +499,32 @@ def parse_translation(generated: str, empty_fails: bool = True) -> str | None:
     return None if empty_fails and not translation else translation
 
 
+@functools.cache
+def language_identifier(candidates: tuple[str, ...]) -> LanguageIdentifier | None:
+    """py3langid (a character n-gram classifier of 97 languages, offline) restricted to the
+    candidates it knows; None if it knows fewer than two of them."""
+    identifier = LanguageIdentifier.from_model_file(LANGID_MODEL, norm_probs=True)
+    known = [lang for lang in candidates if lang in identifier.labels]
+    if len(known) < 2:
+        return None
+    identifier.set_languages(known)
+    return identifier
+
+
+def language_of(text: str, candidates: tuple[str, ...]) -> str | None:
+    """Which of the candidate languages text is written in; None when it can't tell (below 80%
+    probability: a name or a number alone, a very short sentence, two languages mixed)."""
+    identifier = language_identifier(candidates)
+    if identifier is None:
+        return None
+    language, probability = identifier.classify(text)
+    return language if probability >= 0.8 else None
+
+
+def in_another_language(translation: dict) -> bool:
+    return translation.get("language") not in (None, translation["target_lang"])
+
+
 # ------------------------------------------------------------------------ step 4: preference pairs
 def build_pairs(prompts: list[dict], responses: list[dict], translations: list[dict], langs: list[str],
                 pairing: str, recipe: str) -> tuple[list[dict], dict[str, dict[str, int]]]:
@@ -488,21 +535,23 @@ def build_pairs(prompts: list[dict], responses: list[dict], translations: list[d
     lidr the stronger pair's rejected one is y_weaker as written too. The stronger language is the
     dominant one (paper), or the higher-ranked one with --pairing ranked.
     --recipe lidr skips a pair when its answers can't be compared (compared_answers), a
-    translation it needs failed, or chosen == rejected. --recipe scripts does what the authors'
+    translation it needs failed or is in another language (translate), or chosen == rejected. --recipe scripts does what the authors'
     utils/preprocess_dpo_format_dataset.py does: both pairs are dropped when either translation
     failed, unfinished, empty and identical answers are kept, and only the English pairs against
     the last language are kept (their loop writes one English file per language, each over the
     last: "overwritten").
     Returns the pairs and, per language, counts of "pairs" built and of each reason to skip."""
-    translated = {(t["id"], t["source_lang"], t["target_lang"]): t["translation"] for t in translations}
+    translated = {(t["id"], t["source_lang"], t["target_lang"]): t for t in translations}
     # "pairs" built, or why not: compared_answers' reasons first, then this function's own
-    reasons = ("pairs", "no_prompt", "unfinished", "empty", "translation_failed", "identical", "overwritten")
+    reasons = ("pairs", "no_prompt", "unfinished", "empty", "translation_failed", "wrong_language", "identical",
+               "overwritten")
     counts = {lang: dict.fromkeys(reasons, 0) for lang in langs}
     pairs = []
 
-    def add(answer, kind, other_lang, chosen, rejected):
+    def add(answer, kind, other_lang, chosen, rejected, translation=None):
         lang = answer["lang"]
-        reason = ("translation_failed" if chosen is None or rejected is None
+        failed = "wrong_language" if translation and in_another_language(translation) else "translation_failed"
+        reason = (failed if chosen is None or rejected is None
                   else "identical" if chosen == rejected and recipe == "lidr" else "pairs")
         counts[lang][reason] += 1
         if reason == "pairs":  # the prompt is the one its language's answer was sampled with
@@ -515,8 +564,9 @@ def build_pairs(prompts: list[dict], responses: list[dict], translations: list[d
             counts[stronger_lang][why_not] += 1
             counts[weaker_lang][why_not] += 1
             continue
-        back_translated = translated.get((prompt["id"], weaker_lang, stronger_lang))  # y_weaker, into stronger
-        forward_translated = translated.get((prompt["id"], stronger_lang, weaker_lang))  # y_stronger, into weaker
+        back = translated.get((prompt["id"], weaker_lang, stronger_lang), {})  # y_weaker, into stronger
+        forward = translated.get((prompt["id"], stronger_lang, weaker_lang), {})  # y_stronger, into weaker
+        back_translated, forward_translated = back.get("translation"), forward.get("translation")
         keep_stronger_pair = True
         if recipe == "scripts":
             kept_english = weaker_lang == langs[-1]  # the English pair the scripts' last file write keeps
@@ -532,11 +582,11 @@ def build_pairs(prompts: list[dict], responses: list[dict], translations: list[d
         if keep_stronger_pair and prompt["translation_task"] and recipe == "lidr":
             add(stronger, "own>untranslated", weaker_lang, stronger["response"], weaker["response"])
         elif keep_stronger_pair:
-            add(stronger, "own>translated", weaker_lang, stronger["response"], back_translated)
+            add(stronger, "own>translated", weaker_lang, stronger["response"], back_translated, back)
         if prompt["translation_task"]:
             add(weaker, "untranslated>own", stronger_lang, stronger["response"], weaker["response"])
         else:
-            add(weaker, "translated>own", stronger_lang, forward_translated, weaker["response"])
+            add(weaker, "translated>own", stronger_lang, forward_translated, weaker["response"], forward)
     return pairs, counts
 
 
@@ -1087,6 +1137,8 @@ def load_prompts(source: str, prompt_field: str, languages: dict[str, str], tran
     elif source == "toy":
         check_toy_languages(languages, "--prompts toy")
         records, where = toy_prompts(), "toy prompts"
+    elif source == "capitals":  # the questions a language lacks are translated by the model
+        records, where = capital_prompts(), "capital questions"
     elif source.endswith((".json", ".jsonl")) or os.path.isfile(source):
         records, where = read_prompt_file(Path(source), flag), source
     elif "," in source or any(Path(source, f"{lang}.jsonl").is_file() for lang in langs):
@@ -1518,16 +1570,22 @@ def plan_training_memory(config, n_params: int, settings: Settings, available: i
           f"{available / 1e9:.1f} GB on {settings.device}")
     if training_peak(parts) > available:
         trial, fixes = dataclasses.replace(settings, optim=optim), []
-        for flag, change in [("--dtype bfloat16", {"dtype": "bfloat16"}), ("--optim adamw-bf16", {"optim": "adamw-bf16"}),
-                             ("--gradient-checkpointing on", {"gradient_checkpointing": "on"}),
-                             ("--micro-batch-size 1", {"micro_batch_size": 1})]:
+        # on a CPU bf16 is slow and saves little beside the activations, so the activations go first
+        changes = [("--dtype bfloat16", {"dtype": "bfloat16"}), ("--optim adamw-bf16", {"optim": "adamw-bf16"}),
+                   ("--gradient-checkpointing on", {"gradient_checkpointing": "on"}),
+                   ("--micro-batch-size 1", {"micro_batch_size": 1})]
+        for flag, change in changes if settings.device.startswith("cuda") else changes[:1:-1]:
             if any(getattr(trial, name) != value for name, value in change.items()):
                 trial = dataclasses.replace(trial, **change)
                 fixes.append(flag)
                 if total(trial) <= available:
                     break
+        while total(trial) > available and trial.max_len >= 16:  # then shorter sequences
+            trial = dataclasses.replace(trial, max_len=trial.max_len // 2)
+        if trial.max_len != settings.max_len:
+            fixes.append(f"--max-len {trial.max_len}")
         hint = (f"try {' '.join(fixes)}" if total(trial) <= available
-                else f"even {' '.join(fixes)} would not fit: use a smaller --max-len or model")
+                else f"even {' '.join(fixes)} would not fit: use a smaller model")
         raise LidrError(f"training needs about {training_peak(parts) / 1e9:.0f} GB but {settings.device} has "
                         f"{available / 1e9:.0f} GB; {hint}")
     return optim
@@ -1926,11 +1984,11 @@ def finished_work(settings: Settings | None) -> str:
 
 
 # ------------------------------------------------------------------------ report tables
-def failed_translations_into(translations: list[dict], langs: list[str]) -> dict[str, int]:
-    failures = dict.fromkeys(langs, 0)
+def count_per_target_language(translations: list[dict], langs: list[str], counted) -> dict[str, int]:
+    counts = dict.fromkeys(langs, 0)
     for translation in translations:
-        failures[translation["target_lang"]] += translation["translation"] is None
-    return failures
+        counts[translation["target_lang"]] += counted(translation)
+    return counts
 
 
 def means_per_language(step_metrics: list[dict], langs: list[str]) -> dict:
@@ -1959,7 +2017,7 @@ def summary_table(history: list[dict], langs: list[str], settings: Settings) -> 
                                  "answers. nll: per answer token, averaged over the stage's examples in its last "
                                  "epoch."])
     recipe = settings.recipe
-    header = (f"{'iter':>4} {'lang':>4} {'pairs':>6} {'skipped':>7} {'failed_tr':>9} {'loss':>7} "
+    header = (f"{'iter':>4} {'lang':>4} {'pairs':>6} {'skipped':>7} {'failed_tr':>9} {'wrong_lang':>10} {'loss':>7} "
               f"{'reward_acc':>10} {'margin':>7} {'logp_chosen':>11} {'nll':>6}")
     rows = [f"pairs built by --recipe {recipe}", header, "-" * len(header)]
     for iteration, metrics in enumerate(history, 1):
@@ -1969,14 +2027,16 @@ def summary_table(history: list[dict], langs: list[str], settings: Settings) -> 
             numbers = (f"{trained['loss/total']:7.4f} {trained['rewards/accuracies']:10.2f} "
                        f"{trained['rewards/margins']:7.3f} {trained['logps/chosen']:11.2f} {trained['loss/nll']:6.3f}"
                        if trained else f"{'-':>7} {'-':>10} {'-':>7} {'-':>11} {'-':>6}")
+            wrong_language = metrics.get("translations_wrong_language", {}).get(lang, "-")  # older folders: none
             rows.append(f"{iteration:>4} {lang:>4} {counts['pairs']:>6} {sum(counts.values()) - counts['pairs']:>7} "
-                        f"{metrics['translation_failures'][lang]:>9} {numbers}")
+                        f"{metrics['translation_failures'][lang]:>9} {wrong_language:>10} {numbers}")
     rows.append("skipped: pairs not built, by reason in metrics.json (a prompt or translation failed, an answer "
                 "was empty or hit the token cap, chosen == rejected; with --recipe scripts only missing prompts, "
                 "failed translations, and the dominant language's pairs against all but the last language: "
                 "overwritten); failed_tr: "
-                "translations into the language with no parseable span. logp_chosen: summed over the answer; "
-                "nll: per token.")
+                "translations into the language with no parseable span, or (--recipe lidr) in another language; "
+                "wrong_lang: translations into the language written in another one (language_of; --recipe scripts "
+                "keeps them). logp_chosen: summed over the answer; nll: per token.")
     return "\n".join(rows)
 
 
@@ -2088,32 +2148,11 @@ def last_number(text: str) -> float | None:
     return float(number.replace(",", "."))
 
 
-# Letters of a script, as Unicode ranges. Latin-script languages can't be told apart this way.
-SCRIPT_RANGES = {"cyrillic": [(0x0400, 0x052F)], "thai": [(0x0E00, 0x0E7F)], "bengali": [(0x0980, 0x09FF)],
-                 "telugu": [(0x0C00, 0x0C7F)], "kana": [(0x3040, 0x30FF), (0x31F0, 0x31FF)],
-                 "han": [(0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF)]}
-
-LANGUAGE_SCRIPTS = {"ru": {"cyrillic"}, "uk": {"cyrillic"}, "th": {"thai"}, "bn": {"bengali"}, "te": {"telugu"},
-                    "zh": {"han"}, "ja": {"han", "kana"}}
-
-
-def script_of(char: str) -> str:
-    return next((script for script, ranges in SCRIPT_RANGES.items()
-                 if any(low <= ord(char) <= high for low, high in ranges)), "other")
-
-
-def off_target(text: str, lang: str) -> bool | None:
-    """Is the answer in another language than asked? Judged by script: off target when fewer than
-    half its letters are in the language's script (Japanese must also use kana, Chinese none).
-    None where the script can't tell (Latin-script languages) or the answer has no letters."""
-    if lang not in LANGUAGE_SCRIPTS:
-        return None
-    scripts = [script_of(c) for c in text if c.isalpha()]
-    if not scripts:
-        return None
-    in_script = sum(s in LANGUAGE_SCRIPTS[lang] for s in scripts) / len(scripts)
-    kana = "kana" in scripts
-    return in_script < 0.5 or (lang == "ja" and not kana) or (lang == "zh" and kana)
+def off_target(text: str, lang: str, candidates: tuple[str, ...]) -> bool | None:
+    """Is the answer in another language than asked (the paper's off-target rate)? language_of
+    among the candidates (the run's and the evaluated languages); None where it can't tell."""
+    language = language_of(text, candidates)
+    return None if language is None else language != lang
 
 
 def read_mgsm(source: str, lang: str) -> list[dict]:
@@ -2168,7 +2207,7 @@ def read_mgsm(source: str, lang: str) -> list[dict]:
     return problems
 
 
-BENCHMARKS = ("toy", "mgsm", "alpaca")
+BENCHMARKS = ("toy", "capitals", "mgsm", "alpaca")
 
 
 def eval_problems(settings: Settings) -> dict[str, dict[str, list[dict]]]:
@@ -2180,6 +2219,8 @@ def eval_problems(settings: Settings) -> dict[str, dict[str, list[dict]]]:
         if benchmark == "toy":
             check_toy_languages(languages, "--eval toy")
             problems["toy"] = {lang: toy_eval_problems(lang) for lang in languages}
+        elif benchmark == "capitals":
+            problems["capitals"] = {lang: capital_questions(lang, held_out=True) for lang in languages}
         elif benchmark == "mgsm":
             problems["mgsm"] = {lang: read_mgsm(settings.mgsm, lang) for lang in languages}
         elif settings.alpaca and any(Path(settings.alpaca, f"{lang}.json").is_file() for lang in languages):
@@ -2212,13 +2253,17 @@ def read_alpaca_file(path: Path, lang: str) -> list[dict]:
              "dataset": r.get("dataset", f"lidr-{lang}")} for number, r in enumerate(records, 1)]
 
 
-def score(benchmark: str, answer: str, finished: bool, gold, lang: str) -> dict:
-    """One answer's scores; a language's metrics are their means."""
+def score(benchmark: str, answer: str, finished: bool, gold, lang: str, candidates: tuple[str, ...]) -> dict:
+    """One answer's scores; a language's metrics are their means. candidates: the languages an
+    answer may be written in, for off_target."""
     if benchmark == "toy":  # number: the right number in any toy language, as MGSM scores a number
         return {"accuracy": float(answer == gold), "number": float(toy_numbers(answer) == toy_numbers(gold))}
+    language = {"off_target": off_target(answer, lang, candidates)}
     if benchmark == "mgsm":
-        return {"accuracy": float(last_number(answer) == gold), "off_target": off_target(answer, lang)}
-    return {"finished": float(finished), "words": float(len(answer.split()))}
+        return {"accuracy": float(last_number(answer) == gold), **language}
+    if benchmark == "capitals":
+        return {"accuracy": float(names_any(answer, gold)), **language, "finished": float(finished)}
+    return {**language, "finished": float(finished), "words": float(len(answer.split()))}
 
 
 def evaluate(model, tokenizer, problems: dict, settings: Settings, folder: Path, model_name: str) -> dict:
@@ -2235,8 +2280,9 @@ def evaluate(model, tokenizer, problems: dict, settings: Settings, folder: Path,
     answers = generate(model, tokenizer, ids, settings.eval_max_new_tokens, settings.gen_batch_size,
                        settings.repetition_penalty, settings.temperature, desc=f"evaluating {model_name}",
                        engine=settings.engine)
+    candidates = tuple({**parse_languages(settings.langs), **languages})
     records = [{"benchmark": benchmark, "lang": lang, **problem, "answer": answer.strip(), "finished": finished,
-                "scores": score(benchmark, answer.strip(), finished, problem["gold"], lang)}
+                "scores": score(benchmark, answer.strip(), finished, problem["gold"], lang, candidates)}
                for (benchmark, lang, problem), (answer, finished) in zip(jobs, answers)]
     write_jsonl(folder / "eval_answers.jsonl", records)
     results = {}
@@ -2246,7 +2292,7 @@ def evaluate(model, tokenizer, problems: dict, settings: Settings, folder: Path,
             metrics = results.setdefault(benchmark, {}).setdefault(lang, {})
             for metric in scored[0]["scores"] if scored else []:
                 values = [r["scores"][metric] for r in scored if r["scores"][metric] is not None]
-                if values:  # off_target is None where the script can't tell
+                if values:  # off_target is None where language_of can't tell
                     metrics[metric] = sum(values) / len(values)
             if benchmark == "alpaca":
                 outputs = [{"instruction": r["prompt"], "output": r["answer"], "generator": model_name,
@@ -2448,6 +2494,91 @@ BUILTIN_PROMPTS = [  # written for this kit; the same instruction in the five la
      "es": "Traduce 'good morning, friends' al español.", "ru": "Переведи 'good morning, friends' на испанский.",
      "de": "Übersetze 'good morning, friends' ins Spanische.", "fr": "Traduis 'good morning, friends' en espagnol."},
 ]
+
+
+# ======================================================================== capitals: a check for small real models
+# Short questions whose answer is a name a small chat model knows in English, checked without a
+# judge. SmolLM2-135M-Instruct names most capitals in English and few in German or Spanish: a
+# language gap on knowledge the model has (README: A real model). --eval capitals asks the first
+# 20 countries, --prompts capitals the other 30.
+CAPITAL_QUESTION = {"en": "What is the capital of {}?", "de": "Was ist die Hauptstadt von {}?",
+                    "es": "¿Cuál es la capital de {}?"}
+CAPITALS = [line.split("|") for line in """\
+Germany|Deutschland|Alemania|Berlin/Berlín
+Italy|Italien|Italia|Rome/Rom/Roma
+Japan|Japan|Japón|Tokyo/Tokio
+Russia|Russland|Rusia|Moscow/Moskau/Moscú
+Canada|Kanada|Canadá|Ottawa
+Egypt|Ägypten|Egipto|Cairo/Kairo
+Sweden|Schweden|Suecia|Stockholm/Estocolmo
+Poland|Polen|Polonia|Warsaw/Warschau/Varsovia
+Austria|Österreich|Austria|Vienna/Wien/Viena
+Greece|Griechenland|Grecia|Athens/Athen/Atenas
+Portugal|Portugal|Portugal|Lisbon/Lissabon/Lisboa
+Kenya|Kenia|Kenia|Nairobi
+Peru|Peru|Perú|Lima
+Thailand|Thailand|Tailandia|Bangkok
+South Korea|Südkorea|Corea del Sur|Seoul/Seúl
+Belgium|Belgien|Bélgica|Brussels/Brüssel/Bruselas
+Romania|Rumänien|Rumania|Bucharest/Bukarest/Bucarest
+Iceland|Island|Islandia|Reykjavik
+Venezuela|Venezuela|Venezuela|Caracas
+Malaysia|Malaysia|Malasia|Kuala Lumpur
+France|Frankreich|Francia|Paris/París
+Spain|Spanien|España|Madrid
+China|China|China|Beijing/Peking/Pekín
+Australia|Australien|Australia|Canberra
+Brazil|Brasilien|Brasil|Brasília
+India|Indien|India|Delhi
+Argentina|Argentinien|Argentina|Buenos Aires
+Norway|Norwegen|Noruega|Oslo
+Finland|Finnland|Finlandia|Helsinki
+Denmark|Dänemark|Dinamarca|Copenhagen/Kopenhagen/Copenhague
+Ireland|Irland|Irlanda|Dublin
+Hungary|Ungarn|Hungría|Budapest
+Chile|Chile|Chile|Santiago
+Cuba|Kuba|Cuba|Havana/Havanna/Habana
+Vietnam|Vietnam|Vietnam|Hanoi
+Indonesia|Indonesien|Indonesia|Jakarta/Yakarta
+Nigeria|Nigeria|Nigeria|Abuja
+Morocco|Marokko|Marruecos|Rabat
+Colombia|Kolumbien|Colombia|Bogotá
+New Zealand|Neuseeland|Nueva Zelanda|Wellington
+Pakistan|Pakistan|Pakistán|Islamabad
+England|England|Inglaterra|London/Londres
+Scotland|Schottland|Escocia|Edinburgh/Edimburgo
+Bulgaria|Bulgarien|Bulgaria|Sofia
+Serbia|Serbien|Serbia|Belgrade/Belgrad/Belgrado
+Croatia|Kroatien|Croacia|Zagreb
+Ghana|Ghana|Ghana|Accra/Acra
+Ecuador|Ecuador|Ecuador|Quito
+Afghanistan|Afghanistan|Afganistán|Kabul
+Nepal|Nepal|Nepal|Kathmandu/Katmandu
+""".splitlines()]
+CAPITALS_HELD_OUT = 20
+
+
+def capital_questions(lang: str, held_out: bool) -> list[dict]:
+    """--eval capitals' problems (held_out) or the questions --prompts capitals trains on, in one language."""
+    if lang not in CAPITAL_QUESTION:
+        raise LidrError(f"--eval capitals: the questions are in {','.join(CAPITAL_QUESTION)} (got '{lang}')")
+    chosen = CAPITALS[:CAPITALS_HELD_OUT] if held_out else CAPITALS[CAPITALS_HELD_OUT:]
+    return [{"id": f"capital-{row[0]}", "prompt": CAPITAL_QUESTION[lang].format(row[list(CAPITAL_QUESTION).index(lang)]),
+             "gold": row[3].split("/")} for row in chosen]
+
+
+def capital_prompts() -> list[dict]:
+    questions = {lang: capital_questions(lang, held_out=False) for lang in CAPITAL_QUESTION}
+    return [{"id": question["id"], "translation_task": False,
+             **{lang: questions[lang][i]["prompt"] for lang in CAPITAL_QUESTION}}
+            for i, question in enumerate(questions["en"])]
+
+
+def names_any(answer: str, names: list[str]) -> bool:
+    """Does the answer name one of names, as a word, whatever its case and accents?"""
+    def plain(text):
+        return "".join(c for c in unicodedata.normalize("NFKD", text.lower()) if not unicodedata.combining(c))
+    return any(re.search(rf"\b{re.escape(plain(name))}\b", plain(answer)) for name in names)
 
 
 # ======================================================================== the toy world

