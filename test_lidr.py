@@ -77,7 +77,7 @@ ROOT = Path(__file__).resolve().parent
 # Benchmarks (`pytest -m bench -s test_lidr.py`) and the toy world's end-to-end tests (`pytest -m toy
 # test_lidr.py`) are opt-in. The marks are only selectors, so pytest's warning about unregistered
 # marks is silenced here rather than in a config file.
-warnings.filterwarnings("ignore", "Unknown pytest.mark.(bench|toy)", pytest.PytestUnknownMarkWarning)
+warnings.filterwarnings("ignore", "Unknown pytest.mark.(bench|toy|gpu)", pytest.PytestUnknownMarkWarning)
 SYSTEM = "You are a helpful assistant."
 LN2 = math.log(2)
 
@@ -2198,6 +2198,77 @@ def test_bench_training_throughput(bench, monkeypatch, tmp_path, size):
     bench.append((f"{label} peak memory", results[0][2], results[1][2], "MB", "-"))
 
 
+# The README's real-model table: LIDR with the language check, without it (--recipe scripts, which
+# keeps wrong-language pairs, as the authors' scripts do) and QAlign, from the same M0 on the same questions.
+REAL_MODEL_TABLE_RUN = ["--langs", "en,de,es", "--prompts", "capitals", "--eval", "capitals", "--max-new-tokens", "96",
+                        "--translation-max-new-tokens", "128", "--eval-max-new-tokens", "64", "--lr", "1e-5",
+                        "--epochs", "2", "--batch-size", "8"]
+REAL_MODEL_VARIANTS = {"lidr": [], "scripts": ["--recipe", "scripts"], "qalign": ["--method", "qalign"]}
+
+
+def matmul_flops_per_second() -> float:
+    """What this machine's float32 matrix multiplies reach (2 n^3 per product of n x n matrices), median of 5."""
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    torch.mm(a, b)
+    return 2 * 2048**3 / statistics.median(timed(lambda: torch.mm(a, b)) for _ in range(5))
+
+
+def real_model_rows(out: Path, iterations: int) -> dict:
+    """Per language and model (M0, M1, ...) from a run folder: accuracy, right where English is right,
+    finished and off-target in %; per iteration: pairs built and skipped by reason, translations failed."""
+    rows = {}
+    for t in range(iterations + 1):
+        records = lidr.read_jsonl(out / f"iter_{t}" / "eval_answers.jsonl")
+        right = {(r["lang"], r["id"]): r["scores"]["accuracy"] for r in records}
+        for lang in ("en", "de", "es"):
+            mine = [r for r in records if r["lang"] == lang]
+            judged = [r["scores"]["off_target"] for r in mine if r["scores"]["off_target"] is not None]
+            english_right = [r for r in mine if right[("en", r["id"])]]
+            rows.setdefault(lang, []).append({
+                "accuracy": 100 * statistics.mean(r["scores"]["accuracy"] for r in mine),
+                "right where en is": 100 * statistics.mean(r["scores"]["accuracy"] for r in english_right),
+                "finished": 100 * statistics.mean(r["finished"] for r in mine),
+                "off-target": 100 * statistics.mean(judged) if judged else float("nan")})
+    return rows
+
+
+@pytest.mark.bench
+def test_real_model_lidr_table(bench, smollm2, tmp_path):
+    """The README's table (A real model): SmolLM2-135M-Instruct, en + de + es, 2 iterations on 30 questions
+    on capitals, evaluated on 20 others; about 40 minutes on a 2-core CPU. Prints the table, each run's
+    command and wall time, and each stage's tokens/s as a share of what this CPU's matrix multiplies reach."""
+    peak = matmul_flops_per_second()
+    n_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(smollm2).parameters())
+    lines = [f"matrix multiplies (float32, 2048 x 2048, {torch.get_num_threads()} threads): {peak / 1e9:.1f} GFLOP/s; "
+             f"{n_params / 1e6:.1f}M parameters: 2N FLOPs per generated token, 6N per trained token"]
+    tables = {}
+    for variant, flags in REAL_MODEL_VARIANTS.items():
+        argv = [*REAL_MODEL_TABLE_RUN, *flags, "--model", str(smollm2), "--out", variant]
+        start = time.perf_counter()
+        output = run_lidr(*argv, cwd=tmp_path)
+        lines.append(f"{variant}: {time.perf_counter() - start:.0f} s: python lidr.py {shlex.join(argv)}")
+        for stage, tokens, seconds in re.findall(r"^(.+?): (\d+) (?:new )?tokens in ([\d.]+) s", output, re.M):
+            flops = (6 if stage == "training" else 2) * n_params * int(tokens) / float(seconds)
+            lines.append(f"   {stage}: {int(tokens) / float(seconds):.0f} tokens/s, {100 * flops / peak:.0f}% of the "
+                         f"matrix multiplies' rate")
+        tables[variant] = real_model_rows(tmp_path / variant, 2)
+        if variant != "qalign":
+            for t in (1, 2):
+                metrics = json.loads((tmp_path / variant / f"iter_{t}" / "metrics.json").read_text())
+                for lang, counts in metrics["counts"].items():
+                    skipped = ", ".join(f"{reason} {n}" for reason, n in counts.items() if n and reason != "pairs")
+                    lines.append(f"   iteration {t} {lang}: {counts['pairs']} pairs (skipped: {skipped or 'none'}); "
+                                 f"translations into {lang}: {metrics['translation_failures'][lang]} failed, "
+                                 f"{metrics['translations_wrong_language'][lang]} in another language")
+    models = {"lidr": "M0 -> M1 -> M2", "scripts": "M0 -> M1 -> M2", "qalign": "M0 -> stage 1 -> stage 2"}
+    lines.append("| metric | lang | " + " | ".join(f"{variant}: {models[variant]}" for variant in tables) + " |")
+    for metric in ("accuracy", "right where en is", "finished", "off-target"):
+        for lang in ("en", "de", "es"):
+            cells = [" -> ".join(f"{row[metric]:.0f}" for row in table[lang]) for table in tables.values()]
+            lines.append(f"| {metric} | {lang} | " + " | ".join(cells) + " |")
+    print("\n".join(lines))
+
+
 def timed(function) -> float:
     start = time.perf_counter()
     function()
@@ -2415,3 +2486,49 @@ def test_bench_8b_step_on_gpu(bench, tmp_path):
     start = time.perf_counter()
     lidr.generate(model, tokenizer, prompts, 128, 64, 1.1, 0.0, "bench")
     bench.append(("8B sampling tok/s at batch 64", 64 * 128 / (time.perf_counter() - start), None, "/s", "-"))
+
+
+# ------------------------------------------ the GPU check: pytest -m gpu -s test_lidr.py, on one CUDA GPU, ~minutes
+GPU_RUN = ["--iters", "2", "--langs", "en,de,es", "--prompts", "capitals", "--eval", "capitals", "--dtype", "bfloat16",
+           "--device", "cuda", "--max-new-tokens", "256", "--translation-max-new-tokens", "256", "--lr", "1e-5",
+           "--epochs", "2", "--batch-size", "8", "--micro-batch-size", "8"]
+
+
+@pytest.mark.gpu
+def test_gpu_real_model_two_iterations_in_bf16(request, smollm2, tmp_path, monkeypatch, capsys):
+    """What the README's GPU claims need, on the real chat model: two iterations in bfloat16 with each
+    generation engine; each stage's tokens/s; training's peak GPU memory against the memory plan's
+    estimate; a bf16 step (float32 master weights) against a float32 step on the same pairs."""
+    if "gpu" not in (request.config.getoption("markexpr") or "") or not torch.cuda.is_available():
+        pytest.skip("the GPU check: pytest -m gpu -s test_lidr.py, on a CUDA GPU")
+    lines = [f"{torch.cuda.get_device_name()}, torch {torch.__version__}, transformers {transformers.__version__}"]
+    train, peaks = lidr.train, []
+
+    def measured_train(*args, **kwargs):  # the training's own peak, apart from generation's
+        torch.cuda.reset_peak_memory_stats()
+        result = train(*args, **kwargs)
+        peaks.append(torch.cuda.max_memory_allocated() / 1e9)
+        return result
+    monkeypatch.setattr(lidr, "train", measured_train)
+    for engine in ("generate", "continuous"):
+        start = time.perf_counter()
+        assert lidr.main([*GPU_RUN, "--model", str(smollm2), "--engine", engine, "--out", str(tmp_path / engine)]) == 0
+        output = capsys.readouterr().out
+        lines.append(f"--engine {engine}: two iterations in {time.perf_counter() - start:.0f} s")
+        lines += [f"   {stage}: {float(tokens) / float(seconds):.0f} tokens/s"
+                  for stage, tokens, seconds in re.findall(r"^(.+?): (\d+) (?:new )?tokens in ([\d.]+) s", output, re.M)]
+        estimate = re.search(r"training memory estimate .* = ([\d.]+) GB", output).group(1)
+        lines.append(f"   training peak {max(peaks):.2f} GB allocated, plan {estimate} GB")
+        peaks.clear()
+    monkeypatch.setattr(lidr, "train", train)
+    model, tokenizer = lidr.load_model(str(smollm2), "cuda", "bfloat16", SYSTEM)
+    eot = lidr.end_of_turn_id(tokenizer)
+    pairs = [lidr.tokenize_pair(tokenizer, pair, SYSTEM, eot, 2048)
+             for pair in lidr.read_jsonl(tmp_path / "generate" / "iter_1" / "pairs.jsonl")][:32]
+    for dtype in ("bfloat16", "float32"):
+        model = model.to(getattr(torch, dtype))
+        settings = lidr.Settings(lr=1e-5, batch_size=8, micro_batch_size=8, dtype=dtype, optim="adamw-fp32")
+        pairs_per_second, tokens_per_second, _ = training_throughput(model, pairs, settings, tmp_path)
+        lines.append(f"{dtype} step on {len(pairs)} pairs: {pairs_per_second:.1f} pairs/s, {tokens_per_second:.0f} "
+                     f"tokens/s, peak {torch.cuda.max_memory_allocated() / 1e9:.2f} GB")
+    print("\n".join(lines))
