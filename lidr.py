@@ -535,11 +535,11 @@ def build_pairs(prompts: list[dict], responses: list[dict], translations: list[d
     lidr the stronger pair's rejected one is y_weaker as written too. The stronger language is the
     dominant one (paper), or the higher-ranked one with --pairing ranked.
     --recipe lidr skips a pair when its answers can't be compared (compared_answers), a
-    translation it needs failed or is in another language (translate), or chosen == rejected. --recipe scripts does what the authors'
-    utils/preprocess_dpo_format_dataset.py does: both pairs are dropped when either translation
-    failed, unfinished, empty and identical answers are kept, and only the English pairs against
-    the last language are kept (their loop writes one English file per language, each over the
-    last: "overwritten").
+    translation it needs failed or is in another language (translate), or chosen == rejected.
+    --recipe scripts does what the authors' utils/preprocess_dpo_format_dataset.py does: both
+    pairs are dropped when either translation failed, unfinished, empty, identical and
+    wrong-language answers are kept, and only the English pairs against the last language are kept
+    (their loop writes one English file per language, each over the last: "overwritten").
     Returns the pairs and, per language, counts of "pairs" built and of each reason to skip."""
     translated = {(t["id"], t["source_lang"], t["target_lang"]): t for t in translations}
     # "pairs" built, or why not: compared_answers' reasons first, then this function's own
@@ -1699,10 +1699,18 @@ def write_atomic(path: Path, text: str):
     temp = temp_path(path)
     try:
         temp.write_text(text, encoding="utf-8")
-    except BaseException:  # a full disk: leave no partial file taking the space that is left
+    except BaseException as error:  # a full disk: leave no partial file taking the space that is left
         temp.unlink(missing_ok=True)
-        raise
+        raise write_error(error, path) from None
     os.replace(temp, path)
+
+
+def write_error(error: BaseException, path: Path) -> BaseException:
+    """A failed write as an OSError naming path, for main's one line: the kernel's error names no
+    file, and safetensors and tokenizers (written in Rust) raise their own, "... (os error 28)"."""
+    code = re.search(r"\(os error (\d+)\)", str(error))
+    code = int(code.group(1)) if code else getattr(error, "errno", None)
+    return OSError(code, os.strerror(code), str(path)) if isinstance(error, Exception) and code else error
 
 
 def temp_path(path: Path) -> Path:
@@ -1798,9 +1806,9 @@ def save_model(model, tokenizer, path: Path):
     try:
         model.save_pretrained(temp)
         tokenizer.save_pretrained(temp)
-    except BaseException:  # a full disk: leave no partial model taking the space that is left
+    except BaseException as error:  # a full disk: leave no partial model taking the space that is left
         shutil.rmtree(temp, ignore_errors=True)
-        raise
+        raise write_error(error, path) from None
     os.replace(temp, path)
 
 
@@ -2562,9 +2570,10 @@ def capital_questions(lang: str, held_out: bool) -> list[dict]:
     """--eval capitals' problems (held_out) or the questions --prompts capitals trains on, in one language."""
     if lang not in CAPITAL_QUESTION:
         raise LidrError(f"--eval capitals: the questions are in {','.join(CAPITAL_QUESTION)} (got '{lang}')")
+    column = list(CAPITAL_QUESTION).index(lang)  # the country's name in lang
     chosen = CAPITALS[:CAPITALS_HELD_OUT] if held_out else CAPITALS[CAPITALS_HELD_OUT:]
-    return [{"id": f"capital-{row[0]}", "prompt": CAPITAL_QUESTION[lang].format(row[list(CAPITAL_QUESTION).index(lang)]),
-             "gold": row[3].split("/")} for row in chosen]
+    return [{"id": f"capital-{row[0]}", "prompt": CAPITAL_QUESTION[lang].format(row[column]), "gold": row[3].split("/")}
+            for row in chosen]
 
 
 def capital_prompts() -> list[dict]:

@@ -44,8 +44,10 @@ Opt-in markers, skipped by default: `pytest -m toy test_lidr.py` (minutes; CI ru
 import copy
 import ctypes
 import dataclasses
+import errno
 import gc
 import inspect
+import io
 import json
 import math
 import multiprocessing
@@ -58,14 +60,17 @@ import signal
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 import warnings
 import weakref
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 import transformers
+from safetensors import SafetensorError
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakIdKeyDictionary
@@ -479,7 +484,8 @@ def test_both_recipes_build_the_pairs_their_rules_give():
         ("p3", "de", "en"): ("T[E>de]", "", "translated>own"),  # unfinished and empty: kept
         ("p3", "fr", "en"): ("E", "E", "translated>own")}  # chosen == rejected: kept
     assert counts["en"] == {"pairs": 2, "no_prompt": 0, "unfinished": 0, "empty": 0, "translation_failed": 1,
-                            "wrong_language": 0, "identical": 0, "overwritten": 3}, "only the last language's English pairs survive"
+                            "wrong_language": 0, "identical": 0, "overwritten": 3}, \
+        "only the last language's English pairs survive"
     assert counts["fr"]["translation_failed"] == 1 and counts["de"]["pairs"] == 3
     assert lidr.parse_translation("</translated>", empty_fails=False) == "", "the scripts' pattern matches nothing"
     assert lidr.parse_translation("</translated>") is None
@@ -942,6 +948,80 @@ def test_gradient_accumulation_matches_one_big_batch():
         "accumulation must average over the step's pairs, not per micro-batch"
 
 
+def full_vocab_answer_logps(model, sequences: list[tuple[list[int], int]]) -> torch.Tensor:
+    """The outside reference: each sequence alone (no padding, no mask), full-vocabulary logits ->
+    log_softmax -> the log-prob of each answer token, summed. (N,), differentiable."""
+    sums = []
+    for ids, prompt_length in sequences:
+        log_probs = model(torch.tensor([ids])).logits[0, :-1].float().log_softmax(-1)  # row k predicts ids[k + 1]
+        answer = torch.arange(prompt_length - 1, len(ids) - 1)
+        sums.append(log_probs[answer, torch.tensor(ids)[answer + 1]].sum())
+    return torch.stack(sums)
+
+
+def all_gradients(model) -> torch.Tensor:
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+def test_gradient_accumulation_equals_a_full_batch_dpo_loss_written_by_hand():
+    """accumulate_gradients at micro-batch sizes 1 and 3 (micro-batches of 3 and 2: uneven) against
+    one backward of dpo_nll_loss over all the step's pairs, on log-probs computed by hand (full
+    vocabulary, each pair alone), not by sequence_logps. Guards the micro-batch weighting and the
+    chunked, padded log-probs together; test_gradient_accumulation_matches_one_big_batch compares
+    accumulate_gradients only with itself. Tolerance: float32 rounding, as the kit's gradient tests
+    (atol 1e-6 + rtol 1e-4; seen: <= 8e-7 on gradients up to ~0.9, from padding, chunked logits
+    and summation order); a lost 0.1% of the log-probs, or per-micro-batch averaging, is far off."""
+    model, tokenizer = tiny_model()
+    pairs = tokenized_pairs(tokenizer, 5)
+    chosen = [(p.chosen_input_ids, p.prompt_length) for p in pairs]
+    rejected = [(p.rejected_input_ids, p.prompt_length) for p in pairs]
+    with torch.no_grad():  # a reference unlike the policy, pair by pair: DPO's gradient is not trivial
+        ref_chosen = full_vocab_answer_logps(model, chosen) - torch.tensor([0.3, -0.2, 0.5, 0.1, -0.4])
+        ref_rejected = full_vocab_answer_logps(model, rejected) + torch.tensor([0.2, 0.4, -0.3, 0.0, 0.6])
+    beta, alpha = 0.5, 0.7
+    reference = copy.deepcopy(model)
+    chosen_lengths = torch.tensor([len(ids) - prompt_length for ids, prompt_length in chosen])
+    loss, expected = lidr.dpo_nll_loss(full_vocab_answer_logps(reference, chosen),
+                                       full_vocab_answer_logps(reference, rejected),
+                                       ref_chosen, ref_rejected, chosen_lengths, beta, alpha)
+    loss.backward()
+    assert all_gradients(reference).abs().max() > 1e-3, "the test needs a gradient that is not ~0"
+    for micro_batch_size in (1, 3):
+        accumulated = copy.deepcopy(model)
+        metrics = lidr.accumulate_gradients(accumulated, pairs, ref_chosen, ref_rejected, beta, alpha,
+                                            micro_batch_size, pad_id=0)
+        assert torch.allclose(all_gradients(accumulated), all_gradients(reference), atol=1e-6, rtol=1e-4), \
+            f"micro-batches of {micro_batch_size}: not the full batch's gradient (weighting or log-probs)"
+        for name, values in expected.items():  # per pair, in the pairs' order
+            assert torch.allclose(metrics[name], values, atol=1e-5), name
+
+
+def test_sft_gradients_equal_the_mean_nll_over_the_steps_answer_tokens_written_by_hand():
+    """nll_gradients at micro-batch sizes 1 and 3 (uneven) against the backward of the mean NLL over
+    all the step's answer tokens, written by hand (full vocabulary, each sequence alone): a mean
+    over the step's tokens, as nll_gradients says, so a long answer weighs more than a short one.
+    Also each sequence's NLL per token and token count. Guards nll_gradients' normalisation, which
+    test_sft_lowers_the_nll_of_its_answers_and_leaves_prompt_and_padding_out compares only with
+    itself at another micro-batch size. Tolerance as for DPO above (seen: <= 1e-7)."""
+    model, tokenizer = tiny_model()
+    eot = lidr.end_of_turn_id(tokenizer)
+    examples = [("Say hi.", "Hi there!"), ("Name a colour, any colour you like.", "Blue."),
+                ("Count to ten.", "1, 2, 3, 4, 5, 6, 7, 8, 9, 10."), ("2+2?", "4"), ("Capital of France?", "Paris.")]
+    sequences = [lidr.tokenize_example(tokenizer, {"prompt": p, "response": r}, SYSTEM, eot, 256) for p, r in examples]
+    reference = copy.deepcopy(model)
+    answer_tokens = sum(len(ids) - prompt_length for ids, prompt_length in sequences)
+    logps = full_vocab_answer_logps(reference, sequences)
+    (-logps.sum() / answer_tokens).backward()
+    per_token = (-logps / torch.tensor([len(ids) - prompt_length for ids, prompt_length in sequences])).detach()
+    for micro_batch_size in (1, 3):
+        trained = copy.deepcopy(model)
+        metrics = lidr.nll_gradients(trained, sequences, micro_batch_size, pad_id=0)
+        assert torch.allclose(all_gradients(trained), all_gradients(reference), atol=1e-6, rtol=1e-4), \
+            f"micro-batches of {micro_batch_size}: not the gradient of the step's token-mean NLL"
+        assert torch.allclose(metrics["loss/nll"], per_token, atol=1e-5), "each sequence's NLL per answer token"
+        assert metrics["tokens"].tolist() == [len(ids) for ids, _ in sequences]
+
+
 def test_micro_batches_are_grouped_by_length_within_the_step(monkeypatch):
     model, tokenizer = tiny_model()
     eot = lidr.end_of_turn_id(tokenizer)
@@ -1019,6 +1099,66 @@ def test_adamw_is_fused_whatever_the_weights():
         optimizer = lidr.optimizer_for(params, lidr.Settings(optim=optim))
         assert type(optimizer) is kind and optimizer.defaults["fused"] is True, "no float32 temporaries, fastest"
     assert type(lidr.optimizer_for(params, lidr.Settings(optim="adamw-bf16"))) is lidr.BF16AdamW
+
+
+def bf16_neighbours(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two bf16 values around each float32 value (equal where it is one): its top 16 bits, and
+    the next bf16 value away from zero."""
+    below = x.view(torch.int32) & -65536
+    return below.view(torch.float32), (below + 65536).view(torch.float32)
+
+
+@pytest.mark.parametrize("dtypes", [("bfloat16",) * 3, ("float32",) * 3, ("bfloat16", "float32", "bfloat16")],
+                         ids=["bf16", "float32", "mixed"])
+def test_adamw_follows_torch_adamw_on_float32_copies_step_by_step(dtypes):
+    """optimizer_for's AdamW (MasterWeightAdamW on a bf16 model, torch's fused AdamW on float32)
+    against torch's plain single-tensor AdamW on float32 copies: same start, same gradients, weight
+    decay, clipping and the warmup + cosine schedule on both, as train runs them. The masters must
+    follow torch's trajectory to float32 rounding, and each bf16 weight must be one of the two bf16
+    values around its master (stochastic rounding: within one bf16 step). Guards the master
+    weights' update (decay, bias correction, lr schedule reaching them, clipping in float32) from
+    drifting from AdamW while the kit's own bf16 tests still pass."""
+    torch.manual_seed(0)
+    shapes = [(64, 32), (32,), (7, 5)]
+    model = [torch.nn.Parameter((torch.randn(shape) * 0.05).to(getattr(torch, dtype)))
+             for shape, dtype in zip(shapes, dtypes)]
+    copies = [torch.nn.Parameter(p.detach().float().clone()) for p in model]
+    settings = lidr.Settings(lr=1e-3, weight_decay=0.1, adam_beta2=0.95, max_grad_norm=1.0)
+    ours = lidr.optimizer_for(model, settings)
+    bf16 = "bfloat16" in dtypes
+    assert type(ours) is (lidr.MasterWeightAdamW if bf16 else torch.optim.AdamW), \
+        "a bf16 model trains float32 masters; a float32 one torch's AdamW on its own weights"
+    theirs = torch.optim.AdamW(copies, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, foreach=False, fused=False)
+    trained = ours.param_groups[0]["params"]  # what train clips: the masters, or the float32 weights
+    assert all(w.dtype == torch.float32 for w in trained)
+    assert all(torch.equal(w, c) for w, c in zip(trained, copies)), "the masters start at the model's weights"
+    steps = 12
+    schedules = [torch.optim.lr_scheduler.LambdaLR(o, lidr.warmup_cosine(steps, 0.25)) for o in (ours, theirs)]
+    for step in range(steps):
+        for p, c in zip(model, copies):  # the model's gradient (bf16 for bf16 weights), and the same in float32
+            p.grad = torch.randn(p.shape).to(p.dtype)
+            c.grad = p.grad.float().clone()
+        if isinstance(ours, lidr.MasterWeightAdamW):
+            ours.take_gradients()  # as train does before clipping
+        norms = [torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm) for params in (trained, copies)]
+        assert norms[0].item() > 10 * settings.max_grad_norm, "the test needs gradients that get clipped"
+        assert norms[0].item() == pytest.approx(norms[1].item(), rel=1e-6)
+        ours.step()
+        theirs.step()
+        for schedule in schedules:
+            schedule.step()
+        # weights |w| < 0.25: a float32 step there is <= 1.5e-8, and a torch-vs-fused difference stays a few of
+        # them; 1e-7 is 1e-4 of this lr (1e-3): a missed decay (lr * 0.1 * |w| ~ 5e-6) or lr factor fails it
+        for master, copy_ in zip(trained, copies):
+            torch.testing.assert_close(master, copy_, rtol=0, atol=1e-7)
+        for p, master in zip(model, trained):
+            if p.dtype == torch.bfloat16:
+                below, above = bf16_neighbours(master)
+                weight = p.detach().float()
+                assert ((weight == below) | (weight == above)).all(), f"step {step}: bf16 weight off its master"
+            else:
+                assert torch.equal(p.detach(), master), "a float32 weight is its master"
+    assert schedules[0].get_last_lr() == schedules[1].get_last_lr() == [0.0], "the cosine ends at zero"
 
 
 def fraction_changed(before, model):
@@ -1242,17 +1382,100 @@ def test_greedy_answers_of_a_real_chat_model_are_the_same_in_batches_and_one_at_
     assert len(set(batched)) == len(prompts)
 
 
-def test_continuous_batching_samples_reproducibly_and_leaves_the_random_stream_as_it_was():
-    model, tokenizer = build_byte_level_model()
+@pytest.mark.parametrize("engine", ["generate", "continuous"])
+def test_sampling_is_reproducible_per_seed_and_differs_across_seeds_and_from_greedy(engine):
+    """The same seed samples the same answers (with either engine, not only continuous batching), and
+    the negative controls that make that assertion mean something: another seed samples other
+    answers, and temperature 1.0 answers differ from greedy ones. (The original built its model from
+    whatever torch's random state was; this one is seeded.)"""
+    model, tokenizer = tiny_model()
     prompts = [lidr.chat_prompt_ids(tokenizer, text, SYSTEM) for text in ("Hi", "Wie geht's?", "x" * 19)]
-    runs = []
-    for _ in range(2):
+
+    def sample(seed, temperature=1.0):
+        torch.manual_seed(seed)
+        answers = lidr.generate(model, tokenizer, prompts, 12, 4, 1.0, temperature, "test", engine=engine)
+        return answers, torch.rand(1)
+    (first, after_first), (again, _), (other_seed, _) = sample(3), sample(3), sample(4)
+    assert first == again, "a stage redone after an interruption samples what it sampled"
+    assert other_seed != first, "negative control: another seed must sample otherwise, or the assertion above is idle"
+    greedy, _ = sample(3, temperature=0.0)
+    assert greedy != first and greedy == sample(4, temperature=0.0)[0], "negative control: temperature 1.0 samples"
+    if engine == "continuous":
         torch.manual_seed(3)
-        answers = lidr.generate(model, tokenizer, prompts, 12, 4, 1.0, 1.0, "test", engine="continuous")
-        runs.append((answers, torch.rand(1)))
-    torch.manual_seed(3)
-    assert runs[0][0] == runs[1][0], "a stage redone after an interruption samples what it sampled"
-    assert torch.equal(runs[0][1], torch.rand(1)), "transformers reseeds torch's generator: it must be restored"
+        assert torch.equal(after_first, torch.rand(1)), "transformers reseeds torch's generator: it must be restored"
+
+
+def llama3_like_model():
+    """The tiny byte-level model with Llama-3-Instruct's generation defaults (do_sample, temperature
+    0.6, top_p 0.9) and its two stop tokens, <|end_of_text|> and <|eot_id|>, fitted for a few dozen
+    steps to answer '[Stop here.] ' with 'Ok.' then <|end_of_text|> (the stop only the generation
+    config names: the tokenizer's EOS and end of turn are <|eot_id|>) and '[Go on.] ' with
+    'Sure thing.' then <|eot_id|>. Returns the model, tokenizer and both stop ids."""
+    model, tokenizer = tiny_model()
+    tokenizer.add_tokens(["<|end_of_text|>"], special_tokens=True)
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    end_of_text, eot = tokenizer.convert_tokens_to_ids("<|end_of_text|>"), lidr.end_of_turn_id(tokenizer)
+    examples = []
+    for text, answer, stop in (("Stop here.", "Ok.", end_of_text), ("Go on.", "Sure thing.", eot)):
+        prompt_ids = lidr.chat_prompt_ids(tokenizer, text, SYSTEM, f"[{text}] ")
+        examples.append((prompt_ids + tokenizer(answer, add_special_tokens=False).input_ids + [stop], len(prompt_ids)))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(60):
+        logps, lengths = lidr.chunked_sequence_logps(model, *lidr.collate(examples, tokenizer.pad_token_id))
+        (-(logps / lengths).mean()).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    model.generation_config.update(do_sample=True, temperature=0.6, top_p=0.9, eos_token_id=[end_of_text, eot])
+    return model, tokenizer, end_of_text, eot
+
+
+@torch.no_grad()
+def argmax_loop(model, prompt: list[int], max_new_tokens: int, stops: set[int]) -> list[int]:
+    """The outside reference for greedy decoding: a full forward pass each step (no KV cache, no
+    padding), append the argmax, stop after a stop token."""
+    ids = list(prompt)
+    for _ in range(max_new_tokens):
+        ids.append(model(torch.tensor([ids])).logits[0, -1].argmax().item())
+        if ids[-1] in stops:
+            break
+    return ids[len(prompt):]
+
+
+def test_greedy_generate_is_the_argmax_loop_and_stops_at_either_stop_token(monkeypatch):
+    """lidr.generate at temperature 0 on a model shipping Llama-3-Instruct's sampling defaults and two
+    stop tokens gives exactly a hand-written argmax loop's tokens (it must not inherit do_sample /
+    temperature / top_p), cuts each answer before the stop token, either one, and says finished; an
+    answer at the cap is unfinished. The kit's other greedy tests compare generate with itself."""
+    model, tokenizer, end_of_text, eot = llama3_like_model()
+    prompts = ([lidr.chat_prompt_ids(tokenizer, text, SYSTEM, f"[{text}] ") for text in ("Stop here.", "Go on.")]
+               + [lidr.chat_prompt_ids(tokenizer, text, SYSTEM) for text in ("Wie geht's?", "x" * 19, "Hi")])
+    expected = [argmax_loop(model, prompt, 20, {end_of_text, eot}) for prompt in prompts]
+    assert expected[0] == tokenizer("Ok.", add_special_tokens=False).input_ids + [end_of_text], \
+        "the fitted answer must end at the generation config's stop token, not the tokenizer's"
+    assert expected[1][-1] == eot
+    assert lidr.stop_token_ids(model, tokenizer) == sorted({end_of_text, eot})
+    raw, padded_batches = [], lidr.padded_batches
+    monkeypatch.setattr(lidr, "padded_batches", lambda *a, **k: raw.append(padded_batches(*a, **k)) or raw[-1])
+    for max_new_tokens in (20, 4):  # 4: 'Ok.' and its stop token just fit; 'Sure thing.' is cut at the cap
+        answers = lidr.generate(model, tokenizer, prompts, max_new_tokens, 4, 1.0, 0.0, "test")
+        for prompt_index, (tokens, (answer, finished), new_tokens) in enumerate(zip(expected, answers, raw[-1])):
+            tokens = tokens[:max_new_tokens]
+            stopped = tokens[-1] in (end_of_text, eot)
+            assert new_tokens[:len(tokens)] == tokens, f"prompt {prompt_index}: not the argmax loop's tokens"
+            assert set(new_tokens[len(tokens):]) <= {min(end_of_text, eot)}, "generating went on after a stop token"
+            assert (answer, finished) == (tokenizer.decode(tokens[:-1] if stopped else tokens), stopped)
+        assert answers[0] == ("Ok.", True), "cut before <|end_of_text|>, and finished"
+        assert answers[1] == (("Sure thing.", True) if max_new_tokens == 20 else ("Sure", False))
+    for prompt, tokens in zip(prompts[:2], expected):  # alone in its batch, generation ends at its stop token
+        assert lidr.generate(model, tokenizer, [prompt], 20, 1, 1.0, 0.0, "test")[0][1]
+        assert raw[-1][0] == tokens, "generation must stop at either stop token, not run on to the cap"
+    # negative control: the model's own defaults sample, and sampled answers differ from greedy here
+    torch.manual_seed(0)
+    sampled = [model.generate(torch.tensor([p]), max_new_tokens=20)[0, len(p):].tolist() for p in prompts]
+    assert any(s[:len(e)] != e for s, e in zip(sampled, expected)), \
+        "the model's own defaults answer greedily here: a generate that inherited them would go unnoticed"
 
 
 def test_generation_batches_respect_count_and_memory():
@@ -1946,12 +2169,255 @@ def test_a_damaged_artifact_in_a_run_folder_is_one_line(steered_run, tmp_path, m
     assert error.startswith(f"lidr: error: {message}"), error
 
 
-def test_a_full_disk_during_the_run_is_one_line_naming_the_file(monkeypatch, capsys):
-    def run_on_a_full_disk(settings, command):
-        raise OSError(28, "No space left on device", "runs/x/iter_1/model")
-    monkeypatch.setattr(lidr, "run", run_on_a_full_disk)
-    assert lidr.main(["--model", "toy"]) == 1
-    assert capsys.readouterr().err == "lidr: error: No space left on device: runs/x/iter_1/model\n"
+class FullDisk:
+    """A disk that fills up: every file opened for writing under root (by open, io.open, Path.open,
+    and safetensors' writer) is a real file, written through a raw file whose write() behaves as
+    the kernel's on a full disk: the first write to a file whose name contains fills_in gets half
+    its bytes written (a short write), and from then on every write fails with ENOSPC. The
+    safetensors writer raises what the real one raises there (SafetensorError, "... (os error 28)",
+    checked on a 64k tmpfs); the tokenizers library's writer (tokenizer.json) is not intercepted.
+    written: (file name, bytes written) in order."""
+
+    def __init__(self, monkeypatch, root: Path, fills_in: str):
+        self.root, self.fills_in, self.full, self.written = Path(root).resolve(), fills_in, False, []
+        real_open = io.open
+        disk = self
+
+        class RawFile(io.FileIO):
+            def write(self, data):
+                name, data = Path(self.name).name, memoryview(data).cast("B")
+                if not disk.full and disk.fills_in in name:
+                    disk.full, data = True, data[:max(1, len(data) // 2)]
+                elif disk.full:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as the kernel's: no file name
+                written = super().write(data)
+                disk.written.append((name, written))
+                return written
+
+        def open_(file, mode="r", buffering=-1, encoding=None, errors=None, newline=None, closefd=True, opener=None):
+            if (not isinstance(file, (str, os.PathLike)) or not set(mode) & set("wax+")
+                    or not Path(file).resolve().is_relative_to(self.root)):
+                return real_open(file, mode, buffering, encoding, errors, newline, closefd, opener)
+            raw = RawFile(file, mode.replace("b", "").replace("t", ""))
+            buffered = (io.BufferedRandom if "+" in mode else io.BufferedWriter)(raw)
+            return buffered if "b" in mode else io.TextIOWrapper(buffered, io.text_encoding(encoding), errors, newline)
+
+        def save_file(tensors, filename, metadata=None):
+            data = safetensors.torch.save(tensors, metadata=metadata)
+            try:
+                with open_(filename, "wb") as file:
+                    file.write(data)
+            except OSError as error:
+                raise SafetensorError(f"Error while serializing: I/O error: {error.strerror} (os error {error.errno})")
+        monkeypatch.setattr(io, "open", open_)  # Path.open calls io.open
+        monkeypatch.setattr("builtins.open", open_)
+        monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", save_file)
+
+
+def test_write_atomic_on_a_full_disk_leaves_no_temp_file_and_the_old_file_whole(tmp_path, monkeypatch):
+    """A disk filling up inside write_atomic's real write (a short write, then ENOSPC): the OSError
+    propagates with its errno, its temp file is gone (no space held by a partial file), and the
+    complete file already at that path is untouched. The kit's full-disk test stubs run instead."""
+    path = tmp_path / "summary.txt"
+    lidr.write_atomic(path, "the old summary\n")
+    disk = FullDisk(monkeypatch, tmp_path, fills_in="summary.txt")
+    with pytest.raises(OSError) as caught:
+        lidr.write_atomic(path, "é" * 20_000)  # 40 kB: more than one buffer's worth
+    assert caught.value.errno == errno.ENOSPC
+    assert disk.written == [(lidr.temp_path(path).name, 20_000)], "half was written before the disk filled"
+    assert os.listdir(tmp_path) == ["summary.txt"], "the partial temp file must be removed"
+    assert path.read_text(encoding="utf-8") == "the old summary\n"
+
+
+def disk_error(error: BaseException) -> bool:
+    """An error a full disk raised: Python's OSError, or safetensors' (which is no OSError)."""
+    return getattr(error, "errno", None) == errno.ENOSPC or "(os error 28)" in str(error)
+
+
+@pytest.mark.parametrize("fills_in", ["config.json", "model.safetensors", "tokenizer_config.json"])
+def test_save_model_on_a_full_disk_leaves_no_partial_model_and_the_old_one_whole(tmp_path, monkeypatch, fills_in):
+    """The disk fills while save_model writes the config, partway through the weights, or in the
+    tokenizer's files after the weights are complete: the disk's error propagates, no temp folder
+    (.model.<pid>.tmp) or partial model is left, and a complete model already at the path is
+    untouched, byte for byte."""
+    old, tokenizer = tiny_model(seed=1)
+    new, _ = tiny_model(seed=2)
+    path = tmp_path / "iter_1" / "model"
+    lidr.save_model(old, tokenizer, path)
+    before = {file.name: file.read_bytes() for file in path.iterdir()}
+    disk = FullDisk(monkeypatch, tmp_path, fills_in)
+    with pytest.raises(Exception) as caught:
+        lidr.save_model(new, tokenizer, path)
+    assert disk_error(caught.value), repr(caught.value)
+    assert disk.full and any(fills_in in name and 0 < written for name, written in disk.written), \
+        f"the disk must fill partway through {fills_in}"
+    assert os.listdir(path.parent) == ["model"], "a partial model must not be left taking the space"
+    assert {file.name: file.read_bytes() for file in path.iterdir()} == before, "the old model was touched"
+
+
+def small_run(tmp_path) -> list[str]:
+    """A one-iteration run of the tiny byte-level model on one prompt in two languages: seconds."""
+    model, tokenizer = tiny_model()
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    write(tmp_path / "prompts.jsonl", json.dumps({"id": "a", "en": "Say hi.", "de": "Sag hallo."}) + "\n")
+    return ["--model", str(tmp_path / "m"), "--prompts", str(tmp_path / "prompts.jsonl"), "--langs", "en,de",
+            "--iters", "1", "--max-new-tokens", "4", "--translation-max-new-tokens", "4", "--batch-size", "2",
+            "--micro-batch-size", "2", "--max-len", "256", "--out", str(tmp_path / "out")]
+
+
+@pytest.mark.parametrize("fills_in, named", [("responses.jsonl", "responses.jsonl"), ("model.safetensors", "model")])
+def test_a_full_disk_in_a_real_write_of_a_small_run_is_one_line(tmp_path, monkeypatch, capsys, fills_in, named):
+    """main on a small run whose disk fills in a stage's write_atomic or in save_model's weights
+    (safetensors raises its own error there, no OSError): exit 1, one line saying the disk is full
+    and naming what was being written (the kernel's error names no file), no traceback, no temp
+    file or partial model left in the run folder."""
+    argv = small_run(tmp_path)
+    FullDisk(monkeypatch, tmp_path / "out", fills_in)
+    assert lidr.main(argv) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error == f"lidr: error: No space left on device: {tmp_path / 'out' / 'iter_1' / named}"
+    leftovers = [str(p.relative_to(tmp_path)) for p in (tmp_path / "out").rglob(".*")]
+    assert not leftovers and not (tmp_path / "out" / "iter_1" / "model").exists(), leftovers
+
+
+ON_A_REALLY_FULL_DISK = textwrap.dedent("""
+    import contextlib, io, json, os, sys, traceback
+    from pathlib import Path
+    sys.path.insert(0, sys.argv[1])
+    import lidr, transformers
+    work, small, tiny = Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
+    report = {}
+
+    def free_only(disk: Path, room: int):  # a filler file leaves `room` bytes free
+        stat = os.statvfs(disk)
+        with open(disk / "filler", "wb") as file:
+            file.write(bytes(stat.f_bavail * stat.f_frsize - room))
+
+    def outcome(call, folder: Path) -> dict:
+        try:
+            call()
+            result = {"raised": None}
+        except Exception as error:
+            result = {"raised": type(error).__name__, "errno": getattr(error, "errno", None), "text": str(error)}
+        result["entries"] = sorted(e.name for e in folder.iterdir())
+        return result
+
+    model, tokenizer = (loader.from_pretrained(work / "new")
+                        for loader in (transformers.AutoModelForCausalLM, transformers.AutoTokenizer))
+    lidr.save_model(model, tokenizer, small / "old")  # a complete model there before the disk fills
+    lidr.write_atomic(small / "summary.txt", "the old summary")
+    before = {file.name: file.read_bytes() for file in (small / "old").iterdir()}
+    free_only(small, 64 * 1024)
+    report["save_model"] = outcome(lambda: lidr.save_model(model, tokenizer, small / "old"), small)
+    report["save_model"]["old_model_untouched"] = before == {f.name: f.read_bytes() for f in (small / "old").iterdir()}
+    report["write_atomic"] = outcome(lambda: lidr.write_atomic(small / "summary.txt", "x" * 200_000), small)
+    report["write_atomic"]["old_file"] = (small / "summary.txt").read_text()
+    stderr, argv = io.StringIO(), [*sys.argv[5:], "--out", str(tiny / "out")]
+    with contextlib.redirect_stderr(stderr):  # main in this process: one interpreter start less
+        try:
+            rc = lidr.main(argv)
+        except Exception:
+            traceback.print_exc()
+            rc = 1
+    report["main"] = {"rc": rc, "last_line": stderr.getvalue().strip().splitlines()[-1],
+                      "traceback": "Traceback" in stderr.getvalue(),
+                      "leftovers": [str(p) for p in (tiny / "out").rglob(".*")],
+                      "model": (tiny / "out" / "iter_1" / "model").exists()}
+    print(json.dumps(report))
+""")
+
+
+@pytest.fixture(scope="module")
+def really_full_disks(tmp_path_factory):
+    """The kernel's own full disk, no simulation: a subprocess in its own user and mount namespace
+    (unshare; skipped where they are not allowed) mounts two small tmpfs: on one (1 MB) save_model
+    and write_atomic over complete earlier files with 64 kB left; on the other (256 kB) the small
+    run, via main, which fills it while saving the model. One interpreter start for all: ~7 s."""
+    work = tmp_path_factory.mktemp("really_full")
+    if shutil.which("unshare") is None or subprocess.run(
+            ["unshare", "--user", "--map-root-user", "--mount", "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs unshare with user and mount namespaces (util-linux; not allowed everywhere)")
+    model, tokenizer = tiny_model(seed=2)
+    model.save_pretrained(work / "new")
+    tokenizer.save_pretrained(work / "new")
+    argv = small_run(work)[:-2]  # without --out
+    small, tiny = work / "small", work / "tiny"
+    small.mkdir()
+    tiny.mkdir()
+    script = (f"mount -t tmpfs -o size=1m tmpfs {small} && mount -t tmpfs -o size=256k tmpfs {tiny} && exec "
+              + shlex.join([sys.executable, "-c", ON_A_REALLY_FULL_DISK, str(ROOT), str(work), str(small), str(tiny),
+                            *argv]))
+    result = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
+                            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_a_really_full_disk_leaves_no_partial_file_or_model_and_raises_what_full_disk_simulates(really_full_disks):
+    """On the kernel's full disk: write_atomic and save_model raise OSError ENOSPC naming what they
+    wrote (save_model turns safetensors' own "(os error 28)", which FullDisk simulates above, into
+    one), and neither leaves a temp file or a partial model, nor touches the complete ones already there."""
+    saved, written = really_full_disks["save_model"], really_full_disks["write_atomic"]
+    for result, name in ((saved, "old"), (written, "summary.txt")):
+        assert result["raised"] == "OSError" and result["errno"] == errno.ENOSPC, result
+        assert result["text"].endswith(f"/{name}'"), "the error names what was being written"
+        assert result["entries"] == ["filler", "old", "summary.txt"], "a temp file or partial model was left"
+    assert saved["old_model_untouched"] and written["old_file"] == "the old summary"
+
+
+def test_a_really_full_disk_during_a_small_run_is_one_line(really_full_disks):
+    """main on the kernel's full disk, filling while the model is saved: exit 1, one line, no
+    traceback, no temp file or partial model left."""
+    run = really_full_disks["main"]
+    assert run["rc"] == 1 and not run["traceback"], run
+    assert run["last_line"].startswith("lidr: error: No space left on device"), run
+    assert not run["leftovers"] and not run["model"], run
+
+
+@pytest.fixture(scope="module")
+def sampled_steered_runs(steered_run, tmp_path_factory):
+    """The steered run's command at --temperature 1.0 with --seed 0 and --seed 1 (the steered_run
+    fixture itself is the same command at temperature 0: the greedy baseline)."""
+    greedy, model_path, _ = steered_run
+    folder = tmp_path_factory.mktemp("sampled_steered")
+    argv = [str(model_path.parent / arg) if arg == "prompts.jsonl" else arg for arg in STEERED_RUN]
+    runs = {}
+    for seed in (0, 1):
+        runs[seed] = folder / f"seed{seed}"
+        assert lidr.main([*argv, "--model", str(model_path), "--temperature", "1.0", "--seed", str(seed),
+                          "--out", str(runs[seed])]) == 0
+    return runs, greedy
+
+
+def differing(artifacts, first: Path, second: Path) -> list[str]:
+    return [a for a in artifacts if (first / a).read_text(encoding="utf-8") != (second / a).read_text(encoding="utf-8")]
+
+
+def test_a_stage_redone_after_a_kill_samples_otherwise_with_another_seed_or_greedily(sampled_steered_runs):
+    """Negative control of test_a_stage_redone_after_a_kill_samples_what_the_uninterrupted_run_sampled
+    (which compares these four artifacts of iteration 1 at --temperature 1.0): with another --seed
+    every one of them differs, and greedy answers differ from sampled ones, so a stage that ignored
+    its seed, or did not sample at all, would fail that test."""
+    runs, greedy = sampled_steered_runs
+    artifacts = ["iter_1/responses.jsonl", "iter_1/translations.jsonl", "iter_1/pairs.jsonl",
+                 "iter_1/eval_answers.jsonl"]
+    assert differing(artifacts, runs[0], runs[1]) == artifacts, "the same sampled artifacts with another --seed"
+    assert differing(["iter_1/responses.jsonl", "iter_1/eval_answers.jsonl"], runs[0], greedy) == \
+        ["iter_1/responses.jsonl", "iter_1/eval_answers.jsonl"], "--temperature 1.0 answered as greedy decoding does"
+
+
+def test_an_uninterrupted_run_samples_otherwise_with_another_seed_or_greedily(sampled_steered_runs):
+    """Negative control of test_a_run_killed_at_every_stage_boundary_resumes_to_the_uninterrupted_result
+    (which compares these artifacts and the final model at --temperature 1.0): with another --seed
+    every one of them differs, and so does the final model; greedy answers differ from sampled ones."""
+    runs, greedy = sampled_steered_runs
+    artifacts = ["iter_1/responses.jsonl", "iter_1/pairs.jsonl", "iter_2/responses.jsonl", "iter_2/pairs.jsonl",
+                 "iter_2/eval_answers.jsonl", "summary.txt"]
+    assert differing(artifacts, runs[0], runs[1]) == artifacts, "the same sampled artifacts with another --seed"
+    assert not same_final_model(runs[0], runs[1]), "the same final model with another --seed"
+    assert differing(["iter_1/responses.jsonl", "iter_2/responses.jsonl"], runs[0], greedy) == \
+        ["iter_1/responses.jsonl", "iter_2/responses.jsonl"], "--temperature 1.0 answered as greedy decoding does"
 
 
 # ------------------------------------------------------------- The paper's runs: the README's commands and --model auto
@@ -2204,6 +2670,7 @@ REAL_MODEL_TABLE_RUN = ["--langs", "en,de,es", "--prompts", "capitals", "--eval"
                         "--translation-max-new-tokens", "128", "--eval-max-new-tokens", "64", "--lr", "1e-5",
                         "--epochs", "2", "--batch-size", "8"]
 REAL_MODEL_VARIANTS = {"lidr": [], "scripts": ["--recipe", "scripts"], "qalign": ["--method", "qalign"]}
+STAGE_RATE = re.compile(r"^(.+?): (\d+) (?:new )?tokens in ([\d.]+) s", re.M)  # what generate and train print
 
 
 def matmul_flops_per_second() -> float:
@@ -2247,7 +2714,7 @@ def test_real_model_lidr_table(bench, smollm2, tmp_path):
         start = time.perf_counter()
         output = run_lidr(*argv, cwd=tmp_path)
         lines.append(f"{variant}: {time.perf_counter() - start:.0f} s: python lidr.py {shlex.join(argv)}")
-        for stage, tokens, seconds in re.findall(r"^(.+?): (\d+) (?:new )?tokens in ([\d.]+) s", output, re.M):
+        for stage, tokens, seconds in STAGE_RATE.findall(output):
             flops = (6 if stage == "training" else 2) * n_params * int(tokens) / float(seconds)
             lines.append(f"   {stage}: {int(tokens) / float(seconds):.0f} tokens/s, {100 * flops / peak:.0f}% of the "
                          f"matrix multiplies' rate")
@@ -2490,7 +2957,8 @@ def test_bench_8b_step_on_gpu(bench, tmp_path):
 
 # ------------------------------------------ the GPU check: pytest -m gpu -s test_lidr.py, on one CUDA GPU, ~minutes
 GPU_RUN = ["--iters", "2", "--langs", "en,de,es", "--prompts", "capitals", "--eval", "capitals", "--dtype", "bfloat16",
-           "--device", "cuda", "--max-new-tokens", "256", "--translation-max-new-tokens", "256", "--lr", "1e-5",
+           "--device", "cuda", "--max-new-tokens", "256", "--translation-max-new-tokens", "256",
+           "--eval-max-new-tokens", "256", "--lr", "1e-5",
            "--epochs", "2", "--batch-size", "8", "--micro-batch-size", "8"]
 
 
@@ -2516,9 +2984,9 @@ def test_gpu_real_model_two_iterations_in_bf16(request, smollm2, tmp_path, monke
         output = capsys.readouterr().out
         lines.append(f"--engine {engine}: two iterations in {time.perf_counter() - start:.0f} s")
         lines += [f"   {stage}: {float(tokens) / float(seconds):.0f} tokens/s"
-                  for stage, tokens, seconds in re.findall(r"^(.+?): (\d+) (?:new )?tokens in ([\d.]+) s", output, re.M)]
+                  for stage, tokens, seconds in STAGE_RATE.findall(output)]
         estimate = re.search(r"training memory estimate .* = ([\d.]+) GB", output).group(1)
-        lines.append(f"   training peak {max(peaks):.2f} GB allocated, plan {estimate} GB")
+        lines.append(f"   training peak {max(peaks, default=0):.2f} GB allocated ({len(peaks)} trainings), plan {estimate} GB")
         peaks.clear()
     monkeypatch.setattr(lidr, "train", train)
     model, tokenizer = lidr.load_model(str(smollm2), "cuda", "bfloat16", SYSTEM)
