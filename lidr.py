@@ -88,7 +88,8 @@ class Settings:
     recipe: str = setting("lidr", "lidr: this kit's pipeline; scripts: the authors' released data pipeline step "
                                   "for step: a failed translation drops both pairs of its prompt and language, only "
                                   "the last language's English pairs are kept, no answer is skipped as unfinished, "
-                                  "empty or identical, an empty translation is kept (README: Departures)")
+                                  "empty or identical, an empty translation or one in another language is kept "
+                                  "(README: Departures)")
     # step 1: prompts
     prompts: str = setting("", "a .jsonl/.json file; a folder of <lang>.jsonl files, one per language, records "
                                "joined by id (the authors' data/alpagasus/subset/id_0_1000), or several such folders, "
@@ -234,7 +235,8 @@ def lidr_iteration(model, tokenizer, prompts: list[dict], languages: dict[str, s
     built, counts = build_pairs(prompts, responses, translations, langs, settings.pairing, settings.recipe)
     pairs = stage(folder / "pairs.jsonl", lambda: built, settings)  # train on exactly what the folder holds
     every_translation = prompt_translations + translations
-    failures = count_per_target_language(every_translation, langs, lambda t: t["translation"] is None)
+    failures = count_per_target_language(every_translation, langs,  # no parseable span: wrong_language's apart
+                                         lambda t: t["translation"] is None and not in_another_language(t))
     wrong_language = count_per_target_language(every_translation, langs, in_another_language)
     trained = train_on_pairs(model, tokenizer, pairs, settings, folder / "train_log.jsonl")
     return {"counts": counts, "translation_failures": failures, "translations_wrong_language": wrong_language,
@@ -395,8 +397,11 @@ def padded_batches(model, prompts: list[list[int]], config: GenerationConfig, ma
     bar = tqdm(total=len(prompts) * config.max_new_tokens, desc=f"{desc} ({len(batches)} batches, tokens at the cap)",
                unit="tok", unit_scale=True, leave=False)
     for batch in batches:
-        steps = []  # one per token generated: a batch's rows move the bar at every step
-        step_progress = lambda input_ids, scores: steps.append(bar.update(len(batch))) or scores
+        steps = []
+
+        def step_progress(input_ids, scores):  # called once per generated token, as a logits processor
+            steps.append(bar.update(len(batch)))
+            return scores
         width = max(len(prompts[i]) for i in batch)
         # Left-pad each row with its own first token: the repetition penalty counts every input
         # id, so a shared pad id (often EOS) would be penalised in padded rows only and batched
@@ -468,10 +473,11 @@ def translate(model, tokenizer, requests: list[dict], languages: dict[str, str],
               desc: str) -> list[dict]:
     """requests: {"id", "source_lang", "target_lang", "source"}; returns them with the model's
     raw output, the parsed "translation" (None when it failed: kept for inspection, never used) and
-    the "language" it is written in (language_of). Under --recipe lidr a translation into another
-    language than asked fails too: a small model often copies its input instead of translating, and
-    a chosen answer in the wrong language would teach the model to answer in it. The request is
-    TRANSLATION_REQUEST, or --translation-request's ({lang} is the target)."""
+    the "language" it is written in (language_of; None where it can't tell, or for a language
+    py3langid lacks). Under --recipe lidr a translation into another language than asked fails too:
+    a small model often copies its input instead of translating, and a chosen answer in the wrong
+    language would teach the model to answer in it. The request is TRANSLATION_REQUEST, or
+    --translation-request's ({lang} is the target)."""
     request = template(settings, "translation_request") or TRANSLATION_REQUEST  # the file's text, if any
     ids = [chat_prompt_ids(tokenizer, request.format(
         source=languages[r["source_lang"]], target=languages[r["target_lang"]], lang=languages[r["target_lang"]],
@@ -482,10 +488,11 @@ def translate(model, tokenizer, requests: list[dict], languages: dict[str, str],
     done = []
     for r, (raw, _) in zip(requests, outputs):
         translation = parse_translation(raw, empty_fails=settings.recipe == "lidr")
-        language = language_of(translation, tuple(languages)) if translation else None
-        if settings.recipe == "lidr" and language not in (None, r["target_lang"]):
-            translation = None  # the scripts keep it
-        done.append({**r, "raw": raw, "translation": translation, "language": language})
+        record = {**r, "raw": raw, "translation": translation,
+                  "language": language_of(translation, tuple(languages)) if translation else None}
+        if settings.recipe == "lidr" and in_another_language(record):
+            record["translation"] = None  # the scripts keep it
+        done.append(record)
     return done
 
 
@@ -501,21 +508,21 @@ def parse_translation(generated: str, empty_fails: bool = True) -> str | None:
 
 @functools.cache
 def language_identifier(candidates: tuple[str, ...]) -> LanguageIdentifier | None:
-    """py3langid (a character n-gram classifier of 97 languages, offline) restricted to the
-    candidates it knows; None if it knows fewer than two of them."""
+    """py3langid (a character n-gram classifier of 97 languages, offline) choosing among the
+    candidates; None unless it knows every one of them (it would take an unknown one for another)."""
     identifier = LanguageIdentifier.from_model_file(LANGID_MODEL, norm_probs=True)
-    known = [lang for lang in candidates if lang in identifier.labels]
-    if len(known) < 2:
+    if len(candidates) < 2 or not set(candidates) <= set(identifier.labels):
         return None
-    identifier.set_languages(known)
+    identifier.set_languages(list(candidates))
     return identifier
 
 
 def language_of(text: str, candidates: tuple[str, ...]) -> str | None:
-    """Which of the candidate languages text is written in; None when it can't tell (below 80%
-    probability: a name or a number alone, a very short sentence, two languages mixed)."""
+    """Which of the candidate languages text is written in; None when it can't tell: fewer than
+    three words in Latin letters (a name alone: "Quito." reads 94% Spanish), or below 80% probability."""
     identifier = language_identifier(candidates)
-    if identifier is None:
+    latin = all(unicodedata.name(c, "").startswith("LATIN") for c in text if c.isalpha())
+    if identifier is None or (latin and len(text.split()) < 3):
         return None
     language, probability = identifier.classify(text)
     return language if probability >= 0.8 else None
@@ -548,9 +555,10 @@ def build_pairs(prompts: list[dict], responses: list[dict], translations: list[d
     counts = {lang: dict.fromkeys(reasons, 0) for lang in langs}
     pairs = []
 
-    def add(answer, kind, other_lang, chosen, rejected, translation=None):
+    def add(answer, kind, other_lang, chosen, rejected, translation_record=None):
         lang = answer["lang"]
-        failed = "wrong_language" if translation and in_another_language(translation) else "translation_failed"
+        failed = "wrong_language" if translation_record and in_another_language(translation_record) \
+            else "translation_failed"
         reason = (failed if chosen is None or rejected is None
                   else "identical" if chosen == rejected and recipe == "lidr" else "pairs")
         counts[lang][reason] += 1
@@ -1570,22 +1578,25 @@ def plan_training_memory(config, n_params: int, settings: Settings, available: i
           f"{available / 1e9:.1f} GB on {settings.device}")
     if training_peak(parts) > available:
         trial, fixes = dataclasses.replace(settings, optim=optim), []
-        # on a CPU bf16 is slow and saves little beside the activations, so the activations go first
-        changes = [("--dtype bfloat16", {"dtype": "bfloat16"}), ("--optim adamw-bf16", {"optim": "adamw-bf16"}),
-                   ("--gradient-checkpointing on", {"gradient_checkpointing": "on"}),
-                   ("--micro-batch-size 1", {"micro_batch_size": 1})]
-        for flag, change in changes if settings.device.startswith("cuda") else changes[:1:-1]:
+        activations = [("--micro-batch-size 1", {"micro_batch_size": 1}),
+                       ("--gradient-checkpointing on", {"gradient_checkpointing": "on"})]
+        changes = ([("--dtype bfloat16", {"dtype": "bfloat16"}), ("--optim adamw-bf16", {"optim": "adamw-bf16"}),
+                    *activations[::-1]] if settings.device.startswith("cuda")
+                   else activations)  # bf16 on a CPU is slow, and what fills its memory is activations
+        for flag, change in changes:
             if any(getattr(trial, name) != value for name, value in change.items()):
                 trial = dataclasses.replace(trial, **change)
                 fixes.append(flag)
                 if total(trial) <= available:
                     break
-        while total(trial) > available and trial.max_len >= 16:  # then shorter sequences
-            trial = dataclasses.replace(trial, max_len=trial.max_len // 2)
-        if trial.max_len != settings.max_len:
-            fixes.append(f"--max-len {trial.max_len}")
+        shorter = trial
+        while total(shorter) > available and shorter.max_len > 256:  # then shorter sequences, if that fits
+            shorter = dataclasses.replace(shorter, max_len=shorter.max_len // 2)
+        if total(shorter) <= available < total(trial):
+            trial = shorter
+            fixes.append(f"--max-len {shorter.max_len}")
         hint = (f"try {' '.join(fixes)}" if total(trial) <= available
-                else f"even {' '.join(fixes)} would not fit: use a smaller model")
+                else f"even {' '.join(fixes)} would not fit: use a smaller --max-len or model")
         raise LidrError(f"training needs about {training_peak(parts) / 1e9:.0f} GB but {settings.device} has "
                         f"{available / 1e9:.0f} GB; {hint}")
     return optim
@@ -1708,9 +1719,11 @@ def write_atomic(path: Path, text: str):
 def write_error(error: BaseException, path: Path) -> BaseException:
     """A failed write as an OSError naming path, for main's one line: the kernel's error names no
     file, and safetensors and tokenizers (written in Rust) raise their own, "... (os error 28)"."""
+    if getattr(error, "filename", None) or not isinstance(error, Exception):  # named already; an interrupt
+        return error
     code = re.search(r"\(os error (\d+)\)", str(error))
     code = int(code.group(1)) if code else getattr(error, "errno", None)
-    return OSError(code, os.strerror(code), str(path)) if isinstance(error, Exception) and code else error
+    return OSError(code, os.strerror(code), str(path)) if code else error
 
 
 def temp_path(path: Path) -> Path:
@@ -1770,7 +1783,7 @@ def reuse(path: Path, settings: Settings) -> list[dict]:
 def stage_record_shape(name: str, langs: list[str]) -> dict:
     """What each stage's records hold (see check_shape): the fields later stages read."""
     translation = {"id": str, "source_lang": langs, "target_lang": langs, "source": str, "raw": str,
-                   "translation": str | None}
+                   "translation": str | None, "language": [*langs, None]}
     sft_example = {"id": str, "lang": langs, "prompt": str, "response": str}
     return {"prompt_translations.jsonl": translation, "translations.jsonl": translation,
             "prompts.jsonl": {"id": str, "translation_task": bool, langs[0]: str,
@@ -2042,9 +2055,9 @@ def summary_table(history: list[dict], langs: list[str], settings: Settings) -> 
                 "was empty or hit the token cap, chosen == rejected; with --recipe scripts only missing prompts, "
                 "failed translations, and the dominant language's pairs against all but the last language: "
                 "overwritten); failed_tr: "
-                "translations into the language with no parseable span, or (--recipe lidr) in another language; "
-                "wrong_lang: translations into the language written in another one (language_of; --recipe scripts "
-                "keeps them). logp_chosen: summed over the answer; nll: per token.")
+                "translations into the language with no parseable span; wrong_lang: translations into the "
+                "language written in another one (language_of; failed under --recipe lidr, kept by the scripts). "
+                "logp_chosen: summed over the answer; nll: per token.")
     return "\n".join(rows)
 
 
@@ -2063,7 +2076,7 @@ def eval_table(evaluations: list[dict], names: list[str], dominant: str) -> str:
         for metric in ("accuracy", "number", "off_target", "finished", "words"):
             langs = [lang for lang in by_lang if any(metric in e[benchmark][lang] for e in evaluations)]
             scale = 1 if metric == "words" else 100
-            for lang in langs:  # a metric can be missing for a model: off_target when no answer has letters
+            for lang in langs:  # a metric can be missing for a model: off_target when language_of can't tell
                 values = [evaluation[benchmark][lang].get(metric) for evaluation in evaluations]
                 rows.append(row(benchmark, metric, lang, [None if v is None else v * scale for v in values]))
             others = [lang for lang in langs if lang != dominant]
@@ -2266,12 +2279,12 @@ def score(benchmark: str, answer: str, finished: bool, gold, lang: str, candidat
     answer may be written in, for off_target."""
     if benchmark == "toy":  # number: the right number in any toy language, as MGSM scores a number
         return {"accuracy": float(answer == gold), "number": float(toy_numbers(answer) == toy_numbers(gold))}
-    language = {"off_target": off_target(answer, lang, candidates)}
+    off = {"off_target": off_target(answer, lang, candidates)}
     if benchmark == "mgsm":
-        return {"accuracy": float(last_number(answer) == gold), **language}
+        return {"accuracy": float(last_number(answer) == gold), **off}
     if benchmark == "capitals":
-        return {"accuracy": float(names_any(answer, gold)), **language, "finished": float(finished)}
-    return {**language, "finished": float(finished), "words": float(len(answer.split()))}
+        return {"accuracy": float(names_any(answer, gold)), **off, "finished": float(finished)}
+    return {**off, "finished": float(finished), "words": float(len(answer.split()))}
 
 
 def evaluate(model, tokenizer, problems: dict, settings: Settings, folder: Path, model_name: str) -> dict:
