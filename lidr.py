@@ -1228,9 +1228,9 @@ def parse_json(text: str, path: Path, line: int | None = None):
 def read_language_folders(folders: list[str], prompt_field: str, langs: list[str], flag: str) -> list[dict]:
     """The authors' layout: in each folder one <lang>.jsonl per language of langs, records
     {"id", prompt_field, maybe "input", other fields ignored}, joined across languages by id, in the
-    dominant file's order; where every id of every file starts with the file's language code
-    (their GSM8K files: "degsm8k_0"), the codes are dropped for the join. Folders are read one after the other,
-    so with 1,000 prompts in each, iteration t takes the t-th folder, as the authors did."""
+    dominant file's order. Where the ids differ, a file whose every id starts with its language code
+    has the code dropped: their GSM8K files join "degsm8k_0" to English "gsm8k_0". Folders are read
+    one after the other, so with 1,000 prompts in each, iteration t takes the t-th folder, as the authors did."""
     records = []
     for folder in folders:
         if not folder.strip():
@@ -1252,9 +1252,10 @@ def read_language_folders(folders: list[str], prompt_field: str, langs: list[str
                     raise LidrError(f"{path}:{line}: id '{record['id']}' appears twice")
                 # a non-empty input follows its instruction after a newline, as the scripts join them
                 by_lang[lang][str(record["id"])] = (text + "\n" + extra if extra else text, line)
-        if all(ids and all(prompt_id.startswith(lang) for prompt_id in ids) for lang, ids in by_lang.items()):
-            by_lang = {lang: {prompt_id[len(lang):]: value for prompt_id, value in ids.items()}
-                       for lang, ids in by_lang.items()}
+        if any(ids.keys() != by_lang[langs[0]].keys() for ids in by_lang.values()):  # GSM8K: degsm8k_0 ~ gsm8k_0
+            coded = {lang for lang, ids in by_lang.items() if all(prompt_id.startswith(lang) for prompt_id in ids)}
+            by_lang = {lang: {(prompt_id.removeprefix(lang) if lang in coded else prompt_id): value
+                              for prompt_id, value in ids.items()} for lang, ids in by_lang.items()}
         dominant = by_lang[langs[0]]
         for lang in langs[1:]:
             missing, extra = dominant.keys() - by_lang[lang].keys(), by_lang[lang].keys() - dominant.keys()
@@ -2063,8 +2064,8 @@ def summary_table(history: list[dict], langs: list[str], settings: Settings) -> 
 
 def eval_table(evaluations: list[dict], names: list[str], dominant: str) -> str:
     """Per benchmark, metric and language: one column per evaluation (M0 -> M1 -> ..., or the runs
-    --compare reads); rates in percent. Accuracy also as the mean over the languages other than
-    the dominant one, the ones LIDR is meant to lift."""
+    --compare reads); rates in percent. Accuracy also as two means: over the languages other than
+    the dominant one (those LIDR is meant to lift), and over all (the paper's, English included)."""
     widths = [max(6, len(name)) for name in names]
     header = f"{'benchmark':<9} {'metric':<10} {'lang':>6} " + " ".join(f"{n:>{w}}" for n, w in zip(names, widths))
     rows = [header, "-" * len(header)]
@@ -2080,12 +2081,14 @@ def eval_table(evaluations: list[dict], names: list[str], dominant: str) -> str:
                 values = [evaluation[benchmark][lang].get(metric) for evaluation in evaluations]
                 rows.append(row(benchmark, metric, lang, [None if v is None else v * scale for v in values]))
             others = [lang for lang in langs if lang != dominant]
-            if metric in ("accuracy", "number") and len(others) > 1:
-                rows.append(row(benchmark, metric, "others", [
-                    sum(evaluation[benchmark][lang][metric] for lang in others) * scale / len(others)
-                    for evaluation in evaluations]))
+            for name, means in (("others", others), ("all", langs)):  # the paper's means take in English too
+                if metric in ("accuracy", "number") and len(others) > 1:
+                    rows.append(row(benchmark, metric, name, [
+                        sum(evaluation[benchmark][lang][metric] for lang in means) * scale / len(means)
+                        for evaluation in evaluations]))
     rows.append(f"accuracy, number, off_target, finished: % of problems; words: mean answer length; "
-                f"others: mean over the languages but {dominant}. Every answer: iter_<t>/eval_answers.jsonl.")
+                f"others: mean over the languages but {dominant}; all: over every language, as the paper's means. "
+                f"Every answer: iter_<t>/eval_answers.jsonl.")
     return "\n".join(rows)
 
 

@@ -104,7 +104,7 @@ def build_byte_level_model():
         additional_special_tokens=["<|start_header_id|>", "<|end_header_id|>"])
     tokenizer.chat_template = (
         "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
-        "{{ m['content'] }}<|eot_id|>{% endfor %}"
+        "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"  # trim: as Llama-3's own template
         "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
@@ -1563,8 +1563,8 @@ def test_the_authors_per_language_folders_are_read_as_released(tmp_path):
                {"id": "alpagasus-1", "instruction": "Translate 'hi' into French.", "output": "ignored"}],
         "de": [{"id": "alpagasus-1", "instruction": "Übersetze 'hi' ins Französische."},  # order need not match
                {"id": "alpagasus-0", "instruction": "Addiere sie.\n1, 2"}]})
-    second = write_language_folder(tmp_path / "id_2_3", {  # GSM8K's layout: ids carry the language code
-        "en": [{"id": "engsm8k_0", "instruction": "2 + 2?", "answer": "", "final_answer": "4"}],
+    second = write_language_folder(tmp_path / "id_2_3", {  # GSM8K's ids: the translations' carry a language code
+        "en": [{"id": "gsm8k_0", "instruction": "2 + 2?", "answer": "2 + 2 = 4\n#### 4", "final_answer": "4"}],
         "de": [{"id": "degsm8k_0", "instruction": "2 + 2?", "answer": "", "final_answer": "4"}]})
     tasks = write(tmp_path / "instruction_about_translate.jsonl",
                   json.dumps({"prompt": "...", "reponse": "...", "id": "alpagasus-0"}) + "\n")
@@ -1644,6 +1644,36 @@ MGSM_LANGS = ("en", "es", "ru", "de", "fr", "ja", "sw", "th", "zh", "bn")
 ])
 def test_off_target_by_language_identification(text, lang, expected):
     assert lidr.off_target(text, lang, MGSM_LANGS) is expected
+
+
+MGSM_STYLE_ANSWERS = {  # step by step, as an instructed model answers MGSM: equations, then a short sentence
+    "en": "She has 16 - 3 - 4 = 9 eggs left. She sells them for 9 * 2 = 18 dollars. The answer is 18.",
+    "es": "Le quedan 16 - 3 - 4 = 9 huevos. Los vende por 9 * 2 = 18 dólares. La respuesta es 18.",
+    "ru": "У неё остаётся 16 - 3 - 4 = 9 яиц. Она продаёт их за 9 * 2 = 18 долларов. Ответ: 18.",
+    "de": "Ihr bleiben 16 - 3 - 4 = 9 Eier. Sie verkauft sie für 9 * 2 = 18 Dollar. Die Antwort ist 18.",
+    "fr": "Il lui reste 16 - 3 - 4 = 9 œufs. Elle les vend 9 * 2 = 18 dollars. La réponse est 18.",
+    "ja": "残りの卵は 16 - 3 - 4 = 9 個です。9 * 2 = 18 ドルで売ります。答えは18です。",
+    "sw": "Anabaki na mayai 16 - 3 - 4 = 9. Anayauza kwa dola 9 * 2 = 18. Jibu ni 18.",
+    "th": "เหลือไข่ 16 - 3 - 4 = 9 ฟอง เธอขายได้ 9 * 2 = 18 ดอลลาร์ คำตอบคือ 18",
+    "zh": "她剩下 16 - 3 - 4 = 9 个鸡蛋。她卖了 9 * 2 = 18 美元。答案是18。",
+    "bn": "তার কাছে 16 - 3 - 4 = 9টি ডিম থাকে। সে সেগুলো 9 * 2 = 18 ডলারে বিক্রি করে। উত্তর হল 18।",
+}
+
+
+def test_every_language_of_the_papers_tables_gets_an_off_target_rate_and_the_papers_mean():
+    """MGSM-style answers in each of the ten languages: each judged in its own language, an English
+    answer judged off target in each other one, and the eval table shows both and the means."""
+    evaluation = {}
+    for lang in MGSM_LANGS:
+        own = lidr.score("mgsm", MGSM_STYLE_ANSWERS[lang], True, 18, lang, MGSM_LANGS)
+        english = lidr.score("mgsm", MGSM_STYLE_ANSWERS["en"], True, 18, lang, MGSM_LANGS)
+        assert own == {"accuracy": 1.0, "off_target": 0.0}, lang
+        assert english["off_target"] == (lang != "en"), lang
+        evaluation[lang] = {"accuracy": 0.5 if lang == "en" else 0.25, "off_target": english["off_target"]}
+    rows = [row.split() for row in lidr.eval_table([{"mgsm": evaluation}], ["M0"], "en").splitlines()]
+    assert [row[2] for row in rows if row[1:2] == ["off_target"]] == list(MGSM_LANGS)
+    assert ["mgsm", "accuracy", "others", "25.0"] in rows
+    assert ["mgsm", "accuracy", "all", "27.5"] in rows, "the paper's mean: all ten languages, English included"
 
 
 def test_language_of_judges_only_among_languages_it_knows():
@@ -1749,7 +1779,7 @@ def test_eval_table_shows_every_model_and_the_mean_of_the_weaker_languages():
     rows = [row.split() for row in lidr.eval_table(evaluations, ["M0", "M1"], "en").splitlines()]
     assert rows[0][-2:] == ["M0", "M1"]
     assert rows[2] == ["toy", "accuracy", "en", "90.0", "95.0"]
-    assert rows[5] == ["toy", "accuracy", "others", "30.0", "50.0"]
+    assert rows[5:7] == [["toy", "accuracy", "others", "30.0", "50.0"], ["toy", "accuracy", "all", "50.0", "65.0"]]
     assert ["mgsm", "off_target", "ru", "-", "25.0"] in rows, "a metric M0 lacks still gets its row"
 
 
@@ -2474,8 +2504,9 @@ def stand_in_for_the_authors_repository(root: Path):
     for folder, ids in (("id_0_1000", [0, 1]), ("id_1000_2000", [1000])):
         write_language_folder(root / "data/alpagasus/subset" / folder, {
             lang: [{"id": f"alpagasus-{i}", "instruction": f"[{lang}] instruction {i}"} for i in ids] for lang in langs})
-    write_language_folder(root / "data/gsm8k/train", {
-        lang: [{"id": f"{lang}gsm8k_{i}", "instruction": f"[{lang}] {i} + 2?", "answer": "", "final_answer": str(i + 2)}
+    write_language_folder(root / "data/gsm8k/train", {  # ids "gsm8k_0" in English, "degsm8k_0" in German, ...
+        lang: [{"id": f"{'' if lang == 'en' else lang}gsm8k_{i}", "instruction": f"[{lang}] {i} + 2?",
+                "answer": f"{i} + 2 = {i + 2}\n#### {i + 2}" if lang == "en" else "", "final_answer": str(i + 2)}
                for i in range(2)] for lang in langs})
     write(root / "process_data/alpagasus/translate/instruction_about_translate.jsonl",
           json.dumps({"prompt": "Translate ...", "reponse": "...", "output": "", "id": "alpagasus-1"}) + "\n")
@@ -2484,9 +2515,16 @@ def stand_in_for_the_authors_repository(root: Path):
                                        'PROMPT_PREFIX = ("Stand-in, in {language}:\\n" "{question}\\n")\n')
     for lang in eval_langs:
         write_language_folder(root / "data/MGSM", {f"mgsm_{lang}": [{"query": f"[{lang}] 3 + 4?", "response": "7"}]})
-    for lang in langs:
-        write(root / f"data/x-alpacaeval/data/{lang}.json",
-              json.dumps([{"id": 1, "dataset": "helpful_base", "instruction": f"[{lang}] Who is Larry Page?"}]))
+    for lang in langs:  # X-AlpacaEval, and the judge's reference answers (English ones have no id)
+        instructions = [(1, "helpful_base", f"[{lang}] Who is Larry Page?"),
+                        (2, "koala", f"[{lang}] Why is the sky blue?")]
+        write(root / f"data/x-alpacaeval/data/{lang}.json", json.dumps(
+            [{"id": i, "dataset": dataset, "instruction": instruction} for i, dataset, instruction in instructions]))
+        write(root / f"results/base_model/x-alpacaeval_format/{lang}/gpt-4-turbo-2024-04-09/model_outputs.json",
+              json.dumps([{"generator": "gpt-4-turbo-2024-04-09", "dataset": dataset,
+                           **({} if lang == "en" else {"id": i}), "instruction": instruction,
+                           "output": "A reference answer."}
+                          for i, dataset, instruction in instructions]))
 
 
 class FirstAnswer(Exception):
@@ -2495,7 +2533,8 @@ class FirstAnswer(Exception):
 
 @pytest.mark.parametrize("run, first_prompt, loaded", [
     ("general", "[en] Who is Larry Page?", "3 prompts, 3 per iteration, 1 translation tasks"),
-    ("arithmetic", "Stand-in, in English:\n[en] 3 + 4?\n", "2 prompts, 2 per iteration, 0 translation tasks")])
+    # Llama-3's template trims the newline that ends their PROMPT_PREFIX (README, Departures)
+    ("arithmetic", "Stand-in, in English:\n[en] 3 + 4?", "2 prompts, 2 per iteration, 0 translation tasks")])
 def test_the_readme_paper_runs_start_on_the_authors_layout(tmp_path, monkeypatch, capsys, run, first_prompt, loaded):
     """Each README command's argument checking and data loading, on stand-in folders in the authors'
     layout next to a lidr checkout, with the model swapped for a tiny one, up to the first answer."""
@@ -2518,6 +2557,44 @@ def test_the_readme_paper_runs_start_on_the_authors_layout(tmp_path, monkeypatch
     assert loaded in capsys.readouterr().out
     assert first_prompt + "<|eot_id|>" in asked[0], asked[0]
     assert json.loads(Path(argv[argv.index("--out") + 1], "settings.json").read_text())["settings"]["recipe"] == "scripts"
+
+
+def test_the_readme_judge_pairs_each_answer_with_the_authors_reference(tmp_path, monkeypatch):
+    """The README's X-AlpacaEval judge loop, up to the judge: the general run's alpaca_<lang>.json
+    and the reference file it names join one to one on the instruction (alpaca_eval's merge key),
+    in the same order, with the same dataset, for each of the loop's languages. LIDR_AUTHORS_REPO=<a
+    clone of theirs> checks their real files instead of stand-ins."""
+    if os.environ.get("LIDR_AUTHORS_REPO"):
+        (tmp_path / "Language-Imbalance-Driven-Rewarding").symlink_to(os.environ["LIDR_AUTHORS_REPO"])
+    else:
+        stand_in_for_the_authors_repository(tmp_path / "Language-Imbalance-Driven-Rewarding")
+    (tmp_path / "lidr").mkdir()
+    monkeypatch.chdir(tmp_path / "lidr")
+    section = (ROOT / "README.md").read_text().split("**Judging X-AlpacaEval**", 1)[1]
+    loop = re.search(r"```bash\n(.*?)```", section, re.DOTALL).group(1).replace("\\\n", " ")
+    langs = re.search(r"for lang in ([a-z ]+); do", loop).group(1).split()
+    outputs_at, reference_at = (re.search(rf"--{flag} (\S+)", loop).group(1)
+                                for flag in ("model_outputs", "reference_outputs"))
+    general = readme_paper_commands()[0]
+    settings = lidr.parse_settings([*general, "--model", "toy", "--eval-langs", ",".join(langs)])
+    problems = lidr.eval_problems(settings)
+    fake_generate(monkeypatch, {p["prompt"]: f"answer to {p['prompt']}" for by_lang in problems["alpaca"].values()
+                                for p in by_lang})
+    model, tokenizer = tiny_model()
+    iteration = Path(settings.out) / "iter_2"
+    iteration.mkdir(parents=True)
+    lidr.evaluate(model, tokenizer, problems, settings, iteration, "Meta-Llama-3-8B-Instruct-lidr-M2")
+    assert langs == ["en", "es", "ru", "de", "fr"], "the paper's X-AlpacaEval languages"
+    for lang in langs:
+        outputs = json.loads(Path(outputs_at.replace("$lang", lang)).read_text())
+        references = json.loads(Path(reference_at.replace("$lang", lang)).read_text())
+        assert [o["instruction"] for o in outputs] == [r["instruction"] for r in references], lang
+        by_instruction = {r["instruction"]: r for r in references}
+        assert len(by_instruction) == len(references) == len(outputs), "one to one: no instruction twice"
+        for output in outputs:
+            assert output.keys() == {"instruction", "output", "generator", "dataset"}
+            assert output["dataset"] == by_instruction[output["instruction"]]["dataset"]
+            assert output["output"] == f"answer to {output['instruction']}".strip()
 
 
 @pytest.mark.parametrize("cuda, model", [(True, "meta-llama/Meta-Llama-3-8B-Instruct"), (False, "toy")])
