@@ -26,6 +26,7 @@ README, Departures (--recipe scripts undoes the data-pipeline departures).
 
 import argparse
 import ast
+import contextlib
 import csv
 import dataclasses
 import fcntl
@@ -812,7 +813,8 @@ def train(model, example_langs: list[str], accumulate, settings: Settings, log_p
                f"{settings.micro_batch_size}")
     partial_log = temp_path(log_path)  # this process's; renamed into place when training ends
     tokens_trained, start_time = 0, time.perf_counter()
-    with open(partial_log, "w") as log, tqdm(total=len(steps), initial=start, desc="training", unit="step") as bar:
+    with written_whole(partial_log, log_path), open(partial_log, "w") as log, \
+            tqdm(total=len(steps), initial=start, desc="training", unit="step") as bar:
         log.writelines(logged)
         for step, (epoch, step_ids) in enumerate(steps[start:], start + 1):
             metrics = accumulate(model, step_ids.tolist())  # forward and backward, micro-batch by micro-batch
@@ -893,7 +895,7 @@ def run(settings: Settings, command: list[str]):
             history.append(lidr_iteration(model, tokenizer, prompts_for_iteration(
                 all_prompts, t, settings.num_prompts), languages, settings, folder))
         if t >= start:
-            write_atomic(folder / "metrics.json", to_json(history[-1], indent=2))
+            write_atomic(folder / "metrics.json", to_json(history[-1], indent=2), proof=True)
             save_model(model, tokenizer, folder / "model")  # M_t: the model of iteration t + 1
             (folder / "eval.json").unlink(missing_ok=True)  # only there if an earlier M_t was deleted: stale
         if problems:  # the model in memory is M_t from t = start - 1 on
@@ -915,8 +917,12 @@ def resume_point(out: Path, settings: Settings) -> tuple[int, str]:
     not redone; within the starting iteration every step whose file is there is reused (stage),
     and its training, if it was interrupted, starts again. check_resumable (in open_run) has
     already refused a folder made with other settings or inputs."""
-    saved = [t for t in range(1, settings.iters + 1) if (out / f"iter_{t}" / "model").exists()]
-    return max(saved, default=0) + 1, str(out / f"iter_{saved[-1]}" / "model") if saved else settings.model
+    t = last_saved(out, settings.iters)
+    return t + 1, str(out / f"iter_{t}" / "model") if t and finished(out / f"iter_{t}" / "model") else settings.model
+
+
+def last_saved(out: Path, iters: int) -> int:
+    return max((t for t in range(1, iters + 1) if (out / f"iter_{t}" / "model").exists()), default=0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1002,6 +1008,11 @@ def parse_settings(argv: list[str]) -> Settings:
     if "micro_batch_size" not in given:  # a default must never clash with the user's --batch-size
         settings.micro_batch_size = min(settings.micro_batch_size, settings.batch_size)
     check_settings(settings)
+    out = Path(settings.out).absolute()  # a path the file system cannot hold: bad input, not a fault mid-run
+    nearest = next(folder for folder in out.parents if os.path.isdir(folder))
+    if settings.out and (len(os.fsencode(out)) + 64 > os.pathconf(nearest, "PC_PATH_MAX") or any(
+            len(os.fsencode(name)) > os.pathconf(nearest, "PC_NAME_MAX") for name in out.relative_to(nearest).parts)):
+        raise LidrError(f"--out {settings.out}: a name or the path is longer than the file system allows")
     for name, benchmark in (("eval_langs", ""), ("eval_limit", ""), ("eval_max_new_tokens", ""),
                             ("eval_prompt_template", ""), ("mgsm", "mgsm"), ("alpaca", "alpaca")):
         used = benchmark in settings.eval.split(",") if benchmark else settings.eval
@@ -1706,15 +1717,57 @@ class BF16AdamW(torch.optim.Optimizer):
 
 
 # ------------------------------------------------------------------------ the run folder
-def write_atomic(path: Path, text: str):
-    """Write to a temp file, then rename: a crash never leaves a half-written artifact behind."""
-    temp = temp_path(path)
-    try:
+# A step's file proves that the step finished: it is written under a temp name, its sha256 put in
+# its folder's finished.json, then renamed into place. A resume reuses it only if it still matches.
+def write_atomic(path: Path, text: str, proof: bool = False):
+    """Write to a temp file, then rename: a crash never leaves a half-written file behind."""
+    with written_whole(temp_path(path), path) as temp:
         temp.write_text(text, encoding="utf-8")
-    except BaseException as error:  # a full disk: leave no partial file taking the space that is left
+        move_into_place(temp, path, proof)
+
+
+@contextlib.contextmanager
+def written_whole(temp: Path, path: Path):
+    """Around writing temp, path's file or folder to be: if anything fails (a full disk, an
+    interrupt), temp is removed, leaving no partial file that takes space, and the error names path."""
+    try:
+        yield temp
+    except BaseException as error:
+        if temp.is_dir():
+            shutil.rmtree(temp)
         temp.unlink(missing_ok=True)
         raise write_error(error, path) from None
+
+
+def move_into_place(temp: Path, path: Path, proof: bool):
+    """Rename temp to path; with proof, record its digest in finished.json first."""
+    if proof:
+        record = path.parent / "finished.json"
+        recorded = read_json(record) if record.exists() else {}
+        write_atomic(record, to_json({**recorded, path.name: digest(temp)}, indent=1))
     os.replace(temp, path)
+
+
+def digest(path: Path) -> str:
+    """The sha256 of a file, or of a folder's files' names and sha256s."""
+    if path.is_file():
+        with open(path, "rb") as file:
+            return hashlib.file_digest(file, "sha256").hexdigest()
+    return hashlib.sha256("".join(f"{file.relative_to(path)} {digest(file)}\n" for file in sorted(path.rglob("*"))
+                                  if file.is_file()).encode()).hexdigest()
+
+
+def finished(path: Path) -> bool:
+    """Whether path holds a finished step's result: False if absent; one line naming it if it is
+    not what the step wrote (cut short, emptied, edited, copied in part)."""
+    if not path.exists():
+        return False
+    record = path.parent / "finished.json"
+    recorded = read_json(record) if record.exists() else {}
+    if not isinstance(recorded, dict) or recorded.get(path.name) != digest(path):
+        raise LidrError(f"{path} is not what its finished step wrote (its sha256 in {record} differs or is "
+                        f"missing: cut short, emptied or edited?); move it away to have that step redone")
+    return True
 
 
 def write_error(error: BaseException, path: Path) -> BaseException:
@@ -1764,11 +1817,11 @@ def stage(path: Path, compute, settings: Settings) -> list[dict]:
     """Resume: reuse a finished stage's artifact, else compute it and write it. The stage draws its
     random numbers (sampling at --temperature > 0) from a seed of its own, so a stage redone after
     an interruption gives what the uninterrupted run gave."""
-    if path.exists():
+    if finished(path):
         return reuse(path, settings)
     torch.manual_seed(stage_seed(settings.seed, path))
     records = compute()
-    write_jsonl(path, records)
+    write_atomic(path, "".join(to_json(r) + "\n" for r in records), proof=True)
     return records
 
 
@@ -1815,15 +1868,10 @@ def stage_seed(seed: int, path: Path) -> int:
 
 
 def save_model(model, tokenizer, path: Path):
-    temp = temp_path(path)
-    shutil.rmtree(temp, ignore_errors=True)  # left by a dead process that had our pid
-    try:
+    with written_whole(temp_path(path), path) as temp:
         model.save_pretrained(temp)
         tokenizer.save_pretrained(temp)
-    except BaseException as error:  # a full disk: leave no partial model taking the space that is left
-        shutil.rmtree(temp, ignore_errors=True)
-        raise write_error(error, path) from None
-    os.replace(temp, path)
+        move_into_place(temp, path, proof=True)
 
 
 # What a resumed run may change: the folder's own name, the number of iterations (to extend a
@@ -1835,13 +1883,12 @@ RESUMABLE_CHANGES = {"out", "iters", "device", "gen_batch_size", "engine", "micr
 def save_progress(path: Path, parts: dict, loop_state: tuple):
     """All an interrupted train needs to go on: the state of its parts (model, optimizer, schedule)
     and of its loop (step, log lines, last epoch's metrics and languages); written whole or not at all."""
-    try:
-        torch.save({"parts": {name: part.state_dict() for name, part in parts.items()}, "loop": loop_state},
-                   temp_path(path))
-    except RuntimeError as error:  # how torch's writer reports a full disk
-        temp_path(path).unlink(missing_ok=True)
-        raise OSError(None, f"{first_line(error)} (a full disk?)", str(path)) from None
-    os.replace(temp_path(path), path)
+    with written_whole(temp_path(path), path) as temp:
+        try:
+            torch.save({"parts": {name: part.state_dict() for name, part in parts.items()}, "loop": loop_state}, temp)
+        except RuntimeError as error:  # how torch's writer reports a full disk
+            raise OSError(None, f"{first_line(error)} (a full disk?)", str(path)) from None
+        os.replace(temp, path)
 
 
 def load_progress(path: Path | None, parts: dict) -> tuple | None:
@@ -1864,7 +1911,8 @@ def open_run(out: Path, settings: Settings, command: list[str], start_model: str
     memory plan (which picks --optim auto's optimizer), --out new or resumable with these settings
     and inputs, and writable; then the model loaded (the toy M0 pre-trained once if needed), the
     folder locked and recorded. Returns the model, its tokenizer, the settings and the lock."""
-    langs = list(parse_languages(settings.langs))
+    languages = parse_languages(settings.langs)
+    langs = list(languages)
     config, n_params = model_shape(start_model)
     optim = plan_training_memory(config, n_params, settings, device_memory(settings.device))
     settings = dataclasses.replace(settings, optim=optim)
@@ -1886,10 +1934,16 @@ def open_run(out: Path, settings: Settings, command: list[str], start_model: str
     toy_m0 = toy_model(out.parent, settings.seed, langs) if start_model == "toy" else None
     transformers.set_seed(settings.seed)
     model, tokenizer = load_model(str(toy_m0 or start_model), settings.device, settings.dtype, settings.system_prompt)
+    prompt_template = template(settings, "prompt_template")
+    shortest = min(len(chat_prompt_ids(tokenizer, fill_template(prompt_template, prompt[langs[0]], languages[langs[0]]),
+                                       settings.system_prompt)) for prompt in all_prompts)
+    if shortest >= settings.max_len:  # no pair or example could be trained on
+        raise LidrError(f"--max-len {settings.max_len}: every prompt is longer (the shortest, chat-formatted, is "
+                        f"{shortest} tokens); raise --max-len")
     lock = lock_run_folder(out, command)  # held while the run goes on: one process per folder
     record_run(out, settings, command, inputs_sha256)  # only now: bad input above has written nothing
     if toy_m0:  # which cached M0 the run started from, and how it was made
-        shutil.copy(toy_m0 / "toy_recipe.json", out / "toy_recipe.json")
+        write_atomic(out / "toy_recipe.json", read_text(toy_m0 / "toy_recipe.json"))
     print(f"run folder {out} | {settings.model}: {sum(p.numel() for p in model.parameters()):,} parameters "
           f"on {settings.device} ({settings.dtype}) | {len(all_prompts)} prompts, "
           f"{min(settings.num_prompts, len(all_prompts))} per iteration, "
@@ -1904,6 +1958,8 @@ def open_run(out: Path, settings: Settings, command: list[str], start_model: str
 def finished_metrics(folder: Path, langs: list[str], settings: Settings) -> dict:
     """The metrics.json of an iteration an earlier run finished, checked against what lidr writes."""
     tqdm.write(f"reusing {folder}")
+    if not finished(folder / "metrics.json"):
+        raise LidrError(f"{folder / 'metrics.json'} is missing; move {folder / 'model'} away to redo that iteration")
     metrics = read_json(folder / "metrics.json")
     check_shape(str(folder / "metrics.json"), metrics, {
         "examples": dict.fromkeys(langs, int), "train": dict | None} if settings.method == "qalign" else {
@@ -1945,8 +2001,9 @@ def check_resumable(out: Path, settings: Settings, inputs_sha256: dict[str, str]
 
 
 def leftover(entry: Path) -> bool:
-    """What a process that died before writing settings.json may leave: never a reason to refuse."""
-    return entry.name == "run.lock" or entry.name.endswith(".tmp")
+    """What a process that stopped before writing settings.json may leave: never a reason to refuse."""
+    return entry.name == "run.lock" or entry.name.endswith(".tmp") or (
+        entry.name == "lidr.py" and entry.read_bytes() == Path(__file__).read_bytes())  # record_run writes it first
 
 
 def lock_run_folder(out: Path, command: list[str]):
@@ -1961,9 +2018,16 @@ def lock_run_folder(out: Path, command: list[str]):
         lock.seek(0)
         raise LidrError(f"{out} is in use by another lidr process ({lock.read().strip() or 'unknown'}); "
                         f"wait for it to end, or pass another --out") from None
-    lock.truncate(0)
-    lock.write(f"pid {os.getpid()} on {platform.node()}: {shlex.join(command)}\n")
-    lock.flush()
+    try:
+        lock.truncate(0)
+        lock.write(f"pid {os.getpid()} on {platform.node()}: {shlex.join(command)}\n")
+        lock.flush()
+    except OSError as error:
+        raise write_error(error, out / "run.lock") from None
+    for temp in (*out.glob(".*.tmp"), *out.glob("iter_*/.*.tmp")):  # killed runs' (no other process writes here)
+        if temp.is_dir():
+            shutil.rmtree(temp)
+        temp.unlink(missing_ok=True)
     return lock
 
 
@@ -1975,9 +2039,10 @@ def record_run(out: Path, settings: Settings, command: list[str], inputs_sha256:
     if (out / "settings.json").exists():
         if read_json(out / "settings.json").get("lidr_sha256") != code_hash:
             print(f"warning: lidr.py changed since {out} was made (see commands.log); lidr.py there is the original")
-    else:
+    else:  # settings.json last: it marks the folder as recorded
         out.mkdir(parents=True, exist_ok=True)
         device = settings.device
+        write_atomic(out / "lidr.py", source.decode("utf-8"))
         write_atomic(out / "settings.json", to_json({
             "settings": dataclasses.asdict(settings),
             "command": [sys.executable, *command],
@@ -1988,9 +2053,9 @@ def record_run(out: Path, settings: Settings, command: list[str], inputs_sha256:
                          "transformers": transformers.__version__, "datasets": datasets.__version__},
             "hardware": torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.machine(),
         }, indent=2))
-        write_atomic(out / "lidr.py", source.decode("utf-8"))
-    with open(out / "commands.log", "a") as log:
-        log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} lidr_sha256={code_hash[:12]} {' '.join(command)}\n")
+    log = out / "commands.log"  # rewritten whole: a full disk never leaves half a line
+    write_atomic(log, (read_text(log) if log.exists() else "")
+                 + f"{time.strftime('%Y-%m-%d %H:%M:%S')} lidr_sha256={code_hash[:12]} {' '.join(command)}\n")
 
 
 def finished_work(settings: Settings | None) -> str:
@@ -1998,8 +2063,9 @@ def finished_work(settings: Settings | None) -> str:
     out = Path(settings.out) if settings else None
     if out is None or not (out / "settings.json").exists():
         return "nothing was finished"
-    t, _ = resume_point(out, settings)
-    stages = sorted(path.name for path in (out / f"iter_{t}").glob("*.json*") if not leftover(path))
+    t = last_saved(out, settings.iters) + 1
+    stages = sorted(path.name for path in (out / f"iter_{t}").glob("*.json*")
+                    if not leftover(path) and path.name != "finished.json")
     kept = ([f"M1 to M{t - 1}" if t > 2 else "M1"] if t > 1 else []) + ([f"iteration {t}'s {', '.join(stages)}"]
                                                                        if stages else [])
     return f"{out} keeps " + (" and ".join(kept) or "its settings only")
@@ -2255,10 +2321,12 @@ def eval_problems(settings: Settings) -> dict[str, dict[str, list[dict]]]:
                                    flag="--alpaca")
             problems["alpaca"] = {lang: [{"id": r["id"], "prompt": r[lang], "gold": None, "dataset": f"lidr-{lang}"}
                                          for r in records if lang in r] for lang in languages}
-    for lang, items in problems.get("alpaca", {}).items():  # either form can lack a language
-        if not items:
-            raise LidrError(f"--eval alpaca: no '{lang}' instructions in "
-                            f"{settings.alpaca or 'the built-in prompts'}; pass --alpaca or --eval-langs")
+    for benchmark, by_lang in problems.items():  # an empty file, or instructions lacking a language
+        for lang, items in by_lang.items():
+            if not items:
+                source = {"mgsm": settings.mgsm, "alpaca": settings.alpaca or "the built-in prompts"}[benchmark]
+                raise LidrError(f"--eval {benchmark}: no '{lang}' problems in {source}; pass another "
+                                f"--{benchmark} or --eval-langs")
     return {benchmark: {lang: items[:settings.eval_limit or None] for lang, items in by_lang.items()}
             for benchmark, by_lang in problems.items()}
 
@@ -2329,7 +2397,7 @@ def evaluate_once(model, tokenizer, problems: dict, settings: Settings, out: Pat
     """--eval of M_t, kept in iter_<t>/eval.json (reused from it when resuming); in_memory: whether
     `model` is M_t, so that a missing evaluation can be redone."""
     folder = out / f"iter_{t}"
-    if (folder / "eval.json").exists():
+    if finished(folder / "eval.json"):
         results = read_json(folder / "eval.json")
         check_shape(str(folder / "eval.json"), results, {benchmark: dict.fromkeys(by_lang, dict)
                                                          for benchmark, by_lang in problems.items()})
@@ -2341,7 +2409,7 @@ def evaluate_once(model, tokenizer, problems: dict, settings: Settings, out: Pat
     torch.manual_seed(stage_seed(settings.seed, folder / "eval.json"))  # as a stage: resumed == uninterrupted
     model_name = f"{Path(settings.model).name}-{settings.method}-{model_names(settings.method, t + 1)[t]}"
     results = evaluate(model, tokenizer, problems, settings, folder, model_name)
-    write_atomic(folder / "eval.json", to_json(results, indent=2))
+    write_atomic(folder / "eval.json", to_json(results, indent=2), proof=True)
     return results
 
 
@@ -2826,9 +2894,9 @@ def toy_model(root: Path, seed: int, langs) -> Path:
             settings, building / "train_log.jsonl", progress, TOY_PROGRESS_STEPS)
         model.save_pretrained(building)
         tokenizer.save_pretrained(building)
-    except BaseException:  # interrupted, or a full disk: the progress file is what is kept
+    except BaseException as error:  # interrupted, or a full disk: the progress file is what is kept
         shutil.rmtree(building, ignore_errors=True)
-        raise
+        raise write_error(error, folder) from None
     record = {"m0": str(folder.resolve()), "seed": seed, "langs": list(langs), **TOY_RECIPE}
     write_atomic(building / "toy_recipe.json", to_json(record, indent=2))
     if folder.exists() and not (folder / "toy_recipe.json").exists():
