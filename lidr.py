@@ -27,13 +27,16 @@ README, Departures (--recipe scripts undoes the data-pipeline departures).
 import argparse
 import ast
 import contextlib
+import copy
 import csv
 import dataclasses
 import fcntl
 import functools
+import gc
 import hashlib
 import inspect
 import json
+import logging
 import math
 import os
 import platform
@@ -49,16 +52,25 @@ import time
 import unicodedata
 import zlib
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import datasets
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import torch.utils.checkpoint
 import transformers
 from py3langid.langid import MODEL_FILE as LANGID_MODEL, LanguageIdentifier
 from tqdm import tqdm
+from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+# Many GPUs: under torchrun (or --nproc-per-node) every process runs this file. Each generates its
+# share of a stage's batches and trains its shard of the model (FSDP2); rank 0 writes the run folder.
+RANK, WORLD, LOCAL_RANK = (int(os.environ.get(name, default)) for name, default in
+                           (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
 
 
 # ------------------------------------------------------------------------ settings
@@ -85,6 +97,8 @@ class Settings:
                                  "the run folder, with the toy defaults; auto: the paper's " + PAPER_MODEL
                                  + " where a CUDA GPU is visible, else toy")
     device: str = setting("auto", "cpu, cuda, cuda:1, ...; auto = cuda if present")
+    nproc_per_node: int = setting(1, "processes (GPUs) on this machine: over 1 starts them as torchrun does, each "
+                                     "generating a share and training a shard (FSDP2); torchrun lidr.py does too")
     dtype: str = setting("auto", "bfloat16 or float32; auto = bfloat16 on GPU, float32 on CPU")
     recipe: str = setting("lidr", "lidr: this kit's pipeline; scripts: the authors' released data pipeline step "
                                   "for step: a failed translation drops both pairs of its prompt and language, only "
@@ -390,14 +404,18 @@ def padded_batches(model, prompts: list[list[int]], config: GenerationConfig, ma
     prefill (generation_memory; both in the memory planning) fit in free memory. Each batch runs
     until its longest answer ends. Returns each prompt's new tokens. The progress bar counts
     tokens, every sequence at the cap: from the first seconds its time left is the stage's longest."""
-    budget = free_memory(model.device) * 3 // 4  # a quarter left for the allocator's fragmentation
+    budget = min(gathered(free_memory(model.device))) * 3 // 4  # a quarter left for the allocator's fragmentation
     fits = lambda sequences, prompt_len: generation_memory(
         model.config, model.dtype.itemsize, sequences, prompt_len, config.max_new_tokens) <= budget
     batches = generation_batches([len(p) for p in prompts], max_batch_size, fits)
+    mine = range(RANK, len(batches), WORLD)  # many GPUs: each process generates every WORLD-th batch
+    seed = torch.randint(2**62, ()).item()  # a seed per batch: sampled the same on one process or many
     outputs = [[]] * len(prompts)
-    bar = tqdm(total=len(prompts) * config.max_new_tokens, desc=f"{desc} ({len(batches)} batches, tokens at the cap)",
-               unit="tok", unit_scale=True, leave=False)
-    for batch in batches:
+    bar = tqdm(total=sum(len(batches[b]) for b in mine) * config.max_new_tokens, unit="tok", unit_scale=True,
+               leave=False, desc=f"{desc} ({len(mine)} batches, tokens at the cap)")
+    for batch in mine:
+        torch.manual_seed(seed + batch)
+        batch = batches[batch]
         steps = []
 
         def step_progress(input_ids, scores):  # called once per generated token, as a logits processor
@@ -415,6 +433,9 @@ def padded_batches(model, prompts: list[list[int]], config: GenerationConfig, ma
             outputs[i] = new_tokens
         bar.update(len(batch) * (config.max_new_tokens - len(steps)))  # the steps a batch ending early saves
     bar.close()
+    for share in gathered({i: outputs[i] for b in mine for i in batches[b]}):  # many GPUs: every process's
+        for i, new_tokens in share.items():
+            outputs[i] = new_tokens
     return outputs
 
 
@@ -685,12 +706,13 @@ def dpo_nll_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, r
 def reference_logps(model, pairs: list[TokenizedPair], micro_batch_size: int, pad_id: int):
     """The reference model's log-probs log ref(y|x) of every pair's chosen and rejected answer,
     (N,) each, computed once with M_{t-1} before any update: no second model in memory."""
-    chosen, rejected = [], []
-    for start in tqdm(range(0, len(pairs), micro_batch_size), desc="reference log-probs", leave=False):
-        chosen_logps, rejected_logps, _ = chosen_rejected_logps(model, pairs[start:start + micro_batch_size], pad_id)
-        chosen.append(chosen_logps.cpu())
-        rejected.append(rejected_logps.cpu())
-    return torch.cat(chosen), torch.cat(rejected)
+    starts = range(0, len(pairs), micro_batch_size)
+    logps = {}
+    for start in tqdm(starts[RANK::WORLD], desc="reference log-probs", leave=False):  # many GPUs: a share each
+        chosen, rejected, _ = chosen_rejected_logps(model, pairs[start:start + micro_batch_size], pad_id)
+        logps[start] = (chosen.cpu(), rejected.cpu())
+    logps = {start: both for share in gathered(logps) for start, both in share.items()}
+    return torch.cat([logps[start][0] for start in starts]), torch.cat([logps[start][1] for start in starts])
 
 
 def chosen_rejected_logps(model, pairs: list[TokenizedPair], pad_id: int):
@@ -724,8 +746,10 @@ def chunked_sequence_logps(model, input_ids, attention_mask, labels):
     """sequence_logps in less memory, to float rounding the same numbers and gradients
     (test_chunked_logps_and_gradients_equal_full_vocab_logps): logits are made only for answer
     positions, LOGPS_CHUNK_TOKENS at a time, and recomputed in the backward pass instead of stored."""
-    # use_cache=False: a KV cache is for generating, here it would only hold memory
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    # The model's own forward, where FSDP gathers a sharded model's weights, with logits for one
+    # position only; use_cache=False: a KV cache is for generating, here it would only hold memory.
+    hidden = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1,
+                   output_hidden_states=True).hidden_states[-1]
     targets = labels[:, 1:]
     mask = targets != -100
     answer_hidden, answer_targets = hidden[:, :-1][mask], targets[mask]  # (N, H), (N,) over all answer tokens
@@ -756,14 +780,14 @@ def accumulate_gradients(model, pairs: list[TokenizedPair], ref_chosen_logps, re
     micro_batches = length_grouped([max(len(p.chosen_input_ids), len(p.rejected_input_ids)) for p in pairs],
                                    micro_batch_size)
     metrics = []
-    for micro in micro_batches:
+    for micro, factor in this_process_share(micro_batches):
         chosen, rejected, chosen_lengths = chosen_rejected_logps(model, [pairs[i] for i in micro], pad_id)
         loss, micro_metrics = dpo_nll_loss(chosen, rejected, ref_chosen_logps[micro].to(model.device),
                                            ref_rejected_logps[micro].to(model.device), chosen_lengths, beta, alpha)
-        (loss * len(micro) / len(pairs)).backward()
+        (loss * len(micro) / len(pairs) * factor).backward()
         tokens = [len(pairs[i].chosen_input_ids) + len(pairs[i].rejected_input_ids) for i in micro]
-        metrics.append({**micro_metrics, "tokens": torch.tensor(tokens)})
-    return in_step_order(micro_batches, metrics)
+        metrics += [(micro, {**micro_metrics, "tokens": torch.tensor(tokens)})] if factor else []
+    return in_step_order(metrics)
 
 
 def length_grouped(lengths: list[int], micro_batch_size: int) -> list[list[int]]:
@@ -775,10 +799,21 @@ def length_grouped(lengths: list[int], micro_batch_size: int) -> list[list[int]]
     return [order[start:start + micro_batch_size] for start in range(0, len(order), micro_batch_size)]
 
 
-def in_step_order(micro_batches: list[list[int]], metrics: list[dict]) -> dict:
-    """Per-example metrics of length-grouped micro-batches, back in the step's order."""
-    order = torch.tensor([i for micro in micro_batches for i in micro]).argsort()
-    return {name: torch.cat([m[name] for m in metrics]).cpu()[order] for name in metrics[0]}
+def this_process_share(micro_batches: list[list[int]]) -> list[tuple[list[int], int]]:
+    """The micro-batches this process runs, with a factor for its loss: all of them, 1, on one
+    process. On many, every WORLD-th, WORLD (FSDP averages the processes' gradients: the sum is the
+    step's), and as many on each process: FSDP's collectives run in lockstep, so factor-0 repeats
+    pad the shorter shares."""
+    mine = micro_batches[RANK::WORLD]
+    return [(micro, WORLD) for micro in mine] + [(micro_batches[0], 0)] * (-(-len(micro_batches) // WORLD) - len(mine))
+
+
+def in_step_order(metrics: list[tuple[list[int], dict]]) -> dict:
+    """Per-example metrics of length-grouped micro-batches (every process's), back in the step's order."""
+    metrics = [item for share in gathered([(micro, {name: value.cpu() for name, value in m.items()})
+                                           for micro, m in metrics]) for item in share]
+    order = torch.tensor([i for micro, _ in metrics for i in micro]).argsort()
+    return {name: torch.cat([m[name] for _, m in metrics])[order] for name in metrics[0][1]}
 
 
 def train(model, example_langs: list[str], accumulate, settings: Settings, log_path: Path,
@@ -796,6 +831,7 @@ def train(model, example_langs: list[str], accumulate, settings: Settings, log_p
     progress_every steps, and an interrupted one goes on from it; an interrupted DPO training
     starts again from M_{t-1}. Returns the last epoch's metrics, averaged over its examples and
     per language."""
+    whole, model = model, fully_sharded(model) if WORLD > 1 else model  # many GPUs: train a sharded copy
     optimizer = optimizer_for([p for p in model.parameters() if p.requires_grad], settings)
     trained = optimizer.param_groups[0]["params"]  # the model's weights, or their float32 masters
     generator = torch.Generator().manual_seed(settings.seed)
@@ -813,7 +849,7 @@ def train(model, example_langs: list[str], accumulate, settings: Settings, log_p
                f"{settings.micro_batch_size}")
     partial_log = temp_path(log_path)  # this process's; renamed into place when training ends
     tokens_trained, start_time = 0, time.perf_counter()
-    with written_whole(partial_log, log_path), open(partial_log, "w") as log, \
+    with written_whole(partial_log, log_path), open(partial_log if RANK == 0 else os.devnull, "w") as log, \
             tqdm(total=len(steps), initial=start, desc="training", unit="step") as bar:
         log.writelines(logged)
         for step, (epoch, step_ids) in enumerate(steps[start:], start + 1):
@@ -822,6 +858,7 @@ def train(model, example_langs: list[str], accumulate, settings: Settings, log_p
             if isinstance(optimizer, MasterWeightAdamW):  # as AMP's unscale_: clip the float32 gradients
                 optimizer.take_gradients()
             grad_norm = torch.nn.utils.clip_grad_norm_(trained, settings.max_grad_norm)
+            grad_norm = grad_norm.full_tensor() if WORLD > 1 else grad_norm  # over all the shards
             line = {"step": step, "epoch": epoch + 1, **{k: v.mean().item() for k, v in metrics.items()},
                     "optim/lr": schedule.get_last_lr()[0], "optim/grad_norm": grad_norm.item()}
             stop_if_diverged(line, settings)  # before one step makes every weight NaN
@@ -840,13 +877,20 @@ def train(model, example_langs: list[str], accumulate, settings: Settings, log_p
                 last_epoch_langs += [example_langs[i] for i in step_ids]
             if progress is not None and step % progress_every == 0 and step < len(steps):
                 save_progress(progress, parts, (step, logged, last_epoch, last_epoch_langs))
-    os.replace(partial_log, log_path)
+    if RANK == 0:  # many GPUs: rank 0 writes the run folder
+        os.replace(partial_log, log_path)
     seconds = time.perf_counter() - start_time
     tqdm.write(f"training: {tokens_trained} tokens in {seconds:.1f} s, {tokens_trained / max(seconds, 1e-9):.0f} "
                f"tokens/s")
     model.eval()
     if settings.gradient_checkpointing == "on":
         model.activation_checkpointing_disable()
+    if WORLD > 1:  # many GPUs: the trained shards back into every process's whole model
+        with torch.no_grad():
+            for weight, shard in zip(whole.parameters(), model.parameters()):
+                weight.copy_(shard.full_tensor())
+        del model
+        gc.collect()  # FSDP's copy holds reference cycles: free its shards now, not at some later collection
     return {"steps": len(steps), **means_per_language(last_epoch, last_epoch_langs)}
 
 
@@ -897,7 +941,10 @@ def run(settings: Settings, command: list[str]):
         if t >= start:
             write_atomic(folder / "metrics.json", to_json(history[-1], indent=2), proof=True)
             save_model(model, tokenizer, folder / "model")  # M_t: the model of iteration t + 1
-            (folder / "eval.json").unlink(missing_ok=True)  # only there if an earlier M_t was deleted: stale
+            if RANK == 0:  # only there if an earlier M_t was deleted: stale
+                (folder / "eval.json").unlink(missing_ok=True)
+            if WORLD > 1:  # many GPUs: before any process looks for it
+                dist.barrier()
         if problems:  # the model in memory is M_t from t = start - 1 on
             evaluations.append(evaluate_once(model, tokenizer, problems, settings, out, t, in_memory=t >= start - 1))
         if t >= start:
@@ -930,26 +977,49 @@ def main(argv: list[str] | None = None) -> int:
     Bad input (LidrError) and faults are one line and an exit code, never a traceback; an
     interrupt says what was kept (finished_work) and how to resume."""
     command = sys.argv if argv is None else ["lidr.py", *argv]
-    settings = None
-    on_sigterm = signal.signal(signal.SIGTERM, raise_terminated)
+    settings, launched = None, WORLD > 1 and "LIDR_LAUNCHER" in os.environ  # launch reports for every process
+    on_sigterm = signal.signal(signal.SIGTERM, signal.SIG_DFL if launched else raise_terminated)
+    if launched:  # stopped by launch, quietly; the next run's lock holder clears what was half written
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
     try:
         settings = parse_settings(command[1:])
         if settings.compare:
             print(compare_table(settings.compare.split(",")))
             return 0
+        if settings.nproc_per_node > 1 and WORLD == 1:  # many GPUs: start the processes, as torchrun does
+            return launch(settings, command)
+        if WORLD > 1:  # many GPUs: one process group, a GPU each; rank 0 alone prints the run's output
+            if torch.cuda.is_available():
+                torch.cuda.set_device(LOCAL_RANK)
+            # a process may wait hours for the others' share of a stage: no 10-minute timeout
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(days=7))
+            if RANK:
+                sys.stdout = open(os.devnull, "w")
+                tqdm.__init__ = functools.partialmethod(tqdm.__init__, disable=True)
+                transformers.utils.logging.disable_progress_bar()
         run(settings, command)
-    except LidrError as error:
-        print(f"lidr: error: {error}", file=sys.stderr)
-        return error.exit_code
-    except OSError as error:  # a full disk, a folder that became read-only: during the run, after the checks
+    except (KeyboardInterrupt, Terminated) as interrupt:  # every finished stage is already on disk, whole
+        if RANK == 0 and not launched:
+            print(f"lidr: interrupted; {finished_work(settings and resolve(settings))}; to resume, run the same "
+                  f"command: python {shlex.join(command)}", file=sys.stderr)
+        return 143 if isinstance(interrupt, Terminated) else 130
+    except Exception as error:
+        if launched:  # launch names the process that failed first, and why
+            ErrorHandler().record_exception(error)
+            return getattr(error, "exit_code", 1)
+        if isinstance(error, LidrError):
+            if RANK == 0:  # every process finds the same bad input
+                print(f"lidr: error: {error}", file=sys.stderr)
+            return error.exit_code
+        if not isinstance(error, OSError):  # a bug: its traceback
+            raise
+        # a full disk, a folder that became read-only: during the run, after the checks
         print(f"lidr: error: {error.strerror or error}: {error.filename or 'a file of the run'}", file=sys.stderr)
         return 1
-    except (KeyboardInterrupt, Terminated) as interrupt:  # every finished stage is already on disk, whole
-        print(f"lidr: interrupted; {finished_work(settings and resolve(settings))}; to resume, run the same command: "
-              f"python {shlex.join(command)}", file=sys.stderr)
-        return 143 if isinstance(interrupt, Terminated) else 130
     finally:
         signal.signal(signal.SIGTERM, on_sigterm)
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 
@@ -1044,6 +1114,7 @@ def check_settings(settings: Settings):
         "iters": (1 <= settings.iters <= 1000, "between 1 and 1000"),
         "seed": (settings.seed >= 0, ">= 0"),  # numpy's seeds, which transformers.set_seed sets, are unsigned
         "num_prompts": (settings.num_prompts >= 1, ">= 1"),
+        "nproc_per_node": (settings.nproc_per_node >= 1, ">= 1"),
         "max_new_tokens": (settings.max_new_tokens >= 1, ">= 1"),
         "translation_max_new_tokens": (settings.translation_max_new_tokens >= 1, ">= 1"),
         "repetition_penalty": (settings.repetition_penalty >= 0.01, ">= 0.01"),
@@ -1082,6 +1153,12 @@ def check_settings(settings: Settings):
             raise LidrError(f"--device {settings.device}: use auto, cpu, cuda or cuda:N")
     if settings.device.startswith("cuda") and not torch.cuda.is_available():
         raise LidrError(f"--device {settings.device}: no CUDA GPU is visible; use --device cpu")
+    if (WORLD > 1 or settings.nproc_per_node > 1) and (settings.engine, settings.optim, settings.device) != (
+            "generate", "auto", "auto"):  # many GPUs: one each, --engine generate, AdamW on float32 shards
+        raise LidrError("many processes take a GPU each: leave --device, --engine and --optim at their defaults")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus and settings.nproc_per_node > gpus:
+        raise LidrError(f"--nproc-per-node {settings.nproc_per_node}: {gpus} GPUs are visible")
     if settings.recipe == "scripts" and settings.pairing != "dominant":
         raise LidrError("--recipe scripts pairs the dominant language with each other (the scripts have no "
                         "--pairing ranked); pass --recipe lidr for it")
@@ -1114,6 +1191,8 @@ def resolve(settings: Settings) -> Settings:
     device = settings.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if WORLD > 1 and device == "cuda":  # many GPUs: one each
+        device = f"cuda:{LOCAL_RANK}"
     dtype = settings.dtype
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
@@ -1429,6 +1508,59 @@ def model_shape(name: str):
     return config, sum(p.numel() for p in model.parameters())
 
 
+# ------------------------------------------------------------------------ many GPUs (torchrun)
+def gathered(share) -> list:
+    """Every process's share, in rank order ([share] on one process)."""
+    if WORLD == 1:
+        return [share]
+    shares = [None] * WORLD
+    dist.all_gather_object(shares, share)
+    return shares
+
+
+def fully_sharded(model):
+    """Many GPUs: a float32 copy of the model sharded across the processes by FSDP2, a decoder layer
+    at a time (no whole float32 copy is ever made), then the rest. It computes in the model's dtype
+    (bf16: the float32 shards are stock AdamW's master weights) and reduces gradients in float32."""
+    sharded, policy = copy.deepcopy(model), MixedPrecisionPolicy(param_dtype=model.dtype, reduce_dtype=torch.float32)
+    for layer in sharded.base_model.layers:
+        fully_shard(layer.float(), mp_policy=policy)
+    for weight in sharded.parameters():  # the rest: embeddings, final norm, output layer
+        if weight.dtype != torch.float32:
+            weight.data = weight.data.float()
+    return fully_shard(sharded, mp_policy=policy)
+
+
+def launch(settings: Settings, command: list[str]) -> int:
+    """--nproc-per-node N: N processes of this command on this machine, as torchrun starts them,
+    and a process that fails reported in one line (torchrun's report is a traceback). The toy M0
+    is pre-trained here first, in one process."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+    settings = resolve(settings)
+    if settings.model == "toy":
+        toy_model(Path(settings.out).parent, settings.seed, list(parse_languages(settings.langs)))
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    os.environ["LIDR_LAUNCHER"] = "1"
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=settings.nproc_per_node, run_id=str(os.getpid()),
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1)
+    try:
+        elastic_launch(config, sys.executable)(__file__, *command[1:])
+    except SignalException as stop:  # Ctrl-C or a scheduler's stop: main says what was kept
+        raise KeyboardInterrupt if stop.sigval == signal.SIGINT else Terminated from None
+    except ChildFailedError as error:  # bad input, else a process killed (not by launch's SIGTERM), else the first
+        rank, failure = min(error.failures.items(), key=lambda item: (
+            item[1].exitcode != LidrError.exit_code, item[1].exitcode in (-signal.SIGTERM, 1), item[1].timestamp))
+        said = first_line(failure.message["message"] if isinstance(failure.message, dict) else failure.message)
+        print(f"lidr: error: {said.split(': ', 1)[1]}" if said.startswith(("LidrError: ", "RunFault: ")) else
+              f"lidr: error: process {rank} of {settings.nproc_per_node} stopped ({said}), and the run with it; "
+              f"{finished_work(settings)}; to resume, run the same command: python {shlex.join(command)}",
+              file=sys.stderr)
+        return max(failure.exitcode, 1)
+    return 0
+
+
 # ------------------------------------------------------------------------ continuous batching (--engine continuous)
 def continuous_batches(model, prompts: list[list[int]], config: GenerationConfig, max_batch_size: int,
                        desc: str) -> list[list[int]]:
@@ -1519,7 +1651,8 @@ def free_memory(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
-def training_memory(config, n_params: int, settings: Settings, optim: str, checkpointing: str) -> dict[str, float]:
+def training_memory(config, n_params: int, settings: Settings, optim: str, checkpointing: str,
+                    world: int = WORLD) -> dict[str, float]:
     """Bytes one training step holds, by part (training_peak adds them up). Each part is what a
     simulation of the step on fake tensors held (Llama-3-8B, bf16, checkpointing, pairs of 2 x
     2,048 tokens, one per micro-batch; peak with adamw-bf16 64.8 GB for a one-pair step and 68.6 GB
@@ -1534,7 +1667,10 @@ def training_memory(config, n_params: int, settings: Settings, optim: str, check
       norm's float32 input and copies, one log-prob chunk's backward (LOGPS_CHUNK_TOKENS) and the
       output layer's gradient, summed there over the chunks;
     - earlier_gradients: what the step's earlier micro-batches have accumulated by then, in the
-      model's dtype (none when a step is one micro-batch; 68.6 GB simulated with two)."""
+      model's dtype (none when a step is one micro-batch; 68.6 GB simulated with two).
+    On `world` processes (FSDP2, arithmetic): the whole model for generation, a 1/world share of the
+    float32 weights, gradients (held across micro-batches) and moments, and each process's activations
+    with the embedding and output layer gathered whole."""
     width = 2 if settings.dtype == "bfloat16" else 4
     tokens = 2 * settings.micro_batch_size * settings.max_len  # chosen + rejected sequences
     hidden, layers, mlp = config.hidden_size, config.num_hidden_layers, config.intermediate_size
@@ -1548,6 +1684,9 @@ def training_memory(config, n_params: int, settings: Settings, optim: str, check
                          else layers * tokens * (8 * hidden + 6 * mlp) * width)
     output_layer = tokens * hidden * (4 + 3 * width) + LOGPS_CHUNK_TOKENS * vocab * 16 + vocab * hidden * width
     earlier_gradients = n_params * width if settings.batch_size > settings.micro_batch_size else 0
+    if world > 1:  # the root's embedding and output layer stay gathered from forward to backward
+        gradients, optimizer, step = 4 * n_params / world, 12 * n_params / world, 0
+        output_layer, earlier_gradients = output_layer + 2 * vocab * hidden * width, gradients
     return {"weights": n_params * width, "gradients": gradients, "optimizer": optimizer, "step": step,
             "activations": layer_activations + output_layer, "earlier_gradients": earlier_gradients}
 
@@ -1578,9 +1717,9 @@ def plan_training_memory(config, n_params: int, settings: Settings, available: i
         return training_peak(training_memory(config, n_params, trial, trial.optim, trial.gradient_checkpointing))
 
     optim = settings.optim
-    if optim == "auto":  # adamw-bf16 saves memory only on bf16 weights
+    if optim == "auto":  # adamw-bf16 saves memory only on bf16 weights; many GPUs shard float32 AdamW
         fits = total(dataclasses.replace(settings, optim="adamw-fp32")) <= available
-        optim = "adamw-fp32" if fits or settings.dtype != "bfloat16" else "adamw-bf16"
+        optim = "adamw-fp32" if fits or settings.dtype != "bfloat16" or WORLD > 1 else "adamw-bf16"
     parts = training_memory(config, n_params, settings, optim, settings.gradient_checkpointing)
     gb = {name: value / 1e9 for name, value in parts.items()}
     print(f"training memory estimate ({optim}, checkpointing {settings.gradient_checkpointing}): weights "
@@ -1609,6 +1748,12 @@ def plan_training_memory(config, n_params: int, settings: Settings, available: i
             fixes.append(f"--max-len {shorter.max_len}")
         hint = (f"try {' '.join(fixes)}" if total(trial) <= available
                 else f"even {' '.join(fixes)} would not fit: use a smaller --max-len or model")
+        gpus = next((n for n in (2, 4, 8, 16, 32, 64) if training_peak(training_memory(
+            config, n_params, settings, "adamw-fp32", settings.gradient_checkpointing, n)) <= available), None)
+        hint += (f", or {gpus} such GPUs (--nproc-per-node {gpus}, or torchrun)" if total(trial) > available and
+                 gpus and gpus > WORLD else
+                 f"; many GPUs won't help: each generates with the whole model ({parts['weights'] / 1e9:.0f} GB)"
+                 if parts["weights"] > available else "")
         raise LidrError(f"training needs about {training_peak(parts) / 1e9:.0f} GB but {settings.device} has "
                         f"{available / 1e9:.0f} GB; {hint}")
     return optim
@@ -1721,6 +1866,8 @@ class BF16AdamW(torch.optim.Optimizer):
 # its folder's finished.json, then renamed into place. A resume reuses it only if it still matches.
 def write_atomic(path: Path, text: str, proof: bool = False):
     """Write to a temp file, then rename: a crash never leaves a half-written file behind."""
+    if RANK:  # many GPUs: rank 0 writes the run folder
+        return
     with written_whole(temp_path(path), path) as temp:
         temp.write_text(text, encoding="utf-8")
         move_into_place(temp, path, proof)
@@ -1868,6 +2015,8 @@ def stage_seed(seed: int, path: Path) -> int:
 
 
 def save_model(model, tokenizer, path: Path):
+    if RANK:  # many GPUs: rank 0 writes the run folder
+        return
     with written_whole(temp_path(path), path) as temp:
         model.save_pretrained(temp)
         tokenizer.save_pretrained(temp)
@@ -1876,7 +2025,7 @@ def save_model(model, tokenizer, path: Path):
 
 # What a resumed run may change: the folder's own name, the number of iterations (to extend a
 # run), and settings that change how fast a run goes, and its results only by float rounding.
-RESUMABLE_CHANGES = {"out", "iters", "device", "gen_batch_size", "engine", "micro_batch_size",
+RESUMABLE_CHANGES = {"out", "iters", "device", "nproc_per_node", "gen_batch_size", "engine", "micro_batch_size",
                      "gradient_checkpointing"}
 
 
@@ -1931,17 +2080,25 @@ def open_run(out: Path, settings: Settings, command: list[str], start_model: str
         print("warning: the toy model knows only the toy world's words and its translation request: other "
               "prompts, templates, system turns and benchmarks reach it as <|unk|> tokens")
     # the toy world's M0, pre-trained once and kept next to the run folders (not when resuming from M_t)
+    if start_model == "toy" and WORLD > 1 and not (toy_model_folder(out.parent, settings.seed, langs)
+                                                   / "toy_recipe.json").exists():
+        raise LidrError("the toy M0 is pre-trained in one process: run with --nproc-per-node, not torchrun")
     toy_m0 = toy_model(out.parent, settings.seed, langs) if start_model == "toy" else None
     transformers.set_seed(settings.seed)
     model, tokenizer = load_model(str(toy_m0 or start_model), settings.device, settings.dtype, settings.system_prompt)
+    if WORLD > 1 and not hasattr(model.base_model, "layers"):  # fully_sharded shards its decoder layers
+        raise LidrError(f"--model {settings.model}: many processes need a Llama-style model (base_model.layers)")
     prompt_template = template(settings, "prompt_template")
     shortest = min(len(chat_prompt_ids(tokenizer, fill_template(prompt_template, prompt[langs[0]], languages[langs[0]]),
                                        settings.system_prompt)) for prompt in all_prompts)
     if shortest >= settings.max_len:  # no pair or example could be trained on
         raise LidrError(f"--max-len {settings.max_len}: every prompt is longer (the shortest, chat-formatted, is "
                         f"{shortest} tokens); raise --max-len")
-    lock = lock_run_folder(out, command)  # held while the run goes on: one process per folder
-    record_run(out, settings, command, inputs_sha256)  # only now: bad input above has written nothing
+    if WORLD > 1:  # many GPUs: every process has checked the folder before rank 0 writes into it
+        dist.barrier()
+    lock = lock_run_folder(out, command) if RANK == 0 else None  # held while the run goes on: one run per folder
+    if RANK == 0:
+        record_run(out, settings, command, inputs_sha256)  # only now: bad input above has written nothing
     if toy_m0:  # which cached M0 the run started from, and how it was made
         write_atomic(out / "toy_recipe.json", read_text(toy_m0 / "toy_recipe.json"))
     print(f"run folder {out} | {settings.model}: {sum(p.numel() for p in model.parameters()):,} parameters "
@@ -2052,6 +2209,7 @@ def record_run(out: Path, settings: Settings, command: list[str], inputs_sha256:
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "transformers": transformers.__version__, "datasets": datasets.__version__},
             "hardware": torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.machine(),
+            "processes": WORLD,
         }, indent=2))
     log = out / "commands.log"  # rewritten whole: a full disk never leaves half a line
     write_atomic(log, (read_text(log) if log.exists() else "")
@@ -2507,12 +2665,12 @@ def nll_gradients(model, sequences: list[tuple[list[int], int]], micro_batch_siz
     answer_tokens = sum(len(ids) - prompt_length for ids, prompt_length in sequences)
     micro_batches = length_grouped([len(ids) for ids, _ in sequences], micro_batch_size)
     metrics = []
-    for micro in micro_batches:
+    for micro, factor in this_process_share(micro_batches):
         batch = collate([sequences[i] for i in micro], pad_id)
         logps, lengths = chunked_sequence_logps(model, *(t.to(model.device) for t in batch))
-        (-logps.sum() / answer_tokens).backward()
-        metrics.append({"loss/nll": (-logps / lengths).detach(), "tokens": batch[1].sum(-1)})
-    return in_step_order(micro_batches, metrics)
+        (-logps.sum() / answer_tokens * factor).backward()
+        metrics += [(micro, {"loss/nll": (-logps / lengths).detach(), "tokens": batch[1].sum(-1)})] if factor else []
+    return in_step_order(metrics)
 
 
 # ======================================================================== built-in prompts

@@ -23,7 +23,8 @@ NUMERICS: the same numbers, to float rounding, in less memory and time
   Gradients                    accumulation = one big batch, length-grouped micro-batches, checkpointing
   bf16 training                which optimizer train uses (fused), BF16AdamW = AdamW, float32 master weights
                                rounded stochastically and saved with the optimizer, small updates kept
-  The memory plan              an 8B step in 80 GB, generation's prefill counted, what cannot fit refused up front
+  The memory plan              an 8B step in 80 GB, generation's prefill counted, what cannot fit refused up front,
+                               per process on many GPUs
   Generation                   batched = one at a time = continuous batching, reproducible sampling, batches that fit
 PLUMBING: getting data in and results out, and failing in one line
   The command line             --help, the toy defaults, custom languages, one setting however it is written
@@ -35,7 +36,10 @@ PLUMBING: getting data in and results out, and failing in one line
   Faults                       divergence, kills at every stage, interrupts, locks, the toy M0 interrupted or built
                                twice at once, damaged files refused, dead processes' temp files cleared, a full
                                disk at every write, settings that leave nothing to do
-  The paper's runs             the README's commands on the authors' layout, --model auto
+  Many processes               two processes (gloo) write one process's stage files and M1 to float32 rounding, a
+                               killed process stops the run in one line and resumes, bad settings said once
+  The paper's runs             the README's commands on the authors' layout, the X-AlpacaEval judge's pairing,
+                               --model auto
 OPT-IN BENCHMARKS              figures next to the simplest correct alternative (pytest -m bench -s test_lidr.py)
 
 Opt-in markers, skipped by default: `pytest -m toy test_lidr.py` (minutes; CI runs it), `pytest -m
@@ -836,6 +840,21 @@ def toy_run(request, tmp_path_factory):
 
 
 @pytest.mark.toy
+def test_two_processes_on_the_toy_world_write_one_process_first_iteration_and_m1(toy_run):
+    """The toy world's run in two processes (--nproc-per-node 2, gloo): iteration 1's stage files
+    byte for byte the one-process run's, and M1's weights the same to float32 rounding (1e-6; the
+    gradients are summed over the processes in another order). Iteration 2 samples with M1, so a
+    greedy answer may differ there by a rounding-level tie."""
+    run, _ = toy_run
+    run_lidr(*FAST_TOY_RUN, "--nproc-per-node", "2", "--out", "two", cwd=run.parent)
+    for name in ("prompts.jsonl", "responses.jsonl", "translations.jsonl", "pairs.jsonl"):
+        assert (run.parent / "two" / "iter_1" / name).read_bytes() == (run / "iter_1" / name).read_bytes(), name
+    one, two = (AutoModelForCausalLM.from_pretrained(folder / "iter_1" / "model").state_dict()
+                for folder in (run, run.parent / "two"))
+    assert max((one[name] - two[name]).abs().max().item() for name in one) <= 1e-6
+
+
+@pytest.mark.toy
 def test_the_loop_closes_the_toy_language_gap(toy_run):
     """LIDR working, on held-out toy problems: the weaker language's accuracy rises from M0 to M2,
     and English does not fall by more than 2 points. (The README's quickstart, five languages and
@@ -1342,6 +1361,29 @@ def test_a_run_that_cannot_fit_is_refused_before_loading(tmp_path, capsys):
     assert error.startswith("lidr: error: training needs about")
     assert re.search(r"try --micro-batch-size 1 --gradient-checkpointing on --max-len \d+$", error), error
     assert not (tmp_path / "run").exists()
+
+
+QWEN_14B = transformers.LlamaConfig(vocab_size=152064, hidden_size=5120, intermediate_size=13824, num_hidden_layers=48,
+                                    num_attention_heads=40, num_key_value_heads=8)
+LLAMA3_70B = transformers.LlamaConfig(vocab_size=128256, hidden_size=8192, intermediate_size=28672,
+                                      num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8)
+
+
+def test_memory_plan_per_process_on_many_gpus_and_the_gpus_a_refusal_names(capsys):
+    """Per process with FSDP2: the whole bf16 model (every process generates with it) and 1/N of
+    16 bytes a parameter (float32 shards of the weights, gradients and AdamW's two moments), and
+    the embedding and output layer gathered whole from forward to backward. Too
+    big for one GPU: the refusal names how many would do, or says that none would."""
+    settings = lidr.Settings(model="m", dtype="bfloat16", device="cuda", gradient_checkpointing="on", micro_batch_size=1)
+    n = 8_030_261_248
+    parts = lidr.training_memory(LLAMA3_8B, n, settings, "adamw-fp32", "on", world=8)
+    assert (parts["weights"], parts["gradients"], parts["optimizer"]) == (2 * n, 4 * n / 8, 12 * n / 8)
+    assert parts["earlier_gradients"] == parts["gradients"], "the gradient shards are held across micro-batches"
+    assert 38e9 < lidr.training_peak(parts) < 39e9, "Llama-3-8B on 8 GPUs: 38.6 GB each"
+    with pytest.raises(lidr.LidrError, match=r"or 8 such GPUs \(--nproc-per-node 8, or torchrun\)"):
+        lidr.plan_training_memory(QWEN_14B, 14_770_033_664, settings, available=80 * 10**9)
+    with pytest.raises(lidr.LidrError, match=r"many GPUs won't help: each generates with the whole model \(141 GB\)"):
+        lidr.plan_training_memory(LLAMA3_70B, 70_553_706_496, settings, available=80 * 10**9)
 
 
 def test_a_memory_refusal_on_a_cpu_names_what_helps_there():
@@ -2646,6 +2688,75 @@ def test_an_uninterrupted_run_samples_otherwise_with_another_seed_or_greedily(sa
     assert not same_final_model(runs[0], runs[1]), "the same final model with another --seed"
     assert differing(["iter_1/responses.jsonl", "iter_2/responses.jsonl"], runs[0], greedy) == \
         ["iter_1/responses.jsonl", "iter_2/responses.jsonl"], "--temperature 1.0 answered as greedy decoding does"
+
+
+# ---------------------------------------------- Many processes: --nproc-per-node 2, torchrun's engine with gloo on CPU
+def worker_pids(launcher: int) -> list[int]:
+    """The processes a launcher started (Linux: /proc/<pid>/task/<tid>/children)."""
+    return sorted(int(pid) for task in Path(f"/proc/{launcher}/task").iterdir()
+                  for pid in (task / "children").read_text().split())
+
+
+@pytest.fixture(scope="module")
+def one_and_two_processes(steered_run, tmp_path_factory):
+    """The steered run's command, one iteration, sampling at --temperature 1.0, in one process
+    ("one"), and in two ("two"): a worker SIGKILLed as soon as the pairs are written, then the same
+    command again."""
+    _, model_path, _ = steered_run
+    folder = tmp_path_factory.mktemp("processes")
+    shutil.copy(model_path.parent / "prompts.jsonl", folder / "prompts.jsonl")
+    argv = [*STEERED_RUN, "--model", str(model_path), "--iters", "1", "--temperature", "1.0"]
+    assert lidr.main([*argv, "--prompts", str(folder / "prompts.jsonl"), "--out", str(folder / "one")]) == 0
+    command = [sys.executable, str(ROOT / "lidr.py"), *argv, "--nproc-per-node", "2", "--out", "two"]
+    launcher = subprocess.Popen(command, cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (folder / "two/iter_1/pairs.jsonl").exists() and launcher.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(worker_pids(launcher.pid)[-1], signal.SIGKILL)
+    killed = (launcher.wait(timeout=120), launcher.stderr.read())
+    resumed = subprocess.run(command, cwd=folder, capture_output=True, text=True)
+    return folder, killed, resumed
+
+
+def test_a_process_killed_stops_a_run_of_two_in_one_line_and_the_same_command_resumes_it(one_and_two_processes):
+    _, (code, stderr), resumed = one_and_two_processes
+    said = [line for line in stderr.splitlines() if line.startswith("lidr:")]
+    assert code != 0 and "Traceback" not in stderr and len(said) == 1, stderr[-3000:]
+    # the process killed, or the other one, which loses its peer at the next exchange, if it is seen ending first
+    assert re.match(r"lidr: error: process [01] of 2 stopped \((Signal 9 \(SIGKILL\)|RuntimeError: )", said[0]) and \
+        said[0].endswith("to resume, run the same command: python " + shlex.join(resumed.args[1:])), said
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+
+def test_two_processes_write_the_stage_files_of_one_and_train_the_same_m1_to_float32_rounding(one_and_two_processes):
+    """Each process generates every other batch and trains half of each step's micro-batches on its
+    shard (FSDP2); each batch samples from its own seed, so every stage file, and M1's evaluation,
+    is byte for byte one process's. M1's weights differ by float32 rounding only: each
+    step's gradient is summed over the two processes in another order (measured: 1.5e-8 at most,
+    on weights up to 1.2, after 2 steps; allowed 1e-6)."""
+    folder = one_and_two_processes[0]
+    for name in ("prompt_translations.jsonl", "prompts.jsonl", "responses.jsonl", "translations.jsonl", "pairs.jsonl",
+                 "eval.json", "eval_answers.jsonl", "alpaca_de.json"):
+        for t in (0, 1) if name.startswith(("eval", "alpaca")) else (1,):
+            assert (folder / "two" / f"iter_{t}" / name).read_bytes() == (folder / "one" / f"iter_{t}" / name).read_bytes()
+    one, two = (AutoModelForCausalLM.from_pretrained(folder / run / "iter_1" / "model").state_dict()
+                for run in ("one", "two"))
+    assert max((one[name] - two[name]).abs().max().item() for name in one) <= 1e-6
+    assert not all(torch.equal(one[name], M0) for name, M0 in AutoModelForCausalLM.from_pretrained(
+        json.loads((folder / "one" / "settings.json").read_text())["settings"]["model"]).state_dict().items()), \
+        "M1 is not M0: the two processes trained"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--iters", "0"], "--iters must be between 1 and 1000"),  # refused before the processes start
+    (["--max-len", "40"], "--max-len 40: every prompt is longer"),  # found by every process, said by one
+])
+def test_a_bad_setting_for_two_processes_is_refused_once_without_a_traceback(tmp_path, argv, message):
+    result = subprocess.run([sys.executable, str(ROOT / "lidr.py"), *small_run(tmp_path), "--nproc-per-node", "2",
+                             *argv], capture_output=True, text=True)
+    said = [line for line in result.stderr.splitlines() if line.startswith("lidr:")]
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert len(said) == 1 and said[0].startswith(f"lidr: error: {message}"), said
 
 
 # ------------------------------------------------------------- The paper's runs: the README's commands and --model auto
