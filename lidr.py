@@ -311,7 +311,8 @@ def fill_prompts(prompts: list[dict], prompt_translations: list[dict], langs: li
 
 
 # ------------------------------------------------------------------------ step 2: sampling
-def sample_responses(model, tokenizer, prompts: list[dict], languages: dict[str, str], settings: Settings) -> list[dict]:
+def sample_responses(model, tokenizer, prompts: list[dict], languages: dict[str, str],
+                     settings: Settings) -> list[dict]:
     """Step 2: M_{t-1} answers every prompt in its own language. With --prompt-template each prompt
     is asked inside that template (the authors' arithmetic run asks for an answer in the language
     so); "prompt" is what was asked, and becomes the prompt of the pairs."""
@@ -1101,7 +1102,8 @@ def parse_settings(argv: list[str]) -> Settings:
 def choose_model(device: str) -> str:
     """--model auto: the paper's model where it can run (a CUDA GPU), else the toy world; says which."""
     if device != "cpu" and torch.cuda.is_available():
-        print(f"--model auto: a CUDA GPU is visible, so the paper's model {PAPER_MODEL}; --model toy runs the toy world")
+        print(f"--model auto: a CUDA GPU is visible, so the paper's model {PAPER_MODEL}; "
+              f"--model toy runs the toy world")
         return PAPER_MODEL
     why = "--device cpu" if device == "cpu" else "no CUDA GPU is visible"
     print(f"--model auto: {why}, so the toy world (--model toy, README: The toy world); "
@@ -1335,7 +1337,8 @@ def read_language_folders(folders: list[str], prompt_field: str, langs: list[str
             for record in read_prompt_file(path, flag):
                 line, text, extra = record["_line"], record.get(prompt_field), record.get("input") or ""
                 if "id" not in record:
-                    raise LidrError(f"{path}:{line}: the record has no 'id' (records are joined across languages by id)")
+                    raise LidrError(f"{path}:{line}: the record has no 'id' "
+                                    f"(records are joined across languages by id)")
                 if not isinstance(text, str) or not text.strip() or not isinstance(extra, str):
                     raise LidrError(f"{path}:{line}: '{prompt_field}' (and 'input', if any) must be text")
                 if str(record["id"]) in by_lang[lang]:
@@ -2518,9 +2521,9 @@ def score(benchmark: str, answer: str, finished: bool, gold, lang: str, candidat
 
 def evaluate(model, tokenizer, problems: dict, settings: Settings, folder: Path, model_name: str) -> dict:
     """Answer every benchmark's problems with the model as it is, the way step 2 samples (chat
-    template, system prompt, decoding; --eval-prompt-template, --eval-max-new-tokens), and score the answers. Writes them all to eval_answers.jsonl,
-    and alpaca's in AlpacaEval's model_outputs format to alpaca_<lang>.json. Returns
-    {benchmark: {lang: {metric: mean over the problems}}}."""
+    template, system prompt, decoding; --eval-prompt-template, --eval-max-new-tokens), and score
+    the answers. Writes them all to eval_answers.jsonl, and alpaca's in AlpacaEval's model_outputs
+    format to alpaca_<lang>.json. Returns {benchmark: {lang: {metric: mean over the problems}}}."""
     jobs = [(benchmark, lang, problem) for benchmark, by_lang in problems.items()
             for lang, items in by_lang.items() for problem in items]
     eval_template = template(settings, "eval_prompt_template")

@@ -2728,7 +2728,8 @@ def test_a_process_killed_stops_a_run_of_two_in_one_line_and_the_same_command_re
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
 
-def test_two_processes_write_the_stage_files_of_one_and_train_the_same_m1_to_float32_rounding(one_and_two_processes):
+def test_two_processes_write_the_stage_files_of_one_and_train_the_same_m1_to_float32_rounding(one_and_two_processes,
+                                                                                              monkeypatch):
     """Each process generates every other batch and trains half of each step's micro-batches on its
     shard (FSDP2); each batch samples from its own seed, so every stage file, and M1's evaluation,
     is byte for byte one process's. M1's weights differ by float32 rounding only: each
@@ -2745,6 +2746,11 @@ def test_two_processes_write_the_stage_files_of_one_and_train_the_same_m1_to_flo
     assert not all(torch.equal(one[name], M0) for name, M0 in AutoModelForCausalLM.from_pretrained(
         json.loads((folder / "one" / "settings.json").read_text())["settings"]["model"]).state_dict().items()), \
         "M1 is not M0: the two processes trained"
+    monkeypatch.chdir(folder)  # and one process takes up the folder two made: the settings allow it
+    argv = one_and_two_processes[2].args[2:]
+    del argv[argv.index("--nproc-per-node"):argv.index("--nproc-per-node") + 2]
+    assert lidr.main(argv) == 0, "refused: one process can't take up a folder two processes made"
+    assert len((folder / "two" / "commands.log").read_text().splitlines()) == 3  # killed, resumed, this one
 
 
 @pytest.mark.parametrize("argv, message", [
