@@ -966,7 +966,10 @@ def resume_point(out: Path, settings: Settings) -> tuple[int, str]:
     and its training, if it was interrupted, starts again. check_resumable (in open_run) has
     already refused a folder made with other settings or inputs."""
     t = last_saved(out, settings.iters)
-    return t + 1, str(out / f"iter_{t}" / "model") if t and finished(out / f"iter_{t}" / "model") else settings.model
+    if t == 0:
+        return 1, settings.model
+    finished(out / f"iter_{t}" / "model")  # a damaged M_t is refused in one line
+    return t + 1, str(out / f"iter_{t}" / "model")
 
 
 def last_saved(out: Path, iters: int) -> int:
@@ -1940,8 +1943,8 @@ def to_json(value, **options) -> str:
     return json.dumps(value, ensure_ascii=False, allow_nan=False, **options)
 
 
-def write_jsonl(path: Path, records: list[dict]):
-    write_atomic(path, "".join(to_json(r) + "\n" for r in records))
+def write_jsonl(path: Path, records: list[dict], proof: bool = False):
+    write_atomic(path, "".join(to_json(r) + "\n" for r in records), proof)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -1971,7 +1974,7 @@ def stage(path: Path, compute, settings: Settings) -> list[dict]:
         return reuse(path, settings)
     torch.manual_seed(stage_seed(settings.seed, path))
     records = compute()
-    write_atomic(path, "".join(to_json(r) + "\n" for r in records), proof=True)
+    write_jsonl(path, records, proof=True)
     return records
 
 
