@@ -8,7 +8,7 @@ Shared helpers                 tiny byte-level models, tokenized pairs, file wri
 THE PAPER'S SEMANTICS: what LIDR computes, as the paper and the authors' scripts define it
   The objective: DPO + NLL     the loss by hand, ln 2 at the reference, the NLL's length, dropout off so training
                                starts at the reference, one step raising the margin
-  Preference pairs             build_pairs: dominant and ranked, --recipe lidr and scripts, skipped pairs counted
+  Preference pairs             build_pairs (--recipe lidr) and scripts_pairs (--recipe scripts), skipped pairs counted
                                by reason, translation tasks recognised and paired untranslated
   Self-translation             the model's translations parsed, asked without a repetition penalty, failures counted
   Prompts per iteration and    fresh prompts each iteration, untrainable ones left out before sampling, the system
@@ -30,7 +30,7 @@ PLUMBING: getting data in and results out, and failing in one line
   The command line             --help, the toy defaults, custom languages, one setting however it is written
   Prompt sources               datasets, JSON(L), the authors' per-language folders and template files (never run)
   Evaluation                   MGSM and X-AlpacaEval readers, the last number, off-target by language, alpaca_eval files
-  Result tables                the eval table, --compare
+  Result tables                the eval table
   Bad input                    one line, exit 2, nothing written: flags, files, fuzzed input, no traceback
   The run folder and resuming  what a run leaves, the command recorded, finished stages reused, other settings refused
   Faults                       divergence, kills at every stage, interrupts, locks, the toy M0 interrupted or built
@@ -75,6 +75,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
+import torch.distributed as dist
 import transformers
 from safetensors import SafetensorError
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -117,6 +118,10 @@ def build_byte_level_model():
                          tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     return LlamaForCausalLM(config), tokenizer
+
+
+def read_jsonl(path):
+    return lidr.read_json(Path(path), lines=True)
 
 
 def tiny_model(seed=0, **config):
@@ -205,7 +210,8 @@ def steered_tiny_model(folder: Path) -> Path:
     It is fitted with lidr's own chat format and chunked_sequence_logps (plain NLL)."""
     model, tokenizer = tiny_model()
     eot = lidr.end_of_turn_id(tokenizer)
-    texts = [record[lang] for record in lidr.BUILTIN_PROMPTS for lang in ("en", "de", "fr")]
+    texts = [record[lang] for record in STEERED_PROMPTS + lidr.capital_prompts()[:12] for lang in ("en", "de", "fr", "es")
+             if lang in record]
     examples = []
     for i, text in enumerate(texts):
         request = lidr.TRANSLATION_REQUEST.format(source="English", target="German", text="Sure." if i % 2 else text)
@@ -387,12 +393,12 @@ def fake_translations(requests, fail=()):
 
 
 def test_dominant_pairs_follow_the_paper():
-    requests = lidr.translation_requests(PROMPTS, RESPONSES, ["en", "de", "fr"], "dominant", "lidr")
+    requests = lidr.translation_requests(PROMPTS, RESPONSES, ["en", "de", "fr"], "lidr")
     directions = {(r["id"], r["source_lang"], r["target_lang"]) for r in requests}
     assert ("p2", "en", "de") not in directions, "a translation task's English answer is never translated"
     assert {("p1", "en", "de"), ("p1", "de", "en"), ("p1", "en", "fr"), ("p1", "fr", "en")} <= directions
     translations = fake_translations(requests, fail={("p1", "fr", "en")})
-    pairs, counts = lidr.build_pairs(PROMPTS, RESPONSES, translations, ["en", "de", "fr"], "dominant", "lidr")
+    pairs, counts = lidr.build_pairs(PROMPTS, RESPONSES, translations, ["en", "de", "fr"])
     by_key = {(p["id"], p["lang"], p["other_lang"]): p for p in pairs}
     assert by_key["p1", "en", "de"] == {"prompt": "Hi?", "chosen": "p1-en", "rejected": "T[p1-de->en]",
                                         "id": "p1", "lang": "en", "kind": "own>translated", "other_lang": "de"}
@@ -409,30 +415,17 @@ def test_dominant_pairs_follow_the_paper():
     assert counts["de"]["pairs"] == 2 and counts["fr"]["pairs"] == 2
 
 
-def test_ranked_pairs_cover_every_two_languages():
-    langs = ["en", "de", "fr"]
-    requests = lidr.translation_requests(PROMPTS[:1], RESPONSES, langs, "ranked", "lidr")
-    pairs, counts = lidr.build_pairs(PROMPTS[:1], RESPONSES, fake_translations(requests), langs, "ranked", "lidr")
-    kinds = {(p["lang"], p["other_lang"], p["kind"]) for p in pairs}
-    assert kinds == {("en", "de", "own>translated"), ("de", "en", "translated>own"),
-                     ("en", "fr", "own>translated"), ("fr", "en", "translated>own"),
-                     ("de", "fr", "own>translated"), ("fr", "de", "translated>own")}
-    de_over_fr = next(p for p in pairs if p["lang"] == "fr" and p["other_lang"] == "de")
-    assert de_over_fr["chosen"] == "T[p1-de->fr]" and de_over_fr["rejected"] == "p1-fr"
-    assert [counts[lang]["pairs"] for lang in langs] == [2, 2, 2]
-
-
 def test_skipped_pairs_are_counted_by_reason():
     langs = ["en", "de", "fr", "es"]
     prompts = [{"id": "p1", "translation_task": False, "en": "Hi?", "de": "Hallo?", "fr": "Salut ?", "es": None}]
     responses = [{"id": "p1", "lang": "en", "response": "same", "finished": True},
                  {"id": "p1", "lang": "de", "response": "", "finished": True},   # empty answer
                  {"id": "p1", "lang": "fr", "response": "same", "finished": True}]  # no es: prompt untranslated
-    requests = lidr.translation_requests(prompts, responses, langs, "dominant", "lidr")
+    requests = lidr.translation_requests(prompts, responses, langs, "lidr")
     assert {(r["source_lang"], r["target_lang"]) for r in requests} == {("en", "fr"), ("fr", "en")}, \
         "empty answers and missing prompts are not sent for translation"
     translations = [{**r, "translation": "same"} for r in requests]
-    pairs, counts = lidr.build_pairs(prompts, responses, translations, langs, "dominant", "lidr")
+    pairs, counts = lidr.build_pairs(prompts, responses, translations, langs)
     assert pairs == []
     assert counts["en"] == {"pairs": 0, "no_prompt": 1, "unfinished": 0, "empty": 1, "translation_failed": 0,
                             "wrong_language": 0, "identical": 1, "overwritten": 0}
@@ -441,10 +434,9 @@ def test_skipped_pairs_are_counted_by_reason():
 
 def test_unfinished_answers_are_neither_translated_nor_paired():
     responses = [dict(r, finished=r["lang"] != "fr") for r in RESPONSES]
-    requests = lidr.translation_requests(PROMPTS[:1], responses, ["en", "de", "fr"], "dominant", "lidr")
+    requests = lidr.translation_requests(PROMPTS[:1], responses, ["en", "de", "fr"], "lidr")
     assert {(r["source_lang"], r["target_lang"]) for r in requests} == {("en", "de"), ("de", "en")}
-    pairs, counts = lidr.build_pairs(PROMPTS[:1], responses, fake_translations(requests), ["en", "de", "fr"],
-                                     "dominant", "lidr")
+    pairs, counts = lidr.build_pairs(PROMPTS[:1], responses, fake_translations(requests), ["en", "de", "fr"])
     assert counts["fr"]["unfinished"] == 1 and counts["en"]["unfinished"] == 1, "an answer that hit the cap"
     assert {(p["lang"], p["other_lang"]) for p in pairs} == {("en", "de"), ("de", "en")}
 
@@ -471,8 +463,8 @@ def test_both_recipes_build_the_pairs_their_rules_give():
     def pair_table(pairs):
         return {(p["id"], p["lang"], p["other_lang"]): (p["chosen"], p["rejected"], p["kind"]) for p in pairs}
 
-    lidr_requests = lidr.translation_requests(prompts, responses, langs, "dominant", "lidr")
-    pairs, counts = lidr.build_pairs(prompts, responses, translated(lidr_requests), langs, "dominant", "lidr")
+    lidr_requests = lidr.translation_requests(prompts, responses, langs, "lidr")
+    pairs, counts = lidr.build_pairs(prompts, responses, translated(lidr_requests), langs)
     assert pair_table(pairs) == {
         ("p1", "en", "de"): ("A", "T[B>en]", "own>translated"), ("p1", "de", "en"): ("T[A>de]", "B", "translated>own"),
         ("p1", "fr", "en"): ("T[A>fr]", "C", "translated>own"),  # only the pair needing the failed one is dropped
@@ -482,9 +474,9 @@ def test_both_recipes_build_the_pairs_their_rules_give():
     assert counts["en"]["translation_failed"] == 1 and counts["fr"]["identical"] == 1
     assert counts["de"]["unfinished"] == 1 and counts["en"]["overwritten"] == 0
 
-    scripts_requests = lidr.translation_requests(prompts, responses, langs, "dominant", "scripts")
+    scripts_requests = lidr.translation_requests(prompts, responses, langs, "scripts")
     assert len(scripts_requests) == 12, "the scripts translate every answer, translation tasks' and unfinished ones too"
-    pairs, counts = lidr.build_pairs(prompts, responses, translated(scripts_requests), langs, "dominant", "scripts")
+    pairs, counts = lidr.scripts_pairs(prompts, responses, translated(scripts_requests), langs)
     assert pair_table(pairs) == {
         ("p1", "de", "en"): ("T[A>de]", "B", "translated>own"),  # p1-fr: both pairs dropped, p1-en-de overwritten
         ("p2", "en", "fr"): ("X", "T[Z>en]", "own>translated"),  # a translation task's English pair, as usual
@@ -554,13 +546,13 @@ def test_a_translation_into_the_wrong_language_fails_and_its_pair_is_counted(mon
                 "de": "Was ist die Hauptstadt von Deutschland?"}]
     responses = [{"id": "a", "lang": "en", "prompt": "x", "response": english, "finished": True},
                  {"id": "a", "lang": "de", "prompt": "y", "response": "Die Hauptstadt ist Bonn.", "finished": True}]
-    requests = lidr.translation_requests(prompts, responses, ["en", "de"], "dominant", recipe)
+    requests = lidr.translation_requests(prompts, responses, ["en", "de"], recipe)
     done = lidr.translate(model, tokenizer, requests, {"en": "English", "de": "German"},
                           lidr.Settings(recipe=recipe), "test")
     into_german = next(t for t in done if t["target_lang"] == "de")
     assert into_german["language"] == "en"
     assert into_german["translation"] == (None if recipe == "lidr" else english)
-    pairs, counts = lidr.build_pairs(prompts, responses, done, ["en", "de"], "dominant", recipe)
+    pairs, counts = (lidr.scripts_pairs if recipe == "scripts" else lidr.build_pairs)(prompts, responses, done, ["en", "de"])
     if recipe == "lidr":
         assert counts["de"]["wrong_language"] == 1 and [p["lang"] for p in pairs] == ["en"]
     else:
@@ -676,10 +668,10 @@ def test_a_real_chat_model_goes_through_an_iteration(real_run, smollm2):
     run = out / "iter_1"
     tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2)
     assert tokenizer.convert_ids_to_tokens(lidr.end_of_turn_id(tokenizer)) == "<|im_end|>"
-    responses = lidr.read_jsonl(run / "responses.jsonl")
+    responses = read_jsonl(run / "responses.jsonl")
     assert sum(r["finished"] for r in responses) >= len(responses) // 2, "answers end at <|im_end|>"
     assert not any("<|im_" in r["response"] for r in responses), "an answer is cut at its stop token"
-    translations = lidr.read_jsonl(run / "translations.jsonl")
+    translations = read_jsonl(run / "translations.jsonl")
     assert any(t["translation"] for t in translations), "translations are parsed out of the tags"
     wrong = [t for t in translations if t["language"] not in (None, t["target_lang"])]
     # greedy float32 decoding on this kind of CPU; test_a_translation_into_the_wrong_language_fails... checks the rule
@@ -689,11 +681,11 @@ def test_a_real_chat_model_goes_through_an_iteration(real_run, smollm2):
     assert sum(metrics["translations_wrong_language"].values()) == len(wrong)
     skipped_wrong = sum(counts["wrong_language"] for counts in metrics["counts"].values())
     assert skipped_wrong == len(wrong), "each translation feeds one pair, skipped when it is in another language"
-    pairs = lidr.read_jsonl(run / "pairs.jsonl")
+    pairs = read_jsonl(run / "pairs.jsonl")
     assert pairs and sum(counts["pairs"] for counts in metrics["counts"].values()) == len(pairs)
     wrong_texts = {lidr.parse_translation(t["raw"]) for t in wrong}
     assert not any({pair["chosen"], pair["rejected"]} & wrong_texts for pair in pairs), "no pair uses one"
-    log = lidr.read_jsonl(run / "train_log.jsonl")
+    log = read_jsonl(run / "train_log.jsonl")
     assert log[0]["loss/dpo"] == pytest.approx(LN2, abs=1e-4), "first step: policy == reference"
     assert all(math.isfinite(line["loss/total"]) for line in log)
     start, trained = (AutoModelForCausalLM.from_pretrained(path) for path in (smollm2, out / "iter_1" / "model"))
@@ -713,19 +705,12 @@ def test_question_alignment_turns_each_other_language_into_the_english_question(
         {"id": "b", "lang": "fr", "prompt": request.format("French", "Pourquoi ?"), "response": "Why?"}]
 
 
-def test_response_alignment_takes_m0s_finished_english_answers_or_the_gold_ones(tmp_path):
-    languages = lidr.parse_languages("en,de")
+def test_response_alignment_takes_m0s_finished_english_answers():
     responses = [{"id": "a", "lang": "en", "prompt": "How many?", "response": "Three.", "finished": True},
                  {"id": "b", "lang": "en", "prompt": "Why?", "response": "Because", "finished": False},
                  {"id": "c", "lang": "en", "prompt": "Who?", "response": "", "finished": True}]
-    assert lidr.response_alignment_examples([], responses, languages, lidr.Settings()) == [
+    assert lidr.response_alignment_examples(responses) == [
         {"id": "a", "lang": "en", "prompt": "How many?", "response": "Three."}]
-    path = write(tmp_path / "p.jsonl", '{"id": "a", "en": "How many?", "de": "Wie viele?", "gold": "3"}\n')
-    prompts = lidr.load_prompts(path, "instruction", languages, answer_field="gold")
-    assert lidr.response_alignment_examples(prompts, [], languages, lidr.Settings(answer_field="gold")) == [
-        {"id": "a", "lang": "en", "prompt": "How many?", "response": "3"}]
-    with pytest.raises(lidr.LidrError, match=r"p.jsonl:1: prompt 'a' has no 'answer' text \(--answer-field\)"):
-        lidr.load_prompts(path, "instruction", languages, answer_field="answer")
 
 
 def test_sft_lowers_the_nll_of_its_answers_and_leaves_prompt_and_padding_out(tmp_path):
@@ -764,8 +749,6 @@ def test_a_qalign_run_killed_after_each_stage_resumes_to_the_uninterrupted_resul
     argv = [*STEERED_RUN, "--model", str(model_path), "--method", "qalign"]
     output = run_lidr(*argv, "--out", "whole-qalign", cwd=tmp_path)
     assert "== QAlign stage 2 (response alignment): M1 -> M2" in output
-    assert "LIDR and QAlign (--compare whole,whole-qalign):\nbenchmark metric       lang     M0 whole:M2 " \
-           "whole-qalign:stage2" in output, "the second of two sibling runs compares them"
     table = (tmp_path / "whole-qalign" / "summary.txt").read_text().splitlines()
     assert table[0].split() == ["stage", "lang", "examples", "nll"]
     assert table[2].split()[:3] == ["1", "en", "0"] and table[3].split()[:3] == ["1", "de", "3"], \
@@ -841,12 +824,14 @@ def toy_run(request, tmp_path_factory):
 
 @pytest.mark.toy
 def test_two_processes_on_the_toy_world_write_one_process_first_iteration_and_m1(toy_run):
-    """The toy world's run in two processes (--nproc-per-node 2, gloo): iteration 1's stage files
+    """The toy world's run in two processes (torchrun, gloo; the toy M0 cached by the one-process run): iteration 1's stage files
     byte for byte the one-process run's, and M1's weights the same to float32 rounding (1e-6; the
     gradients are summed over the processes in another order). Iteration 2 samples with M1, so a
     greedy answer may differ there by a rounding-level tie."""
     run, _ = toy_run
-    run_lidr(*FAST_TOY_RUN, "--nproc-per-node", "2", "--out", "two", cwd=run.parent)
+    result = subprocess.run([*TORCHRUN_2, str(ROOT / "lidr.py"), *FAST_TOY_RUN, "--out", "two"], cwd=run.parent,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
     for name in ("prompts.jsonl", "responses.jsonl", "translations.jsonl", "pairs.jsonl"):
         assert (run.parent / "two" / "iter_1" / name).read_bytes() == (run / "iter_1" / name).read_bytes(), name
     one, two = (AutoModelForCausalLM.from_pretrained(folder / "iter_1" / "model").state_dict()
@@ -876,7 +861,7 @@ def test_a_toy_run_records_the_cached_m0_it_started_from(toy_run):
     assert len(cache) == 1 and json.loads((run / "toy_recipe.json").read_text())["m0"] == str(cache[0].resolve())
     settings = json.loads((run / "settings.json").read_text())["settings"]
     assert settings["lr"] == lidr.TOY_DEFAULTS["lr"] and settings["prompts"] == "toy"
-    translations = lidr.read_jsonl(run / "iter_1" / "translations.jsonl")
+    translations = read_jsonl(run / "iter_1" / "translations.jsonl")
     assert sum(t["translation"] is None for t in translations) < len(translations) / 10, "M0 translates"
     output = run_lidr(*FAST_TOY_RUN, "--out", "run", cwd=run.parent)  # resumes from M2, not from the cache
     assert f"reusing {Path('run') / 'iter_2'}" in output and "pre-training" not in output
@@ -1092,99 +1077,24 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 # ---------------------------------------------------------------- bf16 training: the optimizers and stochastic rounding
 def test_train_uses_the_optimizer_and_checkpointing_it_is_given(tmp_path, monkeypatch):
+    """A bf16 model trains with BF16AdamW, a float32 one with torch's fused AdamW (one kernel per tensor, no
+    float32 temporaries); --gradient-checkpointing on recomputes each layer in the backward pass."""
     model, tokenizer = tiny_model()
     model = model.to(torch.bfloat16)
     pairs = tokenized_pairs(tokenizer, 2)
     ref_chosen, ref_rejected = lidr.reference_logps(model, pairs, 2, 0)
-    built = []
-    monkeypatch.setattr(lidr, "BF16AdamW", lambda *args, **kwargs: built.append(1) or torch.optim.SGD(*args, lr=0.0))
+    built, adamw = [], torch.optim.AdamW
+    monkeypatch.setattr(lidr, "BF16AdamW", lambda *args, **kwargs: built.append("bf16") or torch.optim.SGD(*args, lr=0.0))
+    monkeypatch.setattr(torch.optim, "AdamW", lambda *args, **kwargs: built.append(kwargs) or adamw(*args, **kwargs))
     attention_calls = []
     model.model.layers[0].self_attn.register_forward_hook(lambda *_: attention_calls.append(1))
-    settings = lidr.Settings(optim="adamw-bf16", gradient_checkpointing="on", batch_size=2, micro_batch_size=2)
+    settings = lidr.Settings(gradient_checkpointing="on", batch_size=2, micro_batch_size=2)
     dpo_train(model, pairs, ref_chosen, ref_rejected, settings, tmp_path / "log.jsonl")
-    assert built == [1], "--optim adamw-bf16 must train with BF16AdamW"
+    assert built == ["bf16"], "a bf16 model must train with BF16AdamW"
     assert len(attention_calls) == 2, "--gradient-checkpointing on: the layer runs again in the backward pass"
     assert not model.training and not model.model.layers[0].gradient_checkpointing, "sampling needs eval mode back"
-    masters = []
-
-    class Recorded(lidr.MasterWeightAdamW):
-        def __init__(self, *args, **kwargs):
-            masters.append(1)
-            super().__init__(*args, **kwargs)
-    monkeypatch.setattr(lidr, "MasterWeightAdamW", Recorded)
-    dpo_train(model, pairs, ref_chosen, ref_rejected, dataclasses.replace(settings, optim="adamw-fp32"),
-              tmp_path / "log.jsonl")
-    assert masters == [1], "--optim adamw-fp32 on a bf16 model must train float32 master weights"
-
-
-def test_adamw_is_fused_whatever_the_weights():
-    model, _ = tiny_model()
-    for dtype, optim, kind in ((torch.float32, "adamw-fp32", torch.optim.AdamW),
-                               (torch.bfloat16, "adamw-fp32", lidr.MasterWeightAdamW)):
-        params = list(model.to(dtype).parameters())
-        optimizer = lidr.optimizer_for(params, lidr.Settings(optim=optim))
-        assert type(optimizer) is kind and optimizer.defaults["fused"] is True, "no float32 temporaries, fastest"
-    assert type(lidr.optimizer_for(params, lidr.Settings(optim="adamw-bf16"))) is lidr.BF16AdamW
-
-
-def bf16_neighbours(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two bf16 values around each float32 value (equal where it is one): its top 16 bits, and
-    the next bf16 value away from zero."""
-    below = x.view(torch.int32) & -65536
-    return below.view(torch.float32), (below + 65536).view(torch.float32)
-
-
-@pytest.mark.parametrize("dtypes", [("bfloat16",) * 3, ("float32",) * 3, ("bfloat16", "float32", "bfloat16")],
-                         ids=["bf16", "float32", "mixed"])
-def test_adamw_follows_torch_adamw_on_float32_copies_step_by_step(dtypes):
-    """optimizer_for's AdamW (MasterWeightAdamW on a bf16 model, torch's fused AdamW on float32)
-    against torch's plain single-tensor AdamW on float32 copies: same start, same gradients, weight
-    decay, clipping and the warmup + cosine schedule on both, as train runs them. The masters must
-    follow torch's trajectory to float32 rounding, and each bf16 weight must be one of the two bf16
-    values around its master (stochastic rounding: within one bf16 step). Guards the master
-    weights' update (decay, bias correction, lr schedule reaching them, clipping in float32) from
-    drifting from AdamW while the kit's own bf16 tests still pass."""
-    torch.manual_seed(0)
-    shapes = [(64, 32), (32,), (7, 5)]
-    model = [torch.nn.Parameter((torch.randn(shape) * 0.05).to(getattr(torch, dtype)))
-             for shape, dtype in zip(shapes, dtypes)]
-    copies = [torch.nn.Parameter(p.detach().float().clone()) for p in model]
-    settings = lidr.Settings(lr=1e-3, weight_decay=0.1, adam_beta2=0.95, max_grad_norm=1.0)
-    ours = lidr.optimizer_for(model, settings)
-    bf16 = "bfloat16" in dtypes
-    assert type(ours) is (lidr.MasterWeightAdamW if bf16 else torch.optim.AdamW), \
-        "a bf16 model trains float32 masters; a float32 one torch's AdamW on its own weights"
-    theirs = torch.optim.AdamW(copies, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, foreach=False, fused=False)
-    trained = ours.param_groups[0]["params"]  # what train clips: the masters, or the float32 weights
-    assert all(w.dtype == torch.float32 for w in trained)
-    assert all(torch.equal(w, c) for w, c in zip(trained, copies)), "the masters start at the model's weights"
-    steps = 12
-    schedules = [torch.optim.lr_scheduler.LambdaLR(o, lidr.warmup_cosine(steps, 0.25)) for o in (ours, theirs)]
-    for step in range(steps):
-        for p, c in zip(model, copies):  # the model's gradient (bf16 for bf16 weights), and the same in float32
-            p.grad = torch.randn(p.shape).to(p.dtype)
-            c.grad = p.grad.float().clone()
-        if isinstance(ours, lidr.MasterWeightAdamW):
-            ours.take_gradients()  # as train does before clipping
-        norms = [torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm) for params in (trained, copies)]
-        assert norms[0].item() > 10 * settings.max_grad_norm, "the test needs gradients that get clipped"
-        assert norms[0].item() == pytest.approx(norms[1].item(), rel=1e-6)
-        ours.step()
-        theirs.step()
-        for schedule in schedules:
-            schedule.step()
-        # weights |w| < 0.25: a float32 step there is <= 1.5e-8, and a torch-vs-fused difference stays a few of
-        # them; 1e-7 is 1e-4 of this lr (1e-3): a missed decay (lr * 0.1 * |w| ~ 5e-6) or lr factor fails it
-        for master, copy_ in zip(trained, copies):
-            torch.testing.assert_close(master, copy_, rtol=0, atol=1e-7)
-        for p, master in zip(model, trained):
-            if p.dtype == torch.bfloat16:
-                below, above = bf16_neighbours(master)
-                weight = p.detach().float()
-                assert ((weight == below) | (weight == above)).all(), f"step {step}: bf16 weight off its master"
-            else:
-                assert torch.equal(p.detach(), master), "a float32 weight is its master"
-    assert schedules[0].get_last_lr() == schedules[1].get_last_lr() == [0.0], "the cosine ends at zero"
+    dpo_train(model.float(), pairs, ref_chosen, ref_rejected, settings, tmp_path / "log.jsonl")
+    assert built[1]["fused"] is True, "a float32 model: torch's fused AdamW"
 
 
 def fraction_changed(before, model):
@@ -1207,7 +1117,7 @@ def train_bf16_tiny_model(tmp_path, **settings):
 
 def test_bf16_training_keeps_updates_smaller_than_bf16_precision(tmp_path):
     # lr 1e-5 moves a weight of 0.02 by less than half a bf16 step (6e-5) per step: plain bf16
-    # AdamW rounds most updates away; float32 master weights add them up until they show.
+    # AdamW rounds most updates away; BF16AdamW's stochastic rounding keeps them in expectation.
     model, plain, before, pairs, ref_chosen, ref_rejected = train_bf16_tiny_model(tmp_path, lr=1e-5, epochs=5)
     optimizer = torch.optim.AdamW(plain.parameters(), lr=1e-5, weight_decay=0.0)
     for _ in range(20):
@@ -1217,36 +1127,6 @@ def test_bf16_training_keeps_updates_smaller_than_bf16_precision(tmp_path):
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     assert fraction_changed(before, model) > 0.5, "bf16 training lost its small updates"
     assert fraction_changed(before, plain) < 0.25, "the trap this test guards against no longer shows"
-
-
-def test_master_weights_are_rounded_into_bf16_stochastically(tmp_path):
-    # at lr 5e-7 each step moves the float32 master far less than half a bf16 step: rounding it
-    # to nearest would leave most bf16 weights where they were; stochastic rounding moves ~2x more
-    model, _, before, *_ = train_bf16_tiny_model(tmp_path, optim="adamw-fp32", lr=5e-7, epochs=4)
-    assert fraction_changed(before, model) > 0.06, "round-to-nearest changes ~4% here, stochastic ~9%"
-
-
-def test_master_weights_are_saved_with_the_training_progress(tmp_path):
-    # train's saved progress must restore the float32 masters: the bf16 model only has them rounded
-    weight = torch.nn.Parameter(torch.full((4,), 0.02, dtype=torch.bfloat16))
-    optimizer = lidr.MasterWeightAdamW([weight], lr=1e-7)
-    weight.grad = torch.ones_like(weight)
-    optimizer.step()
-    lidr.save_progress(tmp_path / "progress.pt", {"optimizer": optimizer}, (1, ["line"], [], []))
-    restored = lidr.MasterWeightAdamW([torch.nn.Parameter(weight.detach().clone())], lr=1e-7)
-    assert lidr.load_progress(tmp_path / "progress.pt", {"optimizer": restored}) == (1, ["line"], [], [])
-    masters = [o.param_groups[0]["params"][0] for o in (optimizer, restored)]
-    assert masters[0].dtype == torch.float32 and torch.equal(masters[0], masters[1])
-    assert not torch.equal(masters[1], weight.float()), "the master holds what bf16 rounds away"
-    assert restored.state[masters[1]]["step"] == 1
-
-
-def test_bf16_gradients_are_clipped_in_float32(tmp_path, monkeypatch):
-    clipped, clip = [], torch.nn.utils.clip_grad_norm_
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: clipped.append(
-        {p.grad.dtype for p in arguments(clip, a, k)["parameters"]}) or clip(*a, **k))
-    train_bf16_tiny_model(tmp_path, optim="adamw-fp32", lr=1e-5)
-    assert clipped and all(dtypes == {torch.float32} for dtypes in clipped), "norm and clip factor in float32"
 
 
 def test_bf16_adamw_equals_torch_adamw_on_float32_weights():
@@ -1321,8 +1201,8 @@ LLAMA3_8B = transformers.LlamaConfig(vocab_size=128256, hidden_size=4096, interm
 def test_memory_plan_fits_8b_full_training_in_80_gb(capsys):
     settings = lidr.Settings(dtype="bfloat16", device="cuda", micro_batch_size=1, max_len=2048,
                              gradient_checkpointing="on")
-    assert lidr.plan_training_memory(LLAMA3_8B, 8_030_261_248, settings, available=80 * 10**9) == "adamw-bf16"
-    parts = lidr.training_memory(LLAMA3_8B, 8_030_261_248, settings, "adamw-bf16", "on")
+    lidr.plan_training_memory(LLAMA3_8B, 8_030_261_248, settings, available=80 * 10**9)  # fits: no refusal
+    parts = lidr.training_memory(LLAMA3_8B, 8_030_261_248, settings)
     # what the step simulated on fake tensors held (test_bench_8b_step_memory_simulated_vs_estimate)
     simulated = {"weights": 16.061, "gradients": 16.061, "optimizer": 32.121, "step": 0.537, "activations": 4.39,
                  "earlier_gradients": 16.061}
@@ -1330,16 +1210,14 @@ def test_memory_plan_fits_8b_full_training_in_80_gb(capsys):
         assert parts[name] / 1e9 == pytest.approx(value, abs=0.05), name
     assert lidr.training_peak(parts) / 1e9 == pytest.approx(68.63, abs=0.1), "simulated peak of a 2-pair step"
     one_pair_steps = dataclasses.replace(settings, batch_size=1)
-    one_pair = lidr.training_peak(lidr.training_memory(LLAMA3_8B, 8_030_261_248, one_pair_steps, "adamw-bf16", "on"))
+    one_pair = lidr.training_peak(lidr.training_memory(LLAMA3_8B, 8_030_261_248, one_pair_steps))
     assert one_pair / 1e9 == pytest.approx(64.78, abs=0.01), "simulated peak of a 1-pair step"
-    assert "adamw-bf16" in capsys.readouterr().out
-    assert lidr.plan_training_memory(LLAMA3_8B, 8_030_261_248, settings, available=160 * 10**9) == "adamw-fp32", \
-        "auto takes float32 optimizer state where it fits"
+    assert "(bfloat16, checkpointing on)" in capsys.readouterr().out
     settings.gradient_checkpointing = "off"
-    with pytest.raises(lidr.LidrError, match="try --gradient-checkpointing on"):
+    with pytest.raises(lidr.LidrError, match="try --gradient-checkpointing on$"):
         lidr.plan_training_memory(LLAMA3_8B, 8_030_261_248, settings, available=80 * 10**9)
-    settings.optim = "adamw-fp32"
-    with pytest.raises(lidr.LidrError, match="try --optim adamw-bf16 --gradient-checkpointing on$"):
+    settings.dtype = "float32"  # 16 bytes a parameter (float32 weights, gradients, two moments): 128 GB
+    with pytest.raises(lidr.LidrError, match="try --dtype bfloat16 --gradient-checkpointing on$"):
         lidr.plan_training_memory(LLAMA3_8B, 8_030_261_248, settings, available=80 * 10**9)
 
 
@@ -1376,11 +1254,11 @@ def test_memory_plan_per_process_on_many_gpus_and_the_gpus_a_refusal_names(capsy
     big for one GPU: the refusal names how many would do, or says that none would."""
     settings = lidr.Settings(model="m", dtype="bfloat16", device="cuda", gradient_checkpointing="on", micro_batch_size=1)
     n = 8_030_261_248
-    parts = lidr.training_memory(LLAMA3_8B, n, settings, "adamw-fp32", "on", world=8)
+    parts = lidr.training_memory(LLAMA3_8B, n, settings, world=8)
     assert (parts["weights"], parts["gradients"], parts["optimizer"]) == (2 * n, 4 * n / 8, 12 * n / 8)
     assert parts["earlier_gradients"] == parts["gradients"], "the gradient shards are held across micro-batches"
     assert 38e9 < lidr.training_peak(parts) < 39e9, "Llama-3-8B on 8 GPUs: 38.6 GB each"
-    with pytest.raises(lidr.LidrError, match=r"or 8 such GPUs \(--nproc-per-node 8, or torchrun\)"):
+    with pytest.raises(lidr.LidrError, match=r"or 8 such GPUs \(torchrun --nproc-per-node 8 lidr.py ...\)"):
         lidr.plan_training_memory(QWEN_14B, 14_770_033_664, settings, available=80 * 10**9)
     with pytest.raises(lidr.LidrError, match=r"many GPUs won't help: each generates with the whole model \(141 GB\)"):
         lidr.plan_training_memory(LLAMA3_70B, 70_553_706_496, settings, available=80 * 10**9)
@@ -1400,7 +1278,7 @@ def test_a_memory_refusal_on_a_cpu_names_what_helps_there():
 
 # ----------------------------------------------------------------------------- Generation: batching and the two engines
 @pytest.mark.parametrize("penalty", [1.0, 1.1])
-def test_greedy_answers_are_the_same_in_batches_one_at_a_time_and_with_either_engine(capsys, penalty):
+def test_greedy_answers_are_the_same_in_batches_and_one_at_a_time(capsys, penalty):
     model, tokenizer = varied_byte_level_model()
     prompts = [lidr.chat_prompt_ids(tokenizer, text, SYSTEM)
                for text in ("Hi", "A much longer prompt that needs no padding at all.", "Wie geht's?", "x" * 19)]
@@ -1408,16 +1286,11 @@ def test_greedy_answers_are_the_same_in_batches_one_at_a_time_and_with_either_en
     batched = lidr.generate(model, tokenizer, prompts, 24, 4, penalty, 0.0, "test")
     assert batched == one_by_one, "left padding or the repetition penalty changes batched greedy output"
     assert len(set(batched)) == len(prompts), "the test needs a model whose answers differ"
-    continuous = lidr.generate(model, tokenizer, prompts, 24, 4, penalty, 0.0, "test", engine="continuous")
-    assert continuous == one_by_one
     lines = capsys.readouterr().out.splitlines()
     plan, rate = lines[0], lines[1]  # the plan before generating, the rate after
     lengths = sorted(map(len, prompts))
-    assert plan == f"test: 4 sequences, prompts of {lengths[0]}-{lengths[-1]} tokens, at most 24 new tokens each, " \
-                   f"by HF generate in padded batches"
+    assert plan == f"test: 4 sequences, prompts of {lengths[0]}-{lengths[-1]} tokens, at most 24 new tokens each"
     assert re.fullmatch(r"test: \d+ new tokens in [\d.]+ s, \d+ tokens/s", rate), rate
-    # continuous batching cannot apply a repetition penalty (transformers drops it): generate serves those
-    assert lines[4].endswith("by continuous batching" if penalty == 1.0 else "by HF generate in padded batches")
 
 
 @pytest.mark.parametrize("penalty", [1.0, 1.1])
@@ -1431,9 +1304,8 @@ def test_greedy_answers_of_a_real_chat_model_are_the_same_in_batches_and_one_at_
     assert len(set(batched)) == len(prompts)
 
 
-@pytest.mark.parametrize("engine", ["generate", "continuous"])
-def test_sampling_is_reproducible_per_seed_and_differs_across_seeds_and_from_greedy(engine):
-    """The same seed samples the same answers (with either engine, not only continuous batching), and
+def test_sampling_is_reproducible_per_seed_and_differs_across_seeds_and_from_greedy():
+    """The same seed samples the same answers, and
     the negative controls that make that assertion mean something: another seed samples other
     answers, and temperature 1.0 answers differ from greedy ones. (The original built its model from
     whatever torch's random state was; this one is seeded.)"""
@@ -1442,16 +1314,13 @@ def test_sampling_is_reproducible_per_seed_and_differs_across_seeds_and_from_gre
 
     def sample(seed, temperature=1.0):
         torch.manual_seed(seed)
-        answers = lidr.generate(model, tokenizer, prompts, 12, 4, 1.0, temperature, "test", engine=engine)
+        answers = lidr.generate(model, tokenizer, prompts, 12, 4, 1.0, temperature, "test")
         return answers, torch.rand(1)
-    (first, after_first), (again, _), (other_seed, _) = sample(3), sample(3), sample(4)
+    (first, _), (again, _), (other_seed, _) = sample(3), sample(3), sample(4)
     assert first == again, "a stage redone after an interruption samples what it sampled"
     assert other_seed != first, "negative control: another seed must sample otherwise, or the assertion above is idle"
     greedy, _ = sample(3, temperature=0.0)
     assert greedy != first and greedy == sample(4, temperature=0.0)[0], "negative control: temperature 1.0 samples"
-    if engine == "continuous":
-        torch.manual_seed(3)
-        assert torch.equal(after_first, torch.rand(1)), "transformers reseeds torch's generator: it must be restored"
 
 
 def llama3_like_model():
@@ -1504,7 +1373,6 @@ def test_greedy_generate_is_the_argmax_loop_and_stops_at_either_stop_token(monke
     assert expected[0] == tokenizer("Ok.", add_special_tokens=False).input_ids + [end_of_text], \
         "the fitted answer must end at the generation config's stop token, not the tokenizer's"
     assert expected[1][-1] == eot
-    assert lidr.stop_token_ids(model, tokenizer) == sorted({end_of_text, eot})
     raw, padded_batches = [], lidr.padded_batches
     monkeypatch.setattr(lidr, "padded_batches", lambda *a, **k: raw.append(padded_batches(*a, **k)) or raw[-1])
     for max_new_tokens in (20, 4):  # 4: 'Ok.' and its stop token just fit; 'Sure thing.' is cut at the cap
@@ -1625,7 +1493,7 @@ def test_the_authors_per_language_folders_are_read_as_released(tmp_path):
 def test_prompt_templates_come_from_the_authors_files_without_running_them(tmp_path, monkeypatch):
     write(tmp_path / "inference.py", 'raise SystemExit("this file must never run")\n'
           'PROMPT_PREFIX = (\n    "Answer in {language}.\\n"\n    "Q: {question}\\nA:"\n)\n')
-    write(tmp_path / "trans_prompts.py", 'TRANS_INSTRUCTION = "Into {lang}, please: " + "<sentence>{text}</sentence>"\n')
+    write(tmp_path / "trans_prompts.py", 'TRANS_INSTRUCTION = ("Into {lang}, please: "\n    "<sentence>{text}</sentence>")\n')
     settings = lidr.parse_settings(["--model", "toy", "--prompt-template", str(tmp_path / "inference.py"),
                                     "--translation-request", str(tmp_path / "trans_prompts.py")])
     asked = []
@@ -1687,7 +1555,7 @@ MGSM_LANGS = ("en", "es", "ru", "de", "fr", "ja", "sw", "th", "zh", "bn")
     ("Buenos Aires", "de", None),
 ])
 def test_off_target_by_language_identification(text, lang, expected):
-    assert lidr.off_target(text, lang, MGSM_LANGS) is expected
+    assert lidr.score("mgsm", text, True, 18.0, lang, MGSM_LANGS)["off_target"] is expected
 
 
 MGSM_STYLE_ANSWERS = {  # step by step, as an instructed model answers MGSM: equations, then a short sentence
@@ -1728,12 +1596,13 @@ def test_language_of_judges_only_among_languages_it_knows():
         "py3langid has no pt-br: it would take every Brazilian text for Spanish and fail every translation into it"
 
 
-MGSM_EN = ('Janet\'s ducks lay 16 eggs per day. She eats three and bakes with four. She sells the rest at $2 each. '
-           'How much does she make every day?\t18\n'
-           '"A robe takes 2 bolts of ""blue"" fiber and half that much white fiber. How many bolts in total?"\t3\n'
-           'Josh flips a house for a profit. How much did he make?\t70,000\n')
-MGSM_RU = ("Утки Джанет несут 16 яиц в день. Сколько она зарабатывает?\t18\n"
-           "Сколько рулонов нужно на халат?\t3\n")
+MGSM_EN = "".join(json.dumps({"query": q, "response": a}) + "\n" for q, a in (  # the authors' data/MGSM format
+    ("Janet's ducks lay 16 eggs per day. She eats three and bakes with four. She sells the rest at $2 each. "
+     "How much does she make every day?", "18"),
+    ('A robe takes 2 bolts of "blue" fiber and half that much white fiber. How many bolts in total?', "3"),
+    ("Josh flips a house for a profit. How much did he make?", "70,000")))
+MGSM_RU = "".join(json.dumps({"query": q, "response": a}, ensure_ascii=False) + "\n" for q, a in (
+    ("Утки Джанет несут 16 яиц в день. Сколько она зарабатывает?", "18"), ("Сколько рулонов нужно на халат?", "3")))
 
 
 def fake_generate(monkeypatch, answers: dict):
@@ -1745,13 +1614,13 @@ def fake_generate(monkeypatch, answers: dict):
 
 
 def test_mgsm_problems_answers_and_scores(tmp_path, monkeypatch):
-    """MGSM's TSV format, the last number of the answer against the gold number, off-target by language."""
-    write(tmp_path / "mgsm_en.tsv", MGSM_EN)
-    write(tmp_path / "mgsm_ru.tsv", MGSM_RU)
+    """The authors' MGSM files, the last number of the answer against the gold number, off-target by language."""
+    write(tmp_path / "mgsm_en.jsonl", MGSM_EN)
+    write(tmp_path / "mgsm_ru.jsonl", MGSM_RU)
     settings = lidr.parse_settings(["--eval", "mgsm", "--mgsm", str(tmp_path), "--langs", "en,ru"])
     problems = lidr.eval_problems(settings)
     assert [p["gold"] for p in problems["mgsm"]["en"]] == [18, 3, 70000], "thousands commas are part of the number"
-    assert problems["mgsm"]["en"][1]["prompt"].startswith('A robe takes 2 bolts of "blue" fiber'), "TSV quoting"
+    assert problems["mgsm"]["en"][1]["prompt"].startswith('A robe takes 2 bolts of "blue" fiber')
     written = {  # what the model answers, per question
         problems["mgsm"]["en"][0]["prompt"]: "16 - 3 - 4 = 9 eggs, and 9 * $2 = $18. The answer is 18.",
         problems["mgsm"]["en"][1]["prompt"]: "2 + 1 = 3 bolts, or is it 4?",  # last number: 4, wrong
@@ -1764,7 +1633,7 @@ def test_mgsm_problems_answers_and_scores(tmp_path, monkeypatch):
     results = lidr.evaluate(model, tokenizer, problems, settings, tmp_path, "tiny-M0")
     assert results["mgsm"]["en"] == {"accuracy": pytest.approx(2 / 3), "off_target": 0.0}
     assert results["mgsm"]["ru"] == {"accuracy": 1.0, "off_target": 0.5}
-    answers = lidr.read_jsonl(tmp_path / "eval_answers.jsonl")
+    answers = read_jsonl(tmp_path / "eval_answers.jsonl")
     assert [a["scores"]["accuracy"] for a in answers if a["lang"] == "en"] == [1.0, 0.0, 1.0]
 
 
@@ -1801,20 +1670,21 @@ def test_the_authors_mgsm_and_x_alpacaeval_files_are_read_as_released(tmp_path, 
 
 
 def test_alpaca_answers_are_written_for_alpaca_eval(tmp_path, monkeypatch):
-    settings = lidr.parse_settings(["--eval", "alpaca", "--langs", "en,de", "--eval-limit", "2"])
+    settings = lidr.parse_settings(["--eval", "alpaca", "--langs", "en,de", "--eval-limit", "2", "--prompts", "capitals"])
     problems = lidr.eval_problems(settings)
-    assert [p["prompt"] for p in problems["alpaca"]["de"]] == [r["de"] for r in lidr.BUILTIN_PROMPTS[:2]]
+    assert [p["prompt"] for p in problems["alpaca"]["de"]] == [r["de"] for r in lidr.capital_prompts()[:2]], \
+        "without --alpaca, the run's prompts"
     fake_generate(monkeypatch, {p["prompt"]: f"answer {i}" for by_lang in problems["alpaca"].values()
                                 for i, p in enumerate(by_lang)})
     model, tokenizer = tiny_model()
     results = lidr.evaluate(model, tokenizer, problems, settings, tmp_path, "tiny-lidr-M1")
     outputs = json.loads((tmp_path / "alpaca_de.json").read_text())
-    assert outputs == [{"instruction": lidr.BUILTIN_PROMPTS[i]["de"], "output": f"answer {i}",
+    assert outputs == [{"instruction": lidr.capital_prompts()[i]["de"], "output": f"answer {i}",
                         "generator": "tiny-lidr-M1", "dataset": "lidr-de"} for i in range(2)]
     assert results["alpaca"]["de"] == {"finished": 1.0, "words": 2.0}
 
 
-# -------------------------------------------------------------------------- Result tables: the eval table and --compare
+# ----------------------------------------------------------------------------------------- Result tables: the eval table
 def test_eval_table_shows_every_model_and_the_mean_of_the_weaker_languages():
     evaluations = [{"toy": {"en": {"accuracy": 0.9}, "de": {"accuracy": 0.2}, "fr": {"accuracy": 0.4}},
                     "mgsm": {"ru": {"accuracy": 0.1}}},
@@ -1825,29 +1695,6 @@ def test_eval_table_shows_every_model_and_the_mean_of_the_weaker_languages():
     assert rows[2] == ["toy", "accuracy", "en", "90.0", "95.0"]
     assert rows[5:7] == [["toy", "accuracy", "others", "30.0", "50.0"], ["toy", "accuracy", "all", "50.0", "65.0"]]
     assert ["mgsm", "off_target", "ru", "-", "25.0"] in rows, "a metric M0 lacks still gets its row"
-
-
-def test_compare_puts_m0_and_each_runs_last_model_in_one_table(tmp_path, capsys):
-    def run_folder(name, method, accuracies, seed=0):
-        write(tmp_path / name / "settings.json", json.dumps(
-            {"settings": {"method": method, "langs": "en,de,fr", "model": "toy", "seed": seed}}))
-        for t, (en, de, fr) in enumerate(accuracies):
-            write(tmp_path / name / f"iter_{t}" / "eval.json", json.dumps(
-                {"toy": {"en": {"accuracy": en}, "de": {"accuracy": de}, "fr": {"accuracy": fr}}}))
-        return str(tmp_path / name)
-    m0 = (1.0, 0.1, 0.2)
-    lidr_run = run_folder("lidr-s0", "lidr", [m0, (1.0, 0.3, 0.3), (0.98, 0.4, 0.5)])
-    qalign_run = run_folder("qalign-s0", "qalign", [m0, (0.9, 0.2, 0.2), (1.0, 0.1, 0.3)])
-    assert lidr.main(["--compare", f"{lidr_run},{qalign_run}"]) == 0
-    rows = [row.split() for row in capsys.readouterr().out.splitlines()]
-    assert rows[0][-3:] == ["M0", "lidr-s0:M2", "qalign-s0:stage2"]
-    assert rows[2:6] == [["toy", "accuracy", "en", "100.0", "98.0", "100.0"],
-                         ["toy", "accuracy", "de", "10.0", "40.0", "10.0"],
-                         ["toy", "accuracy", "fr", "20.0", "50.0", "30.0"],
-                         ["toy", "accuracy", "others", "15.0", "45.0", "20.0"]]
-    other_m0 = run_folder("other", "qalign", [(1.0, 0.2, 0.2), (1.0, 0.2, 0.2)], seed=1)
-    assert lidr.main(["--compare", f"{lidr_run}, {other_m0}"]) == 2
-    assert f"{other_m0} and {lidr_run} differ in seed: another M0" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------- Bad input: one line, exit 2, nothing written
@@ -1880,28 +1727,24 @@ BAD_INPUTS = [
     (["--micro-batch-size", "9", "--batch-size", "4"], "--micro-batch-size"),
     (["--model", "{nomodel}"], "try --model toy"),
     (["--prompts", "{nolang}", "--langs", "en,de,fr"], "nolang/fr.jsonl not found"),
-    (["--prompts", "{noid}", "--langs", "en,de"], "noid/de.jsonl:2: the record has no 'id'"),
+    (["--prompts", "{noid}", "--langs", "en,de"], "noid/de.jsonl:2: each record needs an id of its own"),
     (["--prompts", "{badids}", "--langs", "en,de"], "the ids of"),
     (["--translation-tasks", "{bad}"], "bad.jsonl:2: not valid JSON"),
     (["--prompt-template", "{notemplate}"], "the template has no {question}"),
     (["--prompt-template", "{badfield}"], "the template can hold only {language}, {question}"),
     (["--translation-request", "{notarget}"], "must name the target language"),
     (["--translation-request", "{noconstant}"], "expected one plain TRANS_INSTRUCTION = '...' string in it"),
-    (["--translation-tasks", "{idlist}"], "idlist.json: record 1: expected a record with an 'id'"),
+    (["--translation-tasks", "{idlist}"], "idlist.json: expected records with an 'id'"),
     (["--prompts", "{nolang},", "--langs", "en,de"], "an empty folder name"),
     (["--method", "dpo"], "argument --method: invalid choice: 'dpo'"),
     (["--method", "qalign", "--beta", "0.2"], "--beta has no effect with --method qalign"),
     (["--method", "qalign", "--iters", "3"], "--iters has no effect with --method qalign (its 2 stages"),
-    (["--answer-field", "answer"], "--answer-field has no effect with --method lidr"),
-    (["--compare", "a,b"], "--compare takes no other flag (got --model)"),
     (["--method", "qalign", "--translation-tasks", "x.jsonl"], "--translation-tasks has no effect with --method qalign"),
-    (["--method", "qalign", "--answer-field", "a", "--max-new-tokens", "9"], "and --answer-field (no answers are sampled)"),
     (["--prompts", "{nodominant}", "--langs", "en,de"], "nodominant/en.jsonl not found"),
-    (["--recipe", "scripts", "--pairing", "ranked"], "--recipe scripts pairs the dominant language"),
     (["--recipe", "authors"], "argument --recipe: invalid choice: 'authors'"),
     (["--lr", "inf"], "--lr must be a finite number"),
     (["--device", "gpu"], "--device gpu: use auto, cpu, cuda or cuda:N"),
-    (["--seed", "-1"], "--seed must be >= 0"),
+    (["--seed", "-1"], "--seed must be between 0 and 2**32 - 1"),
     (["--out", "{file}/run"], "cannot write into"),
     (["--out", "{otherrun}"], "its settings.json is not a lidr run's"),
     (["--model", "{gpt2}"], "its config has no intermediate_size"),
@@ -1944,9 +1787,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, argv,
 
 @pytest.mark.parametrize("argv, message", [
     (["--eval", "mmlu"], "--eval must be a comma-separated list of toy, capitals, mgsm, alpaca"),
-    (["--eval", "mgsm", "--mgsm", "{empty}"], "no mgsm_en.tsv or mgsm_en.jsonl in"),
-    (["--eval", "mgsm", "--mgsm", "{badtsv}"], "mgsm_en.tsv:2: expected a question, a tab and a number"),
-    (["--eval", "mgsm", "--mgsm", "{unclosed}"], "mgsm_en.tsv:1: expected a question, a tab and a number"),
+    (["--eval", "mgsm", "--mgsm", "{empty}"], "--mgsm: cannot read"),
+    (["--eval", "mgsm", "--mgsm", "{badtsv}"], "mgsm_en.jsonl:2: expected {\"query\": question, \"response\": number}"),
     (["--eval", "toy", "--langs", "en,ja"], "the toy world has only en,es,ru,de,fr"),
     (["--eval", "capitals", "--langs", "en,fr"], "--eval capitals: the questions are in en,de,es (got 'fr')"),
     (["--langs", "de,en"], "the toy world has only en,es,ru,de,fr, English first"),
@@ -1961,13 +1803,12 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, argv,
 def test_bad_eval_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, argv, message):
     (tmp_path / "empty").mkdir()
     (tmp_path / "badtsv").mkdir()
-    write(tmp_path / "badtsv" / "mgsm_en.tsv", "What is 1 + 1?\t2\nno answer here\n")
-    write(tmp_path / "unclosed" / "mgsm_en.tsv", '"What is 1 + 1?\t2\nWhat is 2 + 2?"\t4\n')  # merged by csv before
+    write(tmp_path / "badtsv" / "mgsm_en.jsonl", '{"query": "What is 1 + 1?", "response": "2"}\n{"query": "no answer"}\n')
     for lang in ("en", "es", "ru", "de", "fr"):
-        write(tmp_path / "emptytsv" / f"mgsm_{lang}.tsv", "")
+        write(tmp_path / "emptytsv" / f"mgsm_{lang}.jsonl", "")
         write(tmp_path / "emptylist" / f"{lang}.json", "[]")
-    argv = [a.format(empty=tmp_path / "empty", badtsv=tmp_path / "badtsv", unclosed=tmp_path / "unclosed",
-                     emptytsv=tmp_path / "emptytsv", emptylist=tmp_path / "emptylist") for a in argv]
+    argv = [a.format(empty=tmp_path / "empty", badtsv=tmp_path / "badtsv", emptytsv=tmp_path / "emptytsv",
+                     emptylist=tmp_path / "emptylist") for a in argv]
     assert lidr.main(["--model", "toy", "--out", str(tmp_path / "run"), *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
@@ -1975,25 +1816,21 @@ def test_bad_eval_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, 
 
 
 HOSTILE_INPUTS = [  # found by fuzzing the command line and the input files; each was a traceback or a hang
-    (["--iters=--"], "--iters: expected a value, got '--'"),
     (["--langs", "en,zh", "--eval", ""], "--model toy: the toy world has only"),
     (["--device", "mps"], "--device mps: use auto, cpu, cuda or cuda:N"),
     (["--temperature", "1e-300"], "--temperature must be 0 (greedy) or >= 0.01"),
-    (["--batch-size", "99999999999999999999999"], "--batch-size must be below 2**31"),
-    (["--iters", "99999999999999999999999"], "--iters must be below 2**31"),
+    (["--iters", "99999999999999999999999"], "--iters must be between 1 and 1000"),
     (["--iters", "5000"], "--iters must be between 1 and 1000"),
-    (["--prompts", "{deep}"], "nested too deep"),
+    (["--prompts", "{deep}"], "deep.json:1: not valid JSON"),
     (["--prompts", "{surrogate}"], "surrogate.jsonl:1: the text is not valid Unicode"),
     (["--eval", "alpaca", "--alpaca", "{nandataset}"], "expected an object with an 'instruction' (and 'dataset') string"),
-    (["--eval", "mgsm", "--mgsm", "{hugegold}"], "mgsm_en.tsv:1: expected a question, a tab and a number"),
-    (["--eval", "mgsm", "--mgsm", "{longquestion}"], "mgsm_en.tsv:1: expected a question, a tab and a number"),
+    (["--eval", "mgsm", "--mgsm", "{hugegold}"], "mgsm_en.jsonl:1: expected"),
     (["--prompt-template", "{manyplus}"], "expected one plain PROMPT_PREFIX"),
-    (["--prompt-template", "{spec}"], "a placeholder with a format spec or conversion"),
+    (["--prompt-template", "{spec}"], "the template can hold only"),
     (["--model", "{t5}"], "its config makes no causal language model"),
     (["--out", "{listtemplates}"], "its settings.json is not a lidr run's"),
     (["--prompts", "{textfolder}"], "--prompts: dataset '{textfolder}' has no column 'instruction'"),
     (["--out", "/proc/lidr-run"], "--out /proc/lidr-run: cannot write into /proc"),
-    (["--out", "runs/" + "x" * 300], ": a name or the path is longer than the file system allows"),  # the file system can't hold it: bad input too
     (["--eval", "alpaca", "--alpaca", "{halflayout}"], "--alpaca: {halflayout}/es.jsonl not found"),
 ]
 
@@ -2004,8 +1841,8 @@ def test_hostile_input_is_one_line_exit_2(tmp_path, capsys, argv, message):
              "surrogate": write(tmp_path / "surrogate.jsonl", '{"en": "\\ud800"}\n'),
              "nandataset": str(Path(write(tmp_path / "nan" / "en.json", '[{"id": 1, "dataset": NaN, "instruction": "hi"}]'))
                                .parent),
-             "hugegold": str(Path(write(tmp_path / "huge" / "mgsm_en.tsv", "q\t" + "9" * 400 + "\n")).parent),
-             "longquestion": str(Path(write(tmp_path / "long" / "mgsm_en.tsv", "q" * 200_000 + "\t4\n")).parent),
+             "hugegold": str(Path(write(tmp_path / "huge" / "mgsm_en.jsonl", json.dumps({"query": "q", "response": "9" * 400})
+                                       + "\n")).parent),
              "manyplus": write(tmp_path / "inference.py", "PROMPT_PREFIX = '{question}'" + " + 'a'" * 2000 + "\n"),
              "spec": write(tmp_path / "spec.txt", "{question:{language}}"),
              "listtemplates": str(Path(write(tmp_path / "listrun" / "settings.json", json.dumps(
@@ -2049,14 +1886,14 @@ def test_a_run_leaves_a_complete_run_folder(steered_run):
     assert {"torch", "transformers"} <= set(settings["versions"]) and "lidr.py" in " ".join(settings["command"])
     assert (run / "lidr.py").read_text() == (ROOT / "lidr.py").read_text()
     for t in (1, 2):
-        responses = lidr.read_jsonl(run / f"iter_{t}/responses.jsonl")
+        responses = read_jsonl(run / f"iter_{t}/responses.jsonl")
         assert len(responses) == 9, "3 prompts in 3 languages, one of them translated by the model"
-        assert all({"raw", "translation", "source"} <= set(r) for r in lidr.read_jsonl(run / f"iter_{t}/translations.jsonl"))
+        assert all({"raw", "translation", "source"} <= set(r) for r in read_jsonl(run / f"iter_{t}/translations.jsonl"))
         assert json.loads((run / f"iter_{t}/metrics.json").read_text())["train"] is not None
     for t in (0, 1, 2):  # M0, M1, M2
         evaluation = json.loads((run / f"iter_{t}/eval.json").read_text())
         assert set(evaluation["alpaca"]) == {"en", "de", "fr"}
-        assert len(lidr.read_jsonl(run / f"iter_{t}/eval_answers.jsonl")) == 3 * 2
+        assert len(read_jsonl(run / f"iter_{t}/eval_answers.jsonl")) == 3 * 2
         outputs = json.loads((run / f"iter_{t}/alpaca_de.json").read_text())
         assert [o["generator"] for o in outputs] == [f"steered-lidr-M{t}"] * 2
     summary = (run / "summary.txt").read_text()
@@ -2132,7 +1969,7 @@ def test_a_diverging_run_stops_before_anything_is_saved(steered_run, tmp_path, m
     assert not (tmp_path / "run/iter_1/model").exists() and not (tmp_path / "run/iter_1/metrics.json").exists(), \
         "a diverged M1 must never be saved, nor reused by a later run"
     for written in (tmp_path / "run").rglob("*.json*"):
-        json.loads(written.read_text()) if written.suffix == ".json" else lidr.read_jsonl(written)  # strict JSON
+        json.loads(written.read_text()) if written.suffix == ".json" else read_jsonl(written)  # strict JSON
     with pytest.raises(ValueError):
         lidr.to_json({"loss": float("nan")})
 
@@ -2193,7 +2030,7 @@ def test_an_interrupt_says_what_was_finished_and_how_to_resume(steered_run, tmp_
     argv = [*STEERED_RUN, "--model", str(model_path), "--out", "run"]
     assert lidr.main(argv) == code
     said = capsys.readouterr().err.strip().splitlines()[-1]
-    assert said.startswith("lidr: interrupted; run keeps iteration 1's pairs.jsonl, prompt_translations.jsonl"), said
+    assert said.startswith("lidr: interrupted; what finished is kept in run;"), said
     assert said.endswith("to resume, run the same command: python " + shlex.join(["lidr.py", *argv]))
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or code == 130, "main restores the SIGTERM handler"
 
@@ -2214,12 +2051,11 @@ def test_a_second_process_on_a_run_folder_stops_naming_the_first(steered_run, tm
     assert not (tmp_path / "run" / ".settings.json.4242.tmp").exists(), "the lock holder clears what the dead left"
 
 
-def test_an_interrupted_toy_pretraining_goes_on_to_the_same_m0(tmp_path, monkeypatch):
+def test_an_interrupted_toy_pretraining_leaves_nothing_and_the_next_run_builds_the_same_m0(tmp_path, monkeypatch):
     pretraining_data = lidr.toy_pretraining_data
     monkeypatch.setattr(lidr, "toy_pretraining_data", lambda *args: pretraining_data(*args)[:12])
     monkeypatch.setitem(lidr.TOY_RECIPE, "sequences_seen", 24)  # 2 epochs of 12
     monkeypatch.setitem(lidr.TOY_RECIPE, "batch_size", 4)  # 6 steps
-    monkeypatch.setattr(lidr, "TOY_PROGRESS_STEPS", 2)
     whole = lidr.toy_model(tmp_path / "whole", 0, ["en", "de"])
     clip, calls = torch.nn.utils.clip_grad_norm_, []
 
@@ -2231,15 +2067,10 @@ def test_an_interrupted_toy_pretraining_goes_on_to_the_same_m0(tmp_path, monkeyp
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", interrupted_at_step_5)
     with pytest.raises(KeyboardInterrupt):
         lidr.toy_model(tmp_path / "killed", 0, ["en", "de"])
-    assert [p.name for p in (tmp_path / "killed").iterdir()] == [f".{whole.name}.progress.pt"]
+    assert list((tmp_path / "killed").iterdir()) == [], "an interrupted pre-training leaves no partial M0"
     resumed = lidr.toy_model(tmp_path / "killed", 0, ["en", "de"])
-    assert len(calls) == 5 + 2, "the resumed pre-training ran only the steps after the saved progress"
     weights = [AutoModelForCausalLM.from_pretrained(folder).state_dict() for folder in (whole, resumed)]
     assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
-    assert [p.name for p in (tmp_path / "killed").iterdir()] == [whole.name], "progress removed once M0 is in place"
-    logs = [[json.loads(line)["step"] for line in (folder / "train_log.jsonl").read_text().splitlines()]
-            for folder in (whole, resumed)]
-    assert logs[0] == logs[1] == [1, 2, 3, 4, 5, 6], "the M0 keeps its pre-training log, resumed or not"
 
 
 def pretrain_a_small_toy_m0(root: Path, delay: float, results):
@@ -2690,41 +2521,36 @@ def test_an_uninterrupted_run_samples_otherwise_with_another_seed_or_greedily(sa
         ["iter_1/responses.jsonl", "iter_2/responses.jsonl"], "--temperature 1.0 answered as greedy decoding does"
 
 
-# ---------------------------------------------- Many processes: --nproc-per-node 2, torchrun's engine with gloo on CPU
-def worker_pids(launcher: int) -> list[int]:
-    """The processes a launcher started (Linux: /proc/<pid>/task/<tid>/children)."""
-    return sorted(int(pid) for task in Path(f"/proc/{launcher}/task").iterdir()
-                  for pid in (task / "children").read_text().split())
+# ------------------------------------------------------------ Many processes: torchrun --nproc-per-node 2, gloo on CPU
+TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 
 
 @pytest.fixture(scope="module")
 def one_and_two_processes(steered_run, tmp_path_factory):
     """The steered run's command, one iteration, sampling at --temperature 1.0, in one process
-    ("one"), and in two ("two"): a worker SIGKILLed as soon as the pairs are written, then the same
-    command again."""
+    ("one"), and in two under torchrun ("two"): a worker SIGKILLed as soon as the pairs are written,
+    then the same command again."""
     _, model_path, _ = steered_run
     folder = tmp_path_factory.mktemp("processes")
     shutil.copy(model_path.parent / "prompts.jsonl", folder / "prompts.jsonl")
     argv = [*STEERED_RUN, "--model", str(model_path), "--iters", "1", "--temperature", "1.0"]
     assert lidr.main([*argv, "--prompts", str(folder / "prompts.jsonl"), "--out", str(folder / "one")]) == 0
-    command = [sys.executable, str(ROOT / "lidr.py"), *argv, "--nproc-per-node", "2", "--out", "two"]
+    command = [*TORCHRUN_2, str(ROOT / "lidr.py"), *argv, "--out", "two"]
     launcher = subprocess.Popen(command, cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (folder / "two/iter_1/pairs.jsonl").exists() and launcher.poll() is None and time.time() < deadline:
         time.sleep(0.01)
-    os.kill(worker_pids(launcher.pid)[-1], signal.SIGKILL)
-    killed = (launcher.wait(timeout=120), launcher.stderr.read())
+    workers = sorted(int(pid) for task in Path(f"/proc/{launcher.pid}/task").iterdir()
+                     for pid in (task / "children").read_text().split())  # Linux: the processes torchrun started
+    os.kill(workers[-1], signal.SIGKILL)
+    killed = launcher.wait(timeout=120)
     resumed = subprocess.run(command, cwd=folder, capture_output=True, text=True)
     return folder, killed, resumed
 
 
-def test_a_process_killed_stops_a_run_of_two_in_one_line_and_the_same_command_resumes_it(one_and_two_processes):
-    _, (code, stderr), resumed = one_and_two_processes
-    said = [line for line in stderr.splitlines() if line.startswith("lidr:")]
-    assert code != 0 and "Traceback" not in stderr and len(said) == 1, stderr[-3000:]
-    # the process killed, or the other one, which loses its peer at the next exchange, if it is seen ending first
-    assert re.match(r"lidr: error: process [01] of 2 stopped \((Signal 9 \(SIGKILL\)|RuntimeError: )", said[0]) and \
-        said[0].endswith("to resume, run the same command: python " + shlex.join(resumed.args[1:])), said
+def test_a_process_killed_stops_a_run_of_two_and_the_same_command_resumes_it(one_and_two_processes):
+    _, code, resumed = one_and_two_processes
+    assert code != 0, "torchrun stops the run when a worker dies"
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
 
@@ -2747,22 +2573,45 @@ def test_two_processes_write_the_stage_files_of_one_and_train_the_same_m1_to_flo
         json.loads((folder / "one" / "settings.json").read_text())["settings"]["model"]).state_dict().items()), \
         "M1 is not M0: the two processes trained"
     monkeypatch.chdir(folder)  # and one process takes up the folder two made: the settings allow it
-    argv = one_and_two_processes[2].args[2:]
-    del argv[argv.index("--nproc-per-node"):argv.index("--nproc-per-node") + 2]
+    argv = one_and_two_processes[2].args[len(TORCHRUN_2) + 1:]
     assert lidr.main(argv) == 0, "refused: one process can't take up a folder two processes made"
     assert len((folder / "two" / "commands.log").read_text().splitlines()) == 3  # killed, resumed, this one
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--iters", "0"], "--iters must be between 1 and 1000"),  # refused before the processes start
-    (["--max-len", "40"], "--max-len 40: every prompt is longer"),  # found by every process, said by one
+    (["--iters", "0"], "--iters must be between 1 and 1000"),  # found by every process before any exchange
+    (["--max-len", "40"], "--max-len 40: every prompt is longer"),
 ])
-def test_a_bad_setting_for_two_processes_is_refused_once_without_a_traceback(tmp_path, argv, message):
-    result = subprocess.run([sys.executable, str(ROOT / "lidr.py"), *small_run(tmp_path), "--nproc-per-node", "2",
-                             *argv], capture_output=True, text=True)
+def test_a_bad_setting_for_two_processes_is_said_once(tmp_path, argv, message):
+    result = subprocess.run([*TORCHRUN_2, str(ROOT / "lidr.py"), *small_run(tmp_path), *argv], capture_output=True,
+                            text=True)
     said = [line for line in result.stderr.splitlines() if line.startswith("lidr:")]
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    assert len(said) == 1 and said[0].startswith(f"lidr: error: {message}"), said
+    assert result.returncode != 0 and len(said) == 1 and said[0].startswith(f"lidr: error: {message}"), said
+    assert "lidr.py\", line" not in result.stderr, "lidr's own traceback: bad input must be one line"
+
+
+def test_copying_trained_shards_back_rounds_bf16_stochastically_the_same_in_every_process(monkeypatch):
+    """After FSDP training, the float32 shards go back into the bf16 model rounded stochastically: to nearest,
+    an iteration's updates at DPO's learning rate would mostly vanish. (One process: a group of one.)"""
+    monkeypatch.setenv("MASTER_ADDR", "localhost")
+    monkeypatch.setenv("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        model, _ = tiny_model()
+        model = model.to(torch.bfloat16)
+        with torch.no_grad():
+            for weight in model.parameters():
+                weight.fill_(0.02)  # a bf16 step there is 1.2e-4
+        sharded = lidr.fully_sharded(model)
+        with torch.no_grad():
+            for shard in sharded.parameters():
+                shard.add_(1e-5)  # an update far below half a bf16 step: to nearest, it vanishes
+        lidr.copy_shards_back(sharded, model)
+    finally:
+        dist.destroy_process_group()
+    weights, start = torch.cat([p.detach().float().flatten() for p in model.parameters()]), 0.02001953125  # bf16 0.02
+    assert 0.04 < (weights != start).float().mean() < 0.13, "about 1e-5 / 1.2e-4 of the weights move up a bf16 step"
+    assert (weights.double().mean() - start - 1e-5).abs() < 3e-6, "stochastic rounding keeps the update in expectation"
 
 
 # ------------------------------------------------------------- The paper's runs: the README's commands and --model auto
@@ -2940,7 +2789,7 @@ def test_bench_sampling_batched_vs_one_at_a_time(bench):
     torch.manual_seed(0)
     model, tokenizer = build_byte_level_model()
     model = model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
-    prompts = [lidr.chat_prompt_ids(tokenizer, p[lang], SYSTEM) for p in lidr.BUILTIN_PROMPTS for lang in ("en", "de")]
+    prompts = [lidr.chat_prompt_ids(tokenizer, p[lang], SYSTEM) for p in lidr.capital_prompts()[:16] for lang in ("en", "de")]
     assert len(prompts) == 32
     speeds = []
     for batch_size in (0, 1):  # 0: lidr's automatic batches; 1: one prompt at a time
@@ -2950,40 +2799,6 @@ def test_bench_sampling_batched_vs_one_at_a_time(bench):
         assert not any(finished for _, finished in answers), "a random model runs to the cap: same tokens both ways"
         speeds.append(32 * 64 / seconds)
     bench.append(("sampling tok/s, 32 prompts x 64 tokens, batched vs 1 at a time", *speeds, "tok/s", ">= 5x"))
-
-
-@pytest.mark.bench
-@pytest.mark.parametrize("prompts_count, max_new_tokens, stop_bias", [(64, 128, 1.0), (1500, 48, 1.5)])
-def test_bench_sampling_engines_on_uneven_answers(bench, prompts_count, max_new_tokens, stop_bias):
-    # The byte-level model, initialised to vary token to token, with a bias toward its stop token:
-    # (64, 128, 1.0) stops most answers early and runs a few to the cap; (1500, 48, 1.5) stops all
-    # within a few tokens, as the toy loop's 1,500 answers do.
-    model, tokenizer = varied_byte_level_model()
-    bias = torch.zeros(model.config.vocab_size)
-    bias[lidr.stop_token_ids(model, tokenizer)] = stop_bias
-    model.lm_head.register_forward_hook(lambda module, inputs, logits: logits + bias)
-    prompts = [lidr.chat_prompt_ids(tokenizer, p[lang], SYSTEM) for p in lidr.BUILTIN_PROMPTS
-               for lang in ("en", "de", "fr", "es")] * 24
-    prompts = prompts[:prompts_count]
-    figures = {"generate": [], "continuous": []}
-    for engine in ["generate", "continuous"] * 2:  # alternated
-        timing = {}
-
-        def sample():
-            start = time.perf_counter()
-            timing["answers"] = lidr.generate(model, tokenizer, prompts, max_new_tokens, 0, 1.0, 0.0, "bench",
-                                              engine=engine)
-            timing["seconds"] = time.perf_counter() - start
-        peak = peak_memory_of(sample)
-        new_tokens = sum(len(answer.encode()) + finished for answer, finished in timing["answers"])  # bytes + stop
-        figures[engine].append((new_tokens / timing["seconds"], peak / 2**20, timing["answers"]))
-    assert figures["generate"][0][2] == figures["continuous"][0][2], "greedy: the same answers"
-    stopped = sum(finished for _, finished in figures["generate"][0][2])
-    label = f"sampling {prompts_count} prompts, {stopped} stop before {max_new_tokens}: continuous vs generate"
-    speeds = [statistics.median(f[0] for f in figures[engine]) for engine in ("continuous", "generate")]
-    memory = [max(f[1] for f in figures[engine]) for engine in ("continuous", "generate")]
-    bench.append((f"{label}, tok/s", *speeds, "tok/s", "-"))
-    bench.append((f"{label}, peak memory", *memory, "MiB", "-"))
 
 
 def long_pair(tokenizer, n_tokens):
@@ -3076,7 +2891,7 @@ def real_model_rows(out: Path, iterations: int) -> dict:
     language), right and judged in the language asked, right where English is right, finished, off-target."""
     rows = {}
     for t in range(iterations + 1):
-        records = lidr.read_jsonl(out / f"iter_{t}" / "eval_answers.jsonl")
+        records = read_jsonl(out / f"iter_{t}" / "eval_answers.jsonl")
         right = {(r["lang"], r["id"]): r["scores"]["accuracy"] for r in records}
         for lang in ("en", "de", "es"):
             mine = [r for r in records if r["lang"] == lang]
@@ -3181,7 +2996,7 @@ def dpo_steps(side: str, uneven: bool, results) -> None:
     if side == "lidr":
         tokenized = [lidr.TokenizedPair(32, p + c, p + r, "en", False) for p, c, r in pairs]
         ref_chosen, ref_rejected = lidr.reference_logps(model, tokenized, 1, 0)
-        settings = lidr.Settings(lr=5e-7, batch_size=4, micro_batch_size=1, warmup_ratio=0.0, optim="adamw-fp32",
+        settings = lidr.Settings(lr=5e-7, batch_size=4, micro_batch_size=1, warmup_ratio=0.0,
                                  gradient_checkpointing="off")
 
         def accumulate(model, ids):
@@ -3284,10 +3099,10 @@ class LiveBytes(TorchDispatchMode):
 
 
 @pytest.mark.bench
-@pytest.mark.parametrize("optim", ["adamw-bf16", "adamw-fp32"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 @pytest.mark.parametrize("pairs", [1, 2])
-def test_bench_8b_step_memory_simulated_vs_estimate(bench, optim, pairs):
-    # One full DPO step of Llama-3-8B's shape in bf16 with checkpointing, pairs of 2 x 2,048 tokens
+def test_bench_8b_step_memory_simulated_vs_estimate(bench, dtype, pairs):
+    # One full DPO step of Llama-3-8B's shape (bf16: BF16AdamW; float32: fused AdamW) with checkpointing, pairs of 2 x 2,048 tokens
     # one per micro-batch, on fake tensors: lidr's functions, in train's order (train itself logs
     # real numbers). With two micro-batches the first one's gradients are there during the second.
     config = transformers.LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
@@ -3297,26 +3112,26 @@ def test_bench_8b_step_memory_simulated_vs_estimate(bench, optim, pairs):
     _, _, labels = lidr.collate([(pair.chosen_input_ids, pair.prompt_length)] * 2, 0)
     live = LiveBytes(answer_tokens=int((labels[:, 1:] != -100).sum()))
     with FakeTensorMode(allow_non_fake_inputs=True), live:
-        torch.set_default_dtype(torch.bfloat16)
+        torch.set_default_dtype(getattr(torch, dtype))
         model = transformers.LlamaForCausalLM(config)
         torch.set_default_dtype(torch.float32)
         params = list(model.parameters())
         for param in params:
             live.count(param)
-        optimizer = lidr.optimizer_for(params, lidr.Settings(optim=optim, lr=5e-7))
+        optimizer = (lidr.BF16AdamW(params, lr=5e-7) if dtype == "bfloat16"
+                     else torch.optim.AdamW(params, lr=5e-7, fused=True))  # as train chooses
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.train()
         for _ in range(2):  # the moments exist from the first step on: the second is the steady state
             lidr.accumulate_gradients(model, [pair] * pairs, torch.zeros(pairs), torch.zeros(pairs), 0.1, 1.0, 1, 0)
-            if isinstance(optimizer, lidr.MasterWeightAdamW):
-                optimizer.take_gradients()
-            torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], 1.0)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-    settings = lidr.Settings(dtype="bfloat16", batch_size=pairs, micro_batch_size=1, max_len=2048)
+    settings = lidr.Settings(dtype=dtype, batch_size=pairs, micro_batch_size=1, max_len=2048,
+                             gradient_checkpointing="on")
     n_params = sum(p.numel() for p in params)
-    estimate = lidr.training_peak(lidr.training_memory(config, n_params, settings, optim, "on"))
-    bench.append((f"8B step of {pairs} pair(s), {optim}, checkpointing: simulated peak vs training_memory",
+    estimate = lidr.training_peak(lidr.training_memory(config, n_params, settings))
+    bench.append((f"8B step of {pairs} pair(s), {dtype}, checkpointing: simulated peak vs training_memory",
                   live.peak / 1e9, estimate / 1e9, "GB", "ratio 1.00"))
 
 
@@ -3354,9 +3169,9 @@ GPU_RUN = [*REAL_MODEL_TABLE_RUN, "--dtype", "bfloat16", "--device", "cuda", "--
 
 @pytest.mark.gpu
 def test_gpu_real_model_two_iterations_in_bf16(request, smollm2, tmp_path, monkeypatch, capsys):
-    """What the README's GPU claims need, on the real chat model: two iterations in bfloat16 with each
-    generation engine; each stage's tokens/s; training's peak GPU memory against the memory plan's
-    estimate; a bf16 step (float32 master weights) against a float32 step on the same pairs."""
+    """What the README's GPU claims need, on the real chat model: two iterations in bfloat16; each stage's
+    tokens/s; training's peak GPU memory against the memory plan's estimate; a bf16 step (BF16AdamW)
+    against a float32 step on the same pairs."""
     if "gpu" not in (request.config.getoption("markexpr") or "") or not torch.cuda.is_available():
         pytest.skip("the GPU check: pytest -m gpu -s test_lidr.py, on a CUDA GPU")
     lines = [f"{torch.cuda.get_device_name()}, torch {torch.__version__}, transformers {transformers.__version__}"]
@@ -3368,11 +3183,11 @@ def test_gpu_real_model_two_iterations_in_bf16(request, smollm2, tmp_path, monke
         peaks.append(torch.cuda.max_memory_allocated() / 1e9)
         return result
     monkeypatch.setattr(lidr, "train", measured_train)
-    for engine in ("generate", "continuous"):
+    for engine in ("generate",):
         start = time.perf_counter()
-        assert lidr.main([*GPU_RUN, "--model", str(smollm2), "--engine", engine, "--out", str(tmp_path / engine)]) == 0
+        assert lidr.main([*GPU_RUN, "--model", str(smollm2), "--out", str(tmp_path / engine)]) == 0
         output = capsys.readouterr().out
-        lines.append(f"--engine {engine}: two iterations in {time.perf_counter() - start:.0f} s")
+        lines.append(f"two iterations in {time.perf_counter() - start:.0f} s")
         lines += [f"   {stage}: {float(tokens) / float(seconds):.0f} tokens/s"
                   for stage, tokens, seconds in STAGE_RATE.findall(output)]
         estimate = float(re.search(r"training memory estimate .* = ([\d.]+) GB", output).group(1))
@@ -3384,12 +3199,12 @@ def test_gpu_real_model_two_iterations_in_bf16(request, smollm2, tmp_path, monke
     model, tokenizer = lidr.load_model(str(smollm2), "cuda", "bfloat16", SYSTEM)
     eot = lidr.end_of_turn_id(tokenizer)
     pairs = [lidr.tokenize_pair(tokenizer, pair, SYSTEM, eot, 2048)
-             for pair in lidr.read_jsonl(tmp_path / "generate" / "iter_1" / "pairs.jsonl")][:32]
+             for pair in lidr.read_json(tmp_path / "generate" / "iter_1" / "pairs.jsonl", lines=True)][:32]
     for dtype in ("bfloat16", "float32"):  # training_throughput measures the peak from its own start
         model = model.to(getattr(torch, dtype))
-        settings = lidr.Settings(lr=1e-5, batch_size=8, micro_batch_size=8, dtype=dtype, optim="adamw-fp32")
+        settings = lidr.Settings(lr=1e-5, batch_size=8, micro_batch_size=8, dtype=dtype)
         pairs_per_second, tokens_per_second, peak = training_throughput(model, pairs, settings, tmp_path)
         lines.append(f"{dtype} training on {len(pairs)} pairs, 8 per step: {pairs_per_second:.1f} pairs/s, "
                      f"{tokens_per_second:.0f} tokens/s, {peak:.0f} MB beyond the weights at the peak")
-        assert math.isfinite(lidr.read_jsonl(tmp_path / "log.jsonl")[-1]["loss/total"])
+        assert math.isfinite(lidr.read_json(tmp_path / "log.jsonl", lines=True)[-1]["loss/total"])
     print("\n".join(lines))
