@@ -79,7 +79,7 @@ def setting(default, help):
 class Settings:
     # run
     method: str = setting("lidr", "lidr; or qalign: QAlign's two SFT stages on the same M0, prompts and evaluation")
-    iters: int = setting(2, "iterations M0 -> M1 -> ... (paper: 2); qalign: its 2 stages")
+    iters: int = setting(2, "iterations M0 -> M1 -> ... (paper: 2); qalign: 2, its stages")
     out: str = setting("", "run folder (default runs/<model>-<langs>-seed<seed>[-qalign]); the same folder resumes")
     seed: int = setting(0, "seed of the toy M0's pre-training, sampling and the order of training pairs")
     # model
@@ -316,7 +316,7 @@ def translate(model, tokenizer, requests: list[dict], languages: dict[str, str],
 
 
 def parse_translation(generated: str, empty_fails: bool = True) -> str | None:
-    """The text between the pre-filled '<translated>\\n' and '</translated>'; None without the closing
+    """The model's output after the pre-filled '<translated>\\n', up to '</translated>'; None without the closing
     tag, or, if empty_fails, with nothing inside (the scripts' pattern keeps an empty one)."""
     if "</translated>" not in generated:
         return None
@@ -329,6 +329,10 @@ def in_another_language(translation: dict) -> bool:
 
 
 # ------------------------------------------------------------------------ step 4: preference pairs
+SKIP_REASONS = ("pairs", "no_prompt", "unfinished", "empty", "translation_failed", "wrong_language", "identical",
+                "overwritten")  # "pairs": built; then why a pair was not ("overwritten": scripts_pairs only)
+
+
 def build_pairs(prompts: list[dict], responses: list[dict], translations: list[dict],
                 langs: list[str]) -> tuple[list[dict], dict[str, dict[str, int]]]:
     """The paper's rule, for each prompt and (stronger, weaker) language pair:
@@ -346,25 +350,23 @@ def build_pairs(prompts: list[dict], responses: list[dict], translations: list[d
             counts[weaker["lang"]][why_not] += 1
             continue
         if prompt["translation_task"]:
-            candidates = [(stronger, "own>untranslated", weaker, stronger["response"], weaker["response"], {}),
-                          (weaker, "untranslated>own", stronger, stronger["response"], weaker["response"], {})]
+            candidates = [(stronger, "own>untranslated", weaker, stronger["response"], weaker["response"], None),
+                          (weaker, "untranslated>own", stronger, stronger["response"], weaker["response"], None)]
         else:
             back = translated.get((prompt["id"], weaker["lang"], stronger["lang"]), {})  # y_weaker, into stronger
             forward = translated.get((prompt["id"], stronger["lang"], weaker["lang"]), {})  # y_stronger, into weaker
             candidates = [(stronger, "own>translated", weaker, stronger["response"], back.get("translation"), back),
                           (weaker, "translated>own", stronger, forward.get("translation"), weaker["response"], forward)]
-        for answer, kind, other, chosen, rejected, translation in candidates:
-            reason = ("wrong_language" if translation and in_another_language(translation) else "translation_failed"
-                      ) if chosen is None or rejected is None else "identical" if chosen == rejected else "pairs"
+        for answer, kind, other, chosen, rejected, needed in candidates:  # needed: the translation record used
+            if chosen is None or rejected is None:
+                reason = "wrong_language" if needed and in_another_language(needed) else "translation_failed"
+            else:
+                reason = "identical" if chosen == rejected else "pairs"
             counts[answer["lang"]][reason] += 1
             if reason == "pairs":  # the prompt is the one its language's answer was sampled with
                 pairs.append({"prompt": answer["prompt"], "chosen": chosen, "rejected": rejected, "id": answer["id"],
                               "lang": answer["lang"], "kind": kind, "other_lang": other["lang"]})
     return pairs, counts
-
-
-SKIP_REASONS = ("pairs", "no_prompt", "unfinished", "empty", "translation_failed", "wrong_language", "identical",
-                "overwritten")  # "pairs": built; then why a pair was not
 
 
 # ------------------------------------------------------------------------ step 5: DPO + NLL
@@ -465,7 +467,7 @@ def collate(sequences: list[tuple[list[int], int]], pad_id: int):
 
 def sequence_logps(model, input_ids, attention_mask, labels):
     """Sum of log pi(token) over each sequence's answer tokens, and their count: (B,), (B,). The plain
-    version, to read; training uses chunked_sequence_logps: the same numbers (a test proves it) without
+    version, to read; training uses chunked_sequence_logps: the same numbers (test_lidr.py checks) without
     these (B, T, V) float32 logits, 4.2 GB for one 2 x 2,048-token pair over Llama-3's vocabulary."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1].float()
     targets = labels[:, 1:]  # the token each position predicts; -100 on prompt and padding
@@ -533,7 +535,7 @@ def train(model, example_langs: list[str], accumulate, settings: Settings, log_p
     steps = [(epoch, step_ids) for epoch in range(settings.epochs)
              for step_ids in torch.randperm(len(example_langs), generator=generator).split(settings.batch_size)]
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(len(steps), settings.warmup_ratio))
-    if settings.gradient_checkpointing == "on":  # transformers 5's name for gradient_checkpointing_enable
+    if settings.gradient_checkpointing == "on":  # transformers 5; gradient_checkpointing_enable before
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()  # HF checkpoints layers only in train mode; dropout was switched off in load_model
     tqdm.write(f"training on {len(example_langs)} examples: {settings.epochs} epoch(s) of "
@@ -707,11 +709,13 @@ class OneLineArgumentParser(argparse.ArgumentParser):
 def parse_settings(argv: list[str]) -> Settings:
     parser = OneLineArgumentParser(description=__doc__.split("\n\n")[1])
     for f in dataclasses.fields(Settings):
-        presets = "".join(f"; {name}: {values[f.name]}" for name, values in (("toy", TOY_DEFAULTS),
-                                                                           ("qalign", QALIGN_DEFAULTS)) if f.name in values)
+        presets = "".join(f"; {name}: {values[f.name]}" for name, values in (
+            ("toy", TOY_DEFAULTS), ("qalign", QALIGN_DEFAULTS)) if f.name in values)
         parser.add_argument("--" + f.name.replace("_", "-"), type=f.type, choices=CHOICES.get(f.name),
                             default=argparse.SUPPRESS, help=f"{f.metadata['help']} [default: {f.default!r}{presets}]")
     given = vars(parser.parse_args(argv))  # only the flags on the command line (SUPPRESS)
+    for name in (name for name, value in given.items() if isinstance(value, list)):  # argparse reads "--iters=--"
+        raise LidrError(f"--{name.replace('_', '-')}: expected a value, got '--'")
     if given.get("model", "auto") == "auto":  # resolved (and said) here: it decides the toy defaults
         gpu = given.get("device") != "cpu" and torch.cuda.is_available()
         given["model"] = PAPER_MODEL if gpu else "toy"
@@ -728,6 +732,11 @@ def parse_settings(argv: list[str]) -> Settings:
     if "micro_batch_size" not in given:  # a default must never clash with the user's --batch-size
         settings.micro_batch_size = min(settings.micro_batch_size, settings.batch_size)
     check_settings(settings)
+    out = Path(settings.out).absolute()  # a path the file system cannot hold: bad input, not a fault mid-run
+    nearest = next(folder for folder in out.parents if os.path.isdir(folder))
+    if settings.out and (len(os.fsencode(out)) + 64 > os.pathconf(nearest, "PC_PATH_MAX") or any(
+            len(os.fsencode(name)) > os.pathconf(nearest, "PC_NAME_MAX") for name in out.relative_to(nearest).parts)):
+        raise LidrError(f"--out {settings.out}: a name or the path is longer than the file system allows")
     unused = {"beta", "alpha", "recipe", "translation_tasks"} if qalign else set()  # LIDR's pairs only
     unused |= set() if settings.eval else {"eval_langs", "eval_limit", "eval_max_new_tokens", "eval_prompt_template"}
     unused |= {benchmark for benchmark in ("mgsm", "alpaca") if benchmark not in settings.eval.split(",")}
@@ -959,8 +968,9 @@ def read_language_folders(folders: list[str], prompt_field: str, langs: list[str
             coded = {lang for lang, ids in by_lang.items() if all(prompt_id.startswith(lang) for prompt_id in ids)}
             by_lang = {lang: {(prompt_id.removeprefix(lang) if lang in coded else prompt_id): value
                               for prompt_id, value in ids.items()} for lang, ids in by_lang.items()}
+        dominant = by_lang[langs[0]].keys()
         for lang in langs[1:]:
-            missing, extra = by_lang[langs[0]].keys() - by_lang[lang].keys(), by_lang[lang].keys() - by_lang[langs[0]].keys()
+            missing, extra = dominant - by_lang[lang].keys(), by_lang[lang].keys() - dominant
             if missing or extra:
                 raise LidrError(f"{flag}: the ids of {paths[lang]} don't match those of {paths[langs[0]]} "
                                 f"({len(missing)} missing, {len(extra)} extra; e.g. '{sorted(missing or extra)[0]}')")
@@ -1058,8 +1068,9 @@ def scripts_pairs(prompts: list[dict], responses: list[dict], translations: list
             counts[english]["pairs" if kept_english else "overwritten"] += 1
             counts[lang]["pairs"] += 1
             kept = [(own, "own>translated", lang, own["response"], back)] if kept_english else []
-            kept.append((weak, "untranslated>own", english, own["response"], weak["response"]) if prompt["translation_task"]
-                        else (weak, "translated>own", english, forward, weak["response"]))
+            task = prompt["translation_task"]  # its weaker pair keeps the English answer as written
+            kept.append((weak, "untranslated>own" if task else "translated>own", english,
+                         own["response"] if task else forward, weak["response"]))
             pairs += [{"prompt": answer["prompt"], "chosen": chosen, "rejected": rejected, "id": answer["id"],
                        "lang": answer["lang"], "kind": kind, "other_lang": other_lang}
                       for answer, kind, other_lang, chosen, rejected in kept]
@@ -1086,7 +1097,7 @@ def load_model(name: str, device: str, dtype: str, system_prompt: str):
         raise LidrError(f"the chat template of '{name}' rejects a system turn ({first_line(error)}); "
                         f"pass --system-prompt ''") from None
     # No dropout, in training too: the policy must equal the reference at the first step (the DPO
-    # loss starts at exactly ln 2), and the reference log-probs are taken without dropout.
+    # loss starts at ln 2, to rounding), and the reference log-probs are taken without dropout.
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
@@ -1201,7 +1212,8 @@ def generation_memory(config, itemsize: int, sequences: int, prompt_len: int, ma
 
 def free_memory(device: torch.device) -> int:
     if device.type == "cuda":  # free in the driver, plus what torch's cache holds unused
-        return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return (torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
+                - torch.cuda.memory_allocated(device))
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
@@ -1263,9 +1275,9 @@ def copy_shards_back(sharded, whole):
 
 # ------------------------------------------------------------------------ memory plan
 def training_memory(config, n_params: int, settings: Settings, world: int = WORLD) -> dict[str, float]:
-    """Bytes one training step holds, by part, each checked against a simulation of the step on fake tensors
-    (README: Hardware). On `world` processes (FSDP2): the whole model, and a 1/world share of the float32
-    weights, gradients and moments."""
+    """Bytes one training step holds, by part: each part is what a simulation of an 8B step on fake tensors held
+    (test_bench_8b_step_memory_simulated_vs_estimate). On `world` processes (FSDP2): the whole model, and a
+    1/world share of the float32 weights, gradients and moments."""
     width = 2 if settings.dtype == "bfloat16" else 4
     tokens = 2 * settings.micro_batch_size * settings.max_len  # chosen + rejected sequences
     hidden, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
@@ -1519,6 +1531,11 @@ def open_run(out: Path, settings: Settings, command: list[str], start_model: str
     if start_model == "toy" and WORLD > 1 and not (toy_model_folder(out.parent, settings.seed, langs)
                                                    / "toy_recipe.json").exists():
         raise LidrError("the toy M0 is pre-trained in one process: run the command once without torchrun")
+    toy_inputs = settings.prompts == "toy" and settings.eval in ("", "toy") and not settings.system_prompt and not any(
+        getattr(settings, name) for name in TEMPLATES)
+    if settings.model == "toy" and not toy_inputs:
+        print("warning: the toy model knows only the toy world's words: other prompts, benchmarks, templates and "
+              "system turns reach it as <|unk|> tokens")
     toy_m0 = toy_model(out.parent, settings.seed, langs) if start_model == "toy" else None
     transformers.set_seed(settings.seed)
     model, tokenizer = load_model(str(toy_m0 or start_model), settings.device, settings.dtype, settings.system_prompt)
@@ -1659,7 +1676,7 @@ def run_tables(history: list[dict], evaluations: list[dict], langs: list[str], s
                for t, metrics in enumerate(history, 1) for lang in langs]
     if settings.method == "qalign":
         rows = [f"{'stage':>5} {'lang':>4} {'examples':>8} {'nll':>6}", "-" * 26] + [
-            f"{t:>5} {lang:>4} {metrics['examples'][lang]:>8} " + (f"{train['loss/nll']:6.3f}" if train else f"{'-':>6}")
+            f"{t:>5} {lang:>4} {metrics['examples'][lang]:>8} " + (f"{train['loss/nll']:6.3f}" if train else "     -")
             for t, lang, metrics, train in trained] + [
             "stage 1: questions into English; stage 2: English answers. nll: per answer token, last epoch."]
     else:
@@ -1668,14 +1685,15 @@ def run_tables(history: list[dict], evaluations: list[dict], langs: list[str], s
         rows = [f"pairs built by --recipe {settings.recipe}", header, "-" * len(header)]
         for t, lang, metrics, train in trained:
             counts = metrics["counts"][lang]
-            numbers = (f"{train['loss/total']:7.4f} {train['rewards/accuracies']:10.2f} {train['rewards/margins']:7.3f} "
-                       f"{train['logps/chosen']:11.2f} {train['loss/nll']:6.3f}"
+            numbers = (f"{train['loss/total']:7.4f} {train['rewards/accuracies']:10.2f} "
+                       f"{train['rewards/margins']:7.3f} {train['logps/chosen']:11.2f} {train['loss/nll']:6.3f}"
                        if train else f"{'-':>7} {'-':>10} {'-':>7} {'-':>11} {'-':>6}")
+            failed, wrong = metrics["translation_failures"][lang], metrics["translations_wrong_language"][lang]
             rows.append(f"{t:>4} {lang:>4} {counts['pairs']:>6} {sum(counts.values()) - counts['pairs']:>7} "
-                        f"{metrics['translation_failures'][lang]:>9} {metrics['translations_wrong_language'][lang]:>10} "
-                        f"{numbers}")
-        rows.append("skipped: pairs not built, by reason in metrics.json; failed_tr: translations into the language "
-                    "with no parseable span; wrong_lang: ones in another language. logp_chosen: summed; nll: per token.")
+                        f"{failed:>9} {wrong:>10} {numbers}")
+        rows.append("skipped: pairs not built, by reason in metrics.json; failed_tr: translations into the "
+                    "language with no parseable span; wrong_lang: ones in another language. logp_chosen: summed; "
+                    "nll: per token.")
     names = model_names(settings.method, len(evaluations))
     return "\n".join(rows) + ("\n\n" + eval_table(evaluations, names, langs[0]) if evaluations else "")
 
@@ -1876,7 +1894,9 @@ def qalign_stage(t: int, model, tokenizer, prompts: list[dict], languages: dict[
             prompts, languages), settings)
     else:
         path = folder.parent / "iter_1" / "response_alignment.jsonl"  # stage 1 wrote it
-        examples = stage(path, lambda: read_json(path, lines=True), settings)
+        if not finished(path):
+            raise LidrError(f"{path} is missing; move {folder.parent / 'iter_1' / 'model'} away to redo stage 1")
+        examples = read_json(path, lines=True)
     trained = train_on_examples(model, tokenizer, examples, settings, folder / "train_log.jsonl")
     examples_per_lang = {lang: sum(e["lang"] == lang for e in examples) for lang in langs}
     return {"examples": examples_per_lang, "prompts_too_long": prompts_too_long, "train": trained}
@@ -1965,7 +1985,8 @@ CAPITALS = [entry.split("|") for entry in (  # country in en, de, es | its capit
     "Pakistan|Pakistan|Pakistán|Islamabad; England|England|Inglaterra|London/Londres; "
     "Scotland|Schottland|Escocia|Edinburgh/Edimburgo; Bulgaria|Bulgarien|Bulgaria|Sofia; "
     "Serbia|Serbien|Serbia|Belgrade/Belgrad/Belgrado; Croatia|Kroatien|Croacia|Zagreb; Ghana|Ghana|Ghana|Accra/Acra; "
-    "Ecuador|Ecuador|Ecuador|Quito; Afghanistan|Afghanistan|Afganistán|Kabul; Nepal|Nepal|Nepal|Kathmandu/Katmandu").split("; ")]
+    "Ecuador|Ecuador|Ecuador|Quito; Afghanistan|Afghanistan|Afganistán|Kabul; "
+    "Nepal|Nepal|Nepal|Kathmandu/Katmandu").split("; ")]
 CAPITALS_HELD_OUT = 20
 
 
@@ -2006,20 +2027,24 @@ TOY_SYSTEM_PROMPT = TOY_DEFAULTS["system_prompt"]  # none: shorter sequences, fa
 TOY_NUMBERS = {  # 2, 3, ...
     "en": "two three four five six seven eight nine ten eleven twelve",
     "es": "dos tres cuatro cinco seis siete ocho nueve diez once doce",
-    "ru": "два три четыре пять шесть семь восемь девять десять одиннадцать двенадцать",
+    "ru": "два три четыре пять шесть семь восемь девять десять "
+          "одиннадцать двенадцать",
     "de": "zwei drei vier fünf sechs sieben acht neun zehn elf zwölf",
     "fr": "deux trois quatre cinq six sept huit neuf dix onze douze",
 }
 TOY_OBJECTS = {"en": "apples pears coins flowers", "es": "manzanas peras monedas flores",
-               "ru": "яблок груш монет цветов", "de": "Äpfel Birnen Münzen Blumen", "fr": "pommes poires pièces fleurs"}
+               "ru": "яблок груш монет цветов", "de": "Äpfel Birnen Münzen Blumen",
+               "fr": "pommes poires pièces fleurs"}
 TOY_NAMES = "Ana Ben Eva Max Lea Tom Sam Mia".split()
 TOY_TEMPLATES = {  # (gets more, gives away, answer)
     "en": ("{name} has {a} {obj} and gets {b} more. How many {obj} does {name} have now?",
            "{name} has {a} {obj} and gives {b} away. How many {obj} does {name} have now?", "{name} has {c} {obj}."),
     "es": ("{name} tiene {a} {obj} y recibe {b} más. ¿Cuántas {obj} tiene {name} ahora?",
            "{name} tiene {a} {obj} y regala {b}. ¿Cuántas {obj} tiene {name} ahora?", "{name} tiene {c} {obj}."),
-    "ru": ("{name} имеет {a} {obj} и получает ещё {b}. Сколько {obj} имеет {name} теперь?",
-           "{name} имеет {a} {obj} и отдаёт {b}. Сколько {obj} имеет {name} теперь?", "{name} имеет {c} {obj}."),
+    "ru": ("{name} имеет {a} {obj} и получает ещё {b}. "
+           "Сколько {obj} имеет {name} теперь?",
+           "{name} имеет {a} {obj} и отдаёт {b}. Сколько {obj} имеет {name} теперь?",
+           "{name} имеет {c} {obj}."),
     "de": ("{name} hat {a} {obj} und bekommt {b} dazu. Wie viele {obj} hat {name} jetzt?",
            "{name} hat {a} {obj} und verschenkt {b}. Wie viele {obj} hat {name} jetzt?", "{name} hat {c} {obj}."),
     "fr": ("{name} a {a} {obj} et reçoit {b} de plus. Combien de {obj} a {name} maintenant ?",
@@ -2130,9 +2155,10 @@ def toy_tokenizer():
 def toy_config(tokenizer):
     hidden = TOY_RECIPE["hidden_size"]
     return transformers.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=TOY_RECIPE["layers"],
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=3 * hidden,
+        num_hidden_layers=TOY_RECIPE["layers"], num_attention_heads=4, num_key_value_heads=4,
+        max_position_embeddings=1024, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
 
 
 def toy_pretraining_data(tokenizer, seed: int, langs) -> list[tuple[list[int], int]]:
@@ -2167,8 +2193,8 @@ def toy_model_folder(root: Path, seed: int, langs) -> Path:
 
 
 def toy_model(root: Path, seed: int, langs) -> Path:
-    """The toy M0 of a seed, in the run's toy languages: pre-trained once with QAlign's SFT (nll_gradients),
-    in the run's optimizer loop, then kept in toy_model_folder for every later run."""
+    """The toy M0 of a seed, in the run's toy languages: pre-trained once on the answers' NLL (nll_gradients) in
+    the run's optimizer loop, then kept in toy_model_folder for every later run."""
     folder = toy_model_folder(root, seed, langs)
     if (folder / "toy_recipe.json").exists():  # written last: the model is complete
         return folder

@@ -1816,6 +1816,8 @@ def test_bad_eval_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, 
 
 
 HOSTILE_INPUTS = [  # found by fuzzing the command line and the input files; each was a traceback or a hang
+    (["--iters=--"], "--iters: expected a value, got '--'"),
+    (["--out", "runs/" + "x" * 300], ": a name or the path is longer than the file system allows"),
     (["--langs", "en,zh", "--eval", ""], "--model toy: the toy world has only"),
     (["--device", "mps"], "--device mps: use auto, cpu, cuda or cuda:N"),
     (["--temperature", "1e-300"], "--temperature must be 0 (greedy) or >= 0.01"),
@@ -2719,6 +2721,14 @@ def test_the_readme_judge_pairs_each_answer_with_the_authors_reference(tmp_path,
             assert output.keys() == {"instruction", "output", "generator", "dataset"}
             assert output["dataset"] == by_instruction[output["instruction"]]["dataset"]
             assert output["output"] == f"answer to {output['instruction']}".strip()
+
+
+def test_the_toy_model_warns_when_given_inputs_from_outside_its_world(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(lidr, "toy_model", lambda *args: (_ for _ in ()).throw(FirstAnswer))  # stop before pre-training
+    for argv, warned in ((["--prompts", "capitals", "--langs", "en,de,es"], True), ([], False)):
+        with pytest.raises(FirstAnswer):
+            lidr.main(["--model", "toy", "--out", str(tmp_path / "run"), *argv])
+        assert ("reach it as <|unk|> tokens" in capsys.readouterr().out) is warned, argv
 
 
 @pytest.mark.parametrize("cuda, model", [(True, "meta-llama/Meta-Llama-3-8B-Instruct"), (False, "toy")])
