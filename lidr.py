@@ -85,7 +85,7 @@ class Settings:
     # model
     model: str = setting("auto", "hub id or path of a chat model; toy: the toy world; auto: PAPER_MODEL on GPU, or toy")
     device: str = setting("auto", "cpu, cuda, cuda:1, ...; auto = cuda if present")
-    dtype: str = setting("auto", "bfloat16 (trained by BF16AdamW) or float32; auto = bfloat16 on GPU, else float32")
+    dtype: str = setting("auto", "bfloat16 (one GPU trains it with BF16AdamW) or float32; auto = bfloat16 on GPU")
     recipe: str = setting("lidr", "lidr, or scripts: the authors' released data pipeline (scripts_pairs)")
     # step 1: prompts
     prompts: str = setting("capitals", "a .json(l) file; a folder of <lang>.jsonl joined by id (or several, "
@@ -151,15 +151,18 @@ def lidr_iteration(model, tokenizer, prompts: list[dict], languages: dict[str, s
     iteration's folder (stage), or are read back from it when resuming. Returns its metrics."""
     langs = list(languages)
     prompts, prompts_too_long = drop_untrainable_prompts(prompts, tokenizer, languages, settings)
-    prompts, prompt_translations = prompts_in_every_language(model, tokenizer, prompts, languages, settings, folder)
+    prompt_translations = stage(folder / "prompt_translations.jsonl", lambda: translate(
+        model, tokenizer, prompt_translation_requests(prompts, langs), languages, settings, "translating prompts"),
+        settings)
+    prompts = stage(folder / "prompts.jsonl", lambda: fill_prompts(prompts, prompt_translations, langs), settings)
     responses = stage(folder / "responses.jsonl", lambda: sample_responses(
         model, tokenizer, prompts, languages, settings), settings)
     translations = stage(folder / "translations.jsonl", lambda: translate(
         model, tokenizer, translation_requests(prompts, responses, langs, settings.recipe),
         languages, settings, "self-translating"), settings)
     pair_rule = scripts_pairs if settings.recipe == "scripts" else build_pairs
-    pairs, counts = pair_rule(prompts, responses, translations, langs)
-    pairs = stage(folder / "pairs.jsonl", lambda: pairs, settings)  # train on exactly what the folder holds
+    built, counts = pair_rule(prompts, responses, translations, langs)  # on resume: the same inputs, the same pairs
+    pairs = stage(folder / "pairs.jsonl", lambda: built, settings)  # train on exactly what the folder holds
     every_translation = prompt_translations + translations
     failures = count_per_target_language(every_translation, langs,  # no parseable span: wrong_language's apart
                                          lambda t: t["translation"] is None and not in_another_language(t))
@@ -174,17 +177,6 @@ def prompts_for_iteration(prompts: list[dict], iteration: int, num_prompts: int)
     """Iteration t takes the t-th slice of num_prompts (fresh prompts, as the scripts did), wrapping around."""
     n = min(num_prompts, len(prompts))
     return [prompts[((iteration - 1) * n + i) % len(prompts)] for i in range(n)]
-
-
-def prompts_in_every_language(model, tokenizer, prompts: list[dict], languages: dict[str, str], settings: Settings,
-                              folder: Path) -> tuple[list[dict], list[dict]]:
-    """Step 1: the model translates the dominant prompt into each language a record lacks. Returns the records,
-    every language filled (None where the translation failed), and the translations."""
-    langs = list(languages)
-    translations = stage(folder / "prompt_translations.jsonl", lambda: translate(
-        model, tokenizer, prompt_translation_requests(prompts, langs), languages, settings, "translating prompts"),
-        settings)
-    return stage(folder / "prompts.jsonl", lambda: fill_prompts(prompts, translations, langs), settings), translations
 
 
 def prompt_translation_requests(prompts: list[dict], langs: list[str]) -> list[dict]:
@@ -230,8 +222,9 @@ def chat_prompt_ids(tokenizer, user_text: str, system_prompt: str, assistant_pre
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
              repetition_penalty: float, temperature: float, desc: str) -> list[tuple[str, bool]]:
-    """(answer, finished) for each token-id prompt, in input order; finished is False when the answer
-    hit max_new_tokens. HF generate on batches of similar-length prompts that fit in memory (padded_batches)."""
+    """(answer, finished) for each token-id prompt, in input order; finished is False when the answer hit
+    max_new_tokens. HF generate on batches of similar-length prompts, shortest first, of at most batch_size
+    sequences and what fits in free memory (padded_batches)."""
     if not prompts:
         return []
     configured = model.generation_config.eos_token_id  # one id, or a list (Llama-3: <|end_of_text|>, <|eot_id|>)
@@ -280,8 +273,8 @@ def translation_requests(prompts: list[dict], responses: list[dict], langs: list
 
 def compared_answers(prompts: list[dict], responses: list[dict], langs: list[str]):
     """(prompt, stronger answer, weaker answer, why not) for every prompt, the dominant (stronger) language
-    against each other. why not: None, or the reason to skip: no_prompt (untranslated), unfinished (hit the
-    cap), empty."""
+    against each other. why not: None, or the reason to skip: no_prompt (untranslated, or too long),
+    unfinished (hit the cap), empty."""
     answers = {(r["id"], r["lang"]): r for r in responses}
     for prompt in prompts:
         for stronger_lang, weaker_lang in ((langs[0], weaker) for weaker in langs[1:]):
@@ -326,6 +319,26 @@ def parse_translation(generated: str, empty_fails: bool = True) -> str | None:
 
 def in_another_language(translation: dict) -> bool:
     return translation.get("language") not in (None, translation["target_lang"])
+
+
+def language_of(text: str, candidates: tuple[str, ...]) -> str | None:
+    """Which of the candidate languages text is in, by py3langid (97 languages, offline); None when it can't
+    tell: fewer than three words in Latin letters ("Quito." reads 94% Spanish), or below 80% probability."""
+    identifier = language_identifier(candidates)
+    latin = all(unicodedata.name(c, "").startswith("LATIN") for c in text if c.isalpha())
+    if identifier is None or (latin and len(text.split()) < 3):
+        return None
+    language, probability = identifier.classify(text)
+    return language if probability >= 0.8 else None
+
+
+@functools.cache
+def language_identifier(candidates: tuple[str, ...]) -> LanguageIdentifier | None:
+    identifier = LanguageIdentifier.from_model_file(LANGID_MODEL, norm_probs=True)
+    if len(candidates) < 2 or not set(candidates) <= set(identifier.labels):  # else it takes one for another
+        return None
+    identifier.set_languages(list(candidates))
+    return identifier
 
 
 # ------------------------------------------------------------------------ step 4: preference pairs
@@ -476,7 +489,7 @@ def sequence_logps(model, input_ids, attention_mask, labels):
     return (token_logps * mask).sum(-1), mask.sum(-1)
 
 
-LOGPS_CHUNK_TOKENS = 1024  # answer tokens whose float32 logits exist at once (2.1 GB of backward over 128k words)
+LOGPS_CHUNK_TOKENS = 1024  # answer tokens whose float32 logits exist at once (2.1 GB of backward, 128k-token vocab)
 
 
 def chunked_sequence_logps(model, input_ids, attention_mask, labels):
@@ -529,8 +542,11 @@ def train(model, example_langs: list[str], accumulate, settings: Settings, log_p
     a step, in a seeded shuffled order; accumulate(model, example indices) runs their forward and backward;
     then clip, step, schedule, log. Returns the last epoch's metrics, averaged, and per language."""
     whole, model = model, fully_sharded(model) if WORLD > 1 else model  # many GPUs: train a sharded copy
-    optimizer = (BF16AdamW if model.dtype == torch.bfloat16 else functools.partial(torch.optim.AdamW, fused=True))(
-        model.parameters(), lr=settings.lr, betas=(0.9, settings.adam_beta2), weight_decay=settings.weight_decay)
+    options = dict(lr=settings.lr, betas=(0.9, settings.adam_beta2), weight_decay=settings.weight_decay)
+    if model.dtype == torch.bfloat16:  # one GPU: bf16 weights (many GPUs train float32 shards)
+        optimizer = BF16AdamW(model.parameters(), **options)
+    else:  # fused: one kernel per tensor, no float32 temporaries
+        optimizer = torch.optim.AdamW(model.parameters(), fused=True, **options)
     generator = torch.Generator().manual_seed(settings.seed)
     steps = [(epoch, step_ids) for epoch in range(settings.epochs)
              for step_ids in torch.randperm(len(example_langs), generator=generator).split(settings.batch_size)]
@@ -578,16 +594,6 @@ def train(model, example_langs: list[str], accumulate, settings: Settings, log_p
     return {"steps": len(steps), **means_per_language(last_epoch, last_epoch_langs)}
 
 
-def warmup_cosine(total_steps: int, warmup_ratio: float):
-    warmup = round(total_steps * warmup_ratio)
-
-    def factor(step):  # multiplies --lr at optimizer step `step` (0-based)
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
-    return factor
-
-
 # ------------------------------------------------------------------------ run
 def run(settings: Settings, command: list[str]):
     """A whole run into the run folder: M0 -> M1 -> ... (or QAlign's two stages), evaluating M0 and every
@@ -600,7 +606,7 @@ def run(settings: Settings, command: list[str]):
     out = Path(settings.out)
     start, start_model = resume_point(out, settings)
     # open_run checks, loads the model, locks (for as long as run_folder_lock lives) and records the folder
-    model, tokenizer, settings, run_folder_lock = open_run(out, settings, command, start_model, all_prompts, problems)
+    model, tokenizer, run_folder_lock = open_run(out, settings, command, start_model, all_prompts, problems)
     history, evaluations = [], []
     if problems:  # iter_0 holds M0's evaluation
         evaluations.append(evaluate_once(model, tokenizer, problems, settings, out, 0, in_memory=start == 1))
@@ -846,7 +852,7 @@ def load_prompts(source: str, prompt_field: str, languages: dict[str, str], tran
     if source == "toy":
         check_toy_languages(languages, "--prompts toy")
         records, where = toy_prompts(), "toy prompts"
-    elif source in ("capitals", ""):  # the questions a language lacks are translated by the model
+    elif source == "capitals":  # the questions a language lacks are translated by the model
         records, where = capital_prompts(), "capital questions"
     elif source.endswith((".json", ".jsonl")) or os.path.isfile(source):
         records, where = read_prompt_file(Path(source), flag), source
@@ -1130,26 +1136,6 @@ def end_of_turn_id(tokenizer) -> int:
     return closing[0] if closing else tokenizer.eos_token_id
 
 
-def language_of(text: str, candidates: tuple[str, ...]) -> str | None:
-    """Which of the candidate languages text is in, by py3langid (97 languages, offline); None when it can't
-    tell: fewer than three words in Latin letters ("Quito." reads 94% Spanish), or below 80% probability."""
-    identifier = language_identifier(candidates)
-    latin = all(unicodedata.name(c, "").startswith("LATIN") for c in text if c.isalpha())
-    if identifier is None or (latin and len(text.split()) < 3):
-        return None
-    language, probability = identifier.classify(text)
-    return language if probability >= 0.8 else None
-
-
-@functools.cache
-def language_identifier(candidates: tuple[str, ...]) -> LanguageIdentifier | None:
-    identifier = LanguageIdentifier.from_model_file(LANGID_MODEL, norm_probs=True)
-    if len(candidates) < 2 or not set(candidates) <= set(identifier.labels):  # else it takes one for another
-        return None
-    identifier.set_languages(list(candidates))
-    return identifier
-
-
 # ------------------------------------------------------------------------ generation batches
 def padded_batches(model, prompts: list[list[int]], config: GenerationConfig, max_batch_size: int,
                    desc: str) -> list[list[int]]:
@@ -1164,9 +1150,9 @@ def padded_batches(model, prompts: list[list[int]], config: GenerationConfig, ma
     outputs = [[]] * len(prompts)
     bar = tqdm(total=sum(len(batches[b]) for b in mine) * config.max_new_tokens, unit="tok", unit_scale=True,
                leave=False, desc=f"{desc} ({len(mine)} batches, tokens at the cap)")
-    for batch in mine:
-        torch.manual_seed(seed + batch)
-        batch, steps = batches[batch], []
+    for index in mine:
+        torch.manual_seed(seed + index)
+        batch, steps = batches[index], []
         step_progress = lambda input_ids, scores: steps.append(bar.update(len(batch))) or scores  # a logits processor
         width = max(len(prompts[i]) for i in batch)
         # Left-pad each row with its own first token: the repetition penalty counts every input
@@ -1353,7 +1339,17 @@ def plan_training_memory(config, n_params: int, settings: Settings, available: i
                     f"{available / gb:.0f} GB; {hint}")
 
 
-# ------------------------------------------------------------------------ bf16 AdamW
+# ------------------------------------------------------------------------ the optimizer and its schedule
+def warmup_cosine(total_steps: int, warmup_ratio: float):
+    warmup = round(total_steps * warmup_ratio)
+
+    def factor(step):  # multiplies --lr at optimizer step `step` (0-based)
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
+    return factor
+
+
 OPTIMIZER_CHUNK = 2**24  # values updated at once: the float32 temporaries of a step stay ~0.5 GB
 
 
@@ -1407,7 +1403,10 @@ def write_atomic(path: Path, content, proof: bool = False):
     if RANK:  # many GPUs: rank 0 writes the run folder
         return
     with written_whole(temp_path(path), path) as temp:
-        temp.write_text(content, encoding="utf-8") if isinstance(content, str) else content(temp)
+        if isinstance(content, str):
+            temp.write_text(content, encoding="utf-8")
+        else:
+            content(temp)
         if proof:
             record = path.parent / "finished.json"
             recorded = read_json(record) if record.exists() else {}
@@ -1416,7 +1415,10 @@ def write_atomic(path: Path, content, proof: bool = False):
 
 
 def save_model(model, tokenizer, path: Path):
-    write_atomic(path, lambda temp: (model.save_pretrained(temp), tokenizer.save_pretrained(temp)), proof=True)
+    def save(folder):
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    write_atomic(path, save, proof=True)
 
 
 @contextlib.contextmanager
@@ -1494,15 +1496,21 @@ def stage(path: Path, compute, settings: Settings) -> list[dict]:
     if finished(path):
         tqdm.write(f"reusing {path}")
         return read_json(path, lines=True)
-    torch.manual_seed(zlib.crc32(f"{settings.seed}/{path.parent.name}/{path.name}".encode()))
+    torch.manual_seed(stage_seed(settings.seed, path))
     records = compute()
     write_jsonl(path, records, proof=True)
     return records
 
 
+def stage_seed(seed: int, path: Path) -> int:
+    """A seed for each (--seed, iteration, step): the file's folder and name say which."""
+    return zlib.crc32(f"{seed}/{path.parent.name}/{path.name}".encode())
+
+
 def resume_point(out: Path, settings: Settings) -> tuple[int, str]:
     """The iteration after the last one whose M_t is saved, and the model it starts from (that M_t, else
-    --model). Within it, every step whose file is there is reused (stage)."""
+    --model). Within it, each step whose file is there is reused (stage); training, not a stage, is redone.
+    Settings that would change the results are refused first (check_resumable, in open_run)."""
     t = max((t for t in range(1, settings.iters + 1) if (out / f"iter_{t}" / "model").exists()), default=0)
     if t == 0:
         return 1, settings.model
@@ -1559,7 +1567,7 @@ def open_run(out: Path, settings: Settings, command: list[str], start_model: str
           f"{min(settings.num_prompts, len(all_prompts))} per iteration, "
           f"{sum(p['translation_task'] for p in all_prompts)} translation tasks | langs {','.join(langs)} | "
           + ("method qalign" if settings.method == "qalign" else f"recipe {settings.recipe}"))
-    return model, tokenizer, settings, lock
+    return model, tokenizer, lock
 
 
 # What a resumed run may change: the folder's own name, the number of iterations (to extend a
@@ -1750,6 +1758,8 @@ def eval_problems(settings: Settings) -> dict[str, dict[str, list[dict]]]:
         elif benchmark == "capitals":
             problems["capitals"] = {lang: capital_questions(lang, held_out=True) for lang in languages}
         elif benchmark == "mgsm":
+            if not settings.mgsm:
+                raise LidrError("--eval mgsm needs --mgsm: the folder of the authors' mgsm_<lang>.jsonl (data/MGSM)")
             problems["mgsm"] = {lang: read_mgsm(settings.mgsm, lang) for lang in languages}
         elif settings.alpaca and any(Path(settings.alpaca, f"{lang}.json").is_file() for lang in languages):
             problems["alpaca"] = {lang: read_alpaca_file(Path(settings.alpaca, f"{lang}.json"), lang)
@@ -1864,7 +1874,7 @@ def evaluate_once(model, tokenizer, problems: dict, settings: Settings, out: Pat
         raise LidrError(f"{folder / 'eval.json'} is missing and M{t} is not the model being resumed; "
                         f"to redo it, move the later iter_* folders out of {out}")
     folder.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(zlib.crc32(f"{settings.seed}/{folder.name}/eval.json".encode()))  # as a stage's seed
+    torch.manual_seed(stage_seed(settings.seed, folder / "eval.json"))  # as a stage: resumed == uninterrupted
     model_name = f"{Path(settings.model).name}-{settings.method}-{model_names(settings.method, t + 1)[t]}"
     results = evaluate(model, tokenizer, problems, settings, folder, model_name)
     write_atomic(folder / "eval.json", to_json(results, indent=2), proof=True)
@@ -1883,9 +1893,13 @@ def qalign_stage(t: int, model, tokenizer, prompts: list[dict], languages: dict[
     """QAlign's stage t (1 or 2), M_{t-1} -> M_t in place, on the prompts of LIDR's first iteration.
     Stage 1 also samples M0's English answers for stage 2, before any training."""
     langs = list(languages)
-    prompts, prompts_too_long = drop_untrainable_prompts(prompts, tokenizer, languages, settings)
+    prompts_too_long = dict.fromkeys(langs, 0)
     if t == 1:
-        prompts, _ = prompts_in_every_language(model, tokenizer, prompts, languages, settings, folder)
+        prompts, prompts_too_long = drop_untrainable_prompts(prompts, tokenizer, languages, settings)
+        prompt_translations = stage(folder / "prompt_translations.jsonl", lambda: translate(
+            model, tokenizer, prompt_translation_requests(prompts, langs), languages, settings, "translating prompts"),
+            settings)
+        prompts = stage(folder / "prompts.jsonl", lambda: fill_prompts(prompts, prompt_translations, langs), settings)
         english = {langs[0]: languages[langs[0]]}
         responses = stage(folder / "responses.jsonl", lambda: sample_responses(
             model, tokenizer, prompts, english, settings), settings)
@@ -2023,7 +2037,6 @@ def names_any(answer: str, names: list[str]) -> bool:
 # badly, and translates well, so the unchanged loop has real pairs to learn from.
 TOY_LANGS = ("en", "es", "ru", "de", "fr")
 
-TOY_SYSTEM_PROMPT = TOY_DEFAULTS["system_prompt"]  # none: shorter sequences, faster pre-training
 TOY_NUMBERS = {  # 2, 3, ...
     "en": "two three four five six seven eight nine ten eleven twelve",
     "es": "dos tres cuatro cinco seis siete ocho nueve diez once doce",
@@ -2135,9 +2148,9 @@ def toy_tokenizer():
             "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
         return tokenizer
 
-    # Every prompt as the chat template renders it (rendered once around a placeholder), and every answer.
-    messages = [{"role": "system", "content": TOY_SYSTEM_PROMPT}] if TOY_SYSTEM_PROMPT else []
-    chat = tokenizer_with(["<|unk|>"]).apply_chat_template(messages + [{"role": "user", "content": "\0"}],
+    # Every prompt as the chat template renders it (rendered once around a placeholder; no system turn, as
+    # TOY_DEFAULTS: shorter sequences), and every answer.
+    chat = tokenizer_with(["<|unk|>"]).apply_chat_template([{"role": "user", "content": "\0"}],
                                                            add_generation_prompt=True, tokenize=False)
     texts = [TRANSLATION_PREFIX]
     for lang in TOY_LANGS:
@@ -2175,7 +2188,7 @@ def toy_pretraining_data(tokenizer, seed: int, langs) -> list[tuple[list[int], i
     sequences = []
     for user_text, answer, prefix in ([(q, a, "") for q, a in examples]
                                       + [(q, a, TRANSLATION_PREFIX) for q, a in toy_translation_requests(langs)]):
-        prompt = chat_prompt_ids(tokenizer, user_text, TOY_SYSTEM_PROMPT, prefix)
+        prompt = chat_prompt_ids(tokenizer, user_text, "", prefix)
         sequences.append((prompt + tokenizer(answer, add_special_tokens=False).input_ids + [end_of_turn], len(prompt)))
     return sequences
 
@@ -2186,7 +2199,7 @@ def toy_model_folder(root: Path, seed: int, langs) -> Path:
     functions = (toy_problem_list, toy_text, toy_answer, toy_translation_requests, toy_tokenizer, chat_prompt_ids,
                  end_of_turn_id, toy_config, toy_pretraining_data, toy_model, train, nll_gradients,
                  length_grouped, in_step_order, collate, chunked_sequence_logps, answer_token_logps, warmup_cosine)
-    recipe = json.dumps([TOY_RECIPE, TOY_TEMPLATES, TOY_NUMBERS, TOY_OBJECTS, TOY_NAMES, TOY_SYSTEM_PROMPT,
+    recipe = json.dumps([TOY_RECIPE, TOY_TEMPLATES, TOY_NUMBERS, TOY_OBJECTS, TOY_NAMES, "",
                          TRANSLATION_REQUEST, TRANSLATION_PREFIX, LANGUAGE_NAMES])
     recipe += "".join(inspect.getsource(function) for function in functions)
     return root / f"toy-m0-{'-'.join(langs)}-seed{seed}-{hashlib.sha256(recipe.encode()).hexdigest()[:8]}"

@@ -795,7 +795,7 @@ def test_toy_tokenizer_round_trips_every_toy_text_without_unknown_words():
     tokenizer = lidr.toy_tokenizer()
     problems = [lidr.toy_text(lang, p) for lang in lidr.TOY_LANGS for p in lidr.toy_problem_list()[:50]]
     requests = lidr.toy_translation_requests(lidr.TOY_LANGS)[::40]
-    system = lidr.TOY_SYSTEM_PROMPT
+    system = lidr.TOY_DEFAULTS["system_prompt"]
     prompts = ([lidr.chat_prompt_ids(tokenizer, question, system) for question, _ in problems]
                + [lidr.chat_prompt_ids(tokenizer, request, system, lidr.TRANSLATION_PREFIX) for request, _ in requests])
     answers = [tokenizer(answer, add_special_tokens=False).input_ids for _, answer in problems + requests]
@@ -1793,7 +1793,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, argv,
     (["--eval", "capitals", "--langs", "en,fr"], "--eval capitals: the questions are in en,de,es (got 'fr')"),
     (["--langs", "de,en"], "the toy world has only en,es,ru,de,fr, English first"),
     (["--eval-langs", "en,xx"], "--eval-langs: unknown language code 'xx'"),
-    (["--eval", "alpaca", "--prompts", "", "--eval-langs", "en,zh"], "--eval alpaca: no 'zh' problems"),
+    (["--eval", "alpaca", "--prompts", "capitals", "--eval-langs", "en,zh"], "--eval alpaca: no 'zh' problems"),
+    (["--eval", "mgsm"], "--eval mgsm needs --mgsm"),
     (["--eval", "mgsm", "--mgsm", "{emptytsv}"], "--eval mgsm: no 'en' problems in"),  # nothing to evaluate
     (["--eval", "alpaca", "--alpaca", "{emptylist}"], "--eval alpaca: no 'en' problems in"),
     (["--eval", "", "--eval-limit", "5"], "--eval-limit has no effect without --eval"),
