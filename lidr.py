@@ -15,7 +15,7 @@ Read it top to bottom: the settings, the loop, steps 1 to 5, run. Below the PLUM
 a first reading can skip. Departures from the authors' scripts: README, Departures (--recipe
 scripts undoes the data-pipeline ones).
 
-  python lidr.py --iters 2               # the paper's model on a CUDA GPU, else the toy world, offline
+  python lidr.py --iters 2               # the toy world, offline; on a CUDA GPU the paper's model (30 questions)
   python lidr.py --iters 2 --model toy   # the toy world, whatever the machine
   python lidr.py --method qalign         # QAlign on the same M0, prompts and evaluation, for comparison
   python lidr.py --help                  # every flag
@@ -1097,11 +1097,12 @@ def load_model(name: str, device: str, dtype: str, system_prompt: str):
                         f"lidr's chunked log-probs (chunked_sequence_logps) assume it does not")
     if not tokenizer.chat_template:
         raise LidrError(f"model '{name}' has no chat template: LIDR needs an instruction-tuned chat model")
-    try:
-        chat_prompt_ids(tokenizer, "hi", system_prompt)
-    except Exception as error:  # Gemma's template, for one, raises on a system turn
-        raise LidrError(f"the chat template of '{name}' rejects a system turn ({first_line(error)}); "
-                        f"pass --system-prompt ''") from None
+    if system_prompt:
+        try:
+            chat_prompt_ids(tokenizer, "hi", system_prompt)
+        except Exception as error:  # Gemma's template, for one, raises on a system turn
+            raise LidrError(f"the chat template of '{name}' rejects a system turn ({first_line(error)}); "
+                            f"pass --system-prompt ''") from None
     # No dropout, in training too: the policy must equal the reference at the first step (the DPO
     # loss starts at ln 2, to rounding), and the reference log-probs are taken without dropout.
     for module in model.modules():
@@ -1596,6 +1597,9 @@ def check_resumable(out: Path, settings: Settings, inputs_sha256: dict[str, str]
                     if run_record["templates"].get(name, "") != template(settings, name)]
         changed += [f"the {name} read" for name, digest in inputs_sha256.items()
                     if run_record["inputs_sha256"].get(name) != digest]
+        if settings.dtype == "bfloat16" and run_record.get("processes") != WORLD:  # another optimizer: see train
+            changed.append(f"the processes, {run_record.get('processes')} -> {WORLD} (bf16: BF16AdamW on one, "
+                           f"float32 shards on many)")
         if changed:
             raise LidrError(f"{out} was made with other settings ({'; '.join(changed)}); "
                             f"pass another --out, or the same settings to resume it")

@@ -2724,6 +2724,23 @@ def test_the_readme_judge_pairs_each_answer_with_the_authors_reference(tmp_path,
             assert output["output"] == f"answer to {output['instruction']}".strip()
 
 
+def test_a_bf16_run_resumes_only_with_as_many_processes(tmp_path):
+    """One process trains bf16 weights with BF16AdamW, many train float32 shards: another optimizer, so a bf16
+    folder made by two processes is refused to one (a float32 one is not: the same AdamW either way)."""
+    for dtype, refused in (("bfloat16", True), ("float32", False)):
+        out = tmp_path / dtype
+        settings = lidr.resolve(lidr.parse_settings(["--model", "toy", "--dtype", dtype, "--out", str(out)]))
+        lidr.record_run(out, settings, ["lidr.py"], {})
+        lidr.check_resumable(out, settings, {})  # as many processes: resumable
+        record = json.loads((out / "settings.json").read_text())
+        (out / "settings.json").write_text(json.dumps({**record, "processes": 2}))
+        if refused:
+            with pytest.raises(lidr.LidrError, match=r"the processes, 2 -> 1 \(bf16"):
+                lidr.check_resumable(out, settings, {})
+        else:
+            lidr.check_resumable(out, settings, {})
+
+
 def test_the_toy_model_warns_when_given_inputs_from_outside_its_world(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(lidr, "toy_model", lambda *args: (_ for _ in ()).throw(FirstAnswer))  # stop before pre-training
     for argv, warned in ((["--prompts", "capitals", "--langs", "en,de,es"], True), ([], False)):
