@@ -720,8 +720,9 @@ def parse_settings(argv: list[str]) -> Settings:
         parser.add_argument("--" + f.name.replace("_", "-"), type=f.type, choices=CHOICES.get(f.name),
                             default=argparse.SUPPRESS, help=f"{f.metadata['help']} [default: {f.default!r}{presets}]")
     given = vars(parser.parse_args(argv))  # only the flags on the command line (SUPPRESS)
-    for name in (name for name, value in given.items() if isinstance(value, list)):  # argparse reads "--iters=--"
-        raise LidrError(f"--{name.replace('_', '-')}: expected a value, got '--'")
+    empty = next((name for name, value in given.items() if isinstance(value, list)), None)  # from "--iters=--"
+    if empty:
+        raise LidrError(f"--{empty.replace('_', '-')}: expected a value, got '--'")
     if given.get("model", "auto") == "auto":  # resolved (and said) here: it decides the toy defaults
         gpu = given.get("device") != "cpu" and torch.cuda.is_available()
         given["model"] = PAPER_MODEL if gpu else "toy"
@@ -746,7 +747,8 @@ def parse_settings(argv: list[str]) -> Settings:
     unused = {"beta", "alpha", "recipe", "translation_tasks"} if qalign else set()  # LIDR's pairs only
     unused |= set() if settings.eval else {"eval_langs", "eval_limit", "eval_max_new_tokens", "eval_prompt_template"}
     unused |= {benchmark for benchmark in ("mgsm", "alpaca") if benchmark not in settings.eval.split(",")}
-    for name in sorted(unused & given.keys()):  # a flag must never be silently ignored
+    name = min(unused & given.keys(), default=None)  # a flag must never be silently ignored
+    if name:
         raise LidrError(f"--{name.replace('_', '-')} has no effect " + (
             "with --method qalign" if qalign and name in ("beta", "alpha", "recipe", "translation_tasks")
             else f"without --eval {name if name in ('mgsm', 'alpaca') else ''}".rstrip()))
@@ -1055,31 +1057,26 @@ def scripts_pairs(prompts: list[dict], responses: list[dict], translations: list
     identical and wrong-language answers are paired; either translation failing drops both pairs; and only
     the English pairs against the last language are kept (each language's English file overwrote the last)."""
     translated = {(t["id"], t["source_lang"], t["target_lang"]): t["translation"] for t in translations}
-    answers = {(r["id"], r["lang"]): r for r in responses}
     counts = {lang: dict.fromkeys(SKIP_REASONS, 0) for lang in langs}
-    english, pairs = langs[0], []
-    for prompt in prompts:
-        for lang in langs[1:]:
-            own, weak = answers.get((prompt["id"], english)), answers.get((prompt["id"], lang))
-            kept_english = lang == langs[-1]  # the English pairs of the scripts' last file write
-            if own is None or weak is None:
-                counts[english]["no_prompt"] += 1
-                counts[lang]["no_prompt"] += 1
-                continue
-            back, forward = translated.get((prompt["id"], lang, english)), translated.get((prompt["id"], english, lang))
-            if back is None or forward is None:
-                counts[english]["translation_failed" if kept_english else "overwritten"] += 1
-                counts[lang]["translation_failed"] += 1
-                continue
-            counts[english]["pairs" if kept_english else "overwritten"] += 1
-            counts[lang]["pairs"] += 1
-            kept = [(own, "own>translated", lang, own["response"], back)] if kept_english else []
-            task = prompt["translation_task"]  # its weaker pair keeps the English answer as written
-            kept.append((weak, "untranslated>own" if task else "translated>own", english,
-                         own["response"] if task else forward, weak["response"]))
-            pairs += [{"prompt": answer["prompt"], "chosen": chosen, "rejected": rejected, "id": answer["id"],
-                       "lang": answer["lang"], "kind": kind, "other_lang": other_lang}
-                      for answer, kind, other_lang, chosen, rejected in kept]
+    pairs = []
+    for prompt, own, weak, why_not in compared_answers(prompts, responses, langs):  # unfinished, empty: paired
+        english, lang = own["lang"], weak["lang"]
+        kept_english = lang == langs[-1]  # the English pairs of the scripts' last file write
+        back, forward = translated.get((prompt["id"], lang, english)), translated.get((prompt["id"], english, lang))
+        if why_not == "no_prompt" or back is None or forward is None:
+            reason = why_not if why_not == "no_prompt" else "translation_failed"
+            counts[english][reason if kept_english or reason == "no_prompt" else "overwritten"] += 1
+            counts[lang][reason] += 1
+            continue
+        counts[english]["pairs" if kept_english else "overwritten"] += 1
+        counts[lang]["pairs"] += 1
+        kept = [(own, "own>translated", lang, own["response"], back)] if kept_english else []
+        task = prompt["translation_task"]  # its weaker pair keeps the English answer as written
+        kept.append((weak, "untranslated>own" if task else "translated>own", english,
+                     own["response"] if task else forward, weak["response"]))
+        pairs += [{"prompt": answer["prompt"], "chosen": chosen, "rejected": rejected, "id": answer["id"],
+                   "lang": answer["lang"], "kind": kind, "other_lang": other_lang}
+                  for answer, kind, other_lang, chosen, rejected in kept]
     return pairs, counts
 
 
