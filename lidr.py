@@ -666,18 +666,16 @@ class Terminated(Exception):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse the flags, then run. Bad input and faults are one line and an exit code, never a traceback; an
-    interrupt says what was kept and how to resume."""
+    """Parse the flags, then run. Bad input and faults end in one line and an exit code, never a traceback."""
     command = sys.argv if argv is None else ["lidr.py", *argv]
     settings, on_sigterm = None, signal.signal(signal.SIGTERM, raise_terminated)
     try:
         settings = parse_settings(command[1:])
-        if WORLD > 1:  # many GPUs: one process group, a GPU each; rank 0 alone prints the run's output
+        if WORLD > 1:  # many GPUs: a process group, a GPU each; no 10-minute timeout: one may wait hours for the others
             if torch.cuda.is_available():
                 torch.cuda.set_device(LOCAL_RANK)
-            # a process may wait hours for the others' share of a stage: no 10-minute timeout
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(days=7))
-            if RANK:
+            if RANK:  # rank 0 alone prints the run's output
                 sys.stdout = open(os.devnull, "w")
                 tqdm.__init__ = functools.partialmethod(tqdm.__init__, disable=True)
                 transformers.utils.logging.disable_progress_bar()
@@ -689,9 +687,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"lidr: interrupted; {kept}; to resume, run the same command: python {shlex.join(command)}",
                   file=sys.stderr)
         return 143 if isinstance(interrupt, Terminated) else 130
-    except Exception as error:
-        if not isinstance(error, (LidrError, OSError)):  # a bug: its traceback
-            raise
+    except (LidrError, OSError) as error:  # anything else is a bug: its traceback
         if RANK == 0:  # an OSError: a full disk, a folder that became read-only, during the run
             print(f"lidr: error: {error}" if isinstance(error, LidrError) else
                   f"lidr: error: {error.strerror or error}: {error.filename or 'a file of the run'}", file=sys.stderr)
@@ -720,8 +716,7 @@ def parse_settings(argv: list[str]) -> Settings:
         parser.add_argument("--" + f.name.replace("_", "-"), type=f.type, choices=CHOICES.get(f.name),
                             default=argparse.SUPPRESS, help=f"{f.metadata['help']} [default: {f.default!r}{presets}]")
     given = vars(parser.parse_args(argv))  # only the flags on the command line (SUPPRESS)
-    empty = next((name for name, value in given.items() if isinstance(value, list)), None)  # from "--iters=--"
-    if empty:
+    if empty := next((name for name, value in given.items() if isinstance(value, list)), None):  # "--iters=--"
         raise LidrError(f"--{empty.replace('_', '-')}: expected a value, got '--'")
     if given.get("model", "auto") == "auto":  # resolved (and said) here: it decides the toy defaults
         gpu = given.get("device") != "cpu" and torch.cuda.is_available()
@@ -731,27 +726,19 @@ def parse_settings(argv: list[str]) -> Settings:
                  f"the toy world (README: The toy world); --model {PAPER_MODEL} runs the paper's model"))
     toy, qalign = given["model"] == "toy", given.get("method") == "qalign"
     # in this order: QAlign's SFT settings, then the toy's, which keep QAlign's epochs and warmup
-    preset = {**(QALIGN_DEFAULTS if qalign else {}), **(TOY_DEFAULTS if toy else {}),
-              **(QALIGN_TOY_DEFAULTS if qalign and toy else {})}
-    settings = Settings(**{**preset, **given})
+    settings = Settings(**{**(QALIGN_DEFAULTS if qalign else {}), **(TOY_DEFAULTS if toy else {}),
+                           **(QALIGN_TOY_DEFAULTS if qalign and toy else {}), **given})
     for name in ("langs", "eval_langs", "eval"):  # "en, de" and "en,de" are one setting
         setattr(settings, name, ",".join(item.strip() for item in getattr(settings, name).split(",")))
     if "micro_batch_size" not in given:  # a default must never clash with the user's --batch-size
         settings.micro_batch_size = min(settings.micro_batch_size, settings.batch_size)
     check_settings(settings)
-    out = Path(settings.out).absolute()  # a path the file system cannot hold: bad input, not a fault mid-run
-    nearest = next(folder for folder in out.parents if os.path.isdir(folder))
-    if settings.out and (len(os.fsencode(out)) + 64 > os.pathconf(nearest, "PC_PATH_MAX") or any(
-            len(os.fsencode(name)) > os.pathconf(nearest, "PC_NAME_MAX") for name in out.relative_to(nearest).parts)):
-        raise LidrError(f"--out {settings.out}: a name or the path is longer than the file system allows")
-    unused = {"beta", "alpha", "recipe", "translation_tasks"} if qalign else set()  # LIDR's pairs only
-    unused |= set() if settings.eval else {"eval_langs", "eval_limit", "eval_max_new_tokens", "eval_prompt_template"}
-    unused |= {benchmark for benchmark in ("mgsm", "alpaca") if benchmark not in settings.eval.split(",")}
-    name = min(unused & given.keys(), default=None)  # a flag must never be silently ignored
-    if name:
-        raise LidrError(f"--{name.replace('_', '-')} has no effect " + (
-            "with --method qalign" if qalign and name in ("beta", "alpha", "recipe", "translation_tasks")
-            else f"without --eval {name if name in ('mgsm', 'alpaca') else ''}".rstrip()))
+    no_effect = {name: "with --method qalign" for name in ("beta", "alpha", "recipe", "translation_tasks") if qalign}
+    no_effect |= {name: "without --eval" for name in ("eval_langs", "eval_limit", "eval_max_new_tokens",
+                                                      "eval_prompt_template") if not settings.eval}
+    no_effect |= {name: f"without --eval {name}" for name in ("mgsm", "alpaca") if name not in settings.eval.split(",")}
+    if name := min(no_effect.keys() & given.keys(), default=None):  # a flag must never be silently ignored
+        raise LidrError(f"--{name.replace('_', '-')} has no effect {no_effect[name]}")
     if qalign and given.get("iters", 2) != 2:
         raise LidrError("--iters has no effect with --method qalign (its 2 stages are its iterations)")
     return settings
@@ -759,23 +746,20 @@ def parse_settings(argv: list[str]) -> Settings:
 
 def check_settings(settings: Settings):
     value = functools.partial(getattr, settings)
-    rules = {name: (value(name) >= 1, ">= 1") for name in ("num_prompts", "max_new_tokens",
-                                                           "translation_max_new_tokens", "epochs", "batch_size",
-                                                           "eval_max_new_tokens")}
+    rules = {name: (value(name) >= 1, ">= 1") for name in (
+        "num_prompts", "max_new_tokens", "translation_max_new_tokens", "epochs", "batch_size", "eval_max_new_tokens")}
     rules |= {name: (value(name) >= 0, ">= 0") for name in ("gen_batch_size", "alpha", "weight_decay", "eval_limit")}
     rules |= {name: (value(name) > 0, "> 0") for name in ("beta", "lr", "max_grad_norm")}
-    rules |= {
-        "iters": (1 <= settings.iters <= 1000, "between 1 and 1000"),
-        "seed": (0 <= settings.seed < 2**32, "between 0 and 2**32 - 1"),  # numpy's, which transformers sets
-        "repetition_penalty": (settings.repetition_penalty >= 0.01, ">= 0.01"),
-        "temperature": (settings.temperature == 0 or settings.temperature >= 0.01, "0 (greedy) or >= 0.01"),
-        "micro_batch_size": (1 <= settings.micro_batch_size <= settings.batch_size, "between 1 and --batch-size"),
-        "max_len": (settings.max_len >= 8, ">= 8"),
-        "warmup_ratio": (0 <= settings.warmup_ratio < 1, "in [0, 1)"),
-        "adam_beta2": (0 <= settings.adam_beta2 < 1, "in [0, 1)"),
-        "eval": (set(filter(None, settings.eval.split(","))) <= set(BENCHMARKS),
-                 "a comma-separated list of " + ", ".join(BENCHMARKS)),
-    }
+    rules |= {"iters": (1 <= settings.iters <= 1000, "between 1 and 1000"),
+              "seed": (0 <= settings.seed < 2**32, "between 0 and 2**32 - 1"),  # numpy's, which transformers sets
+              "repetition_penalty": (settings.repetition_penalty >= 0.01, ">= 0.01"),
+              "temperature": (settings.temperature == 0 or settings.temperature >= 0.01, "0 (greedy) or >= 0.01"),
+              "micro_batch_size": (1 <= settings.micro_batch_size <= settings.batch_size, "between 1 and --batch-size"),
+              "max_len": (settings.max_len >= 8, ">= 8"),
+              "warmup_ratio": (0 <= settings.warmup_ratio < 1, "in [0, 1)"),
+              "adam_beta2": (0 <= settings.adam_beta2 < 1, "in [0, 1)"),
+              "eval": (set(filter(None, settings.eval.split(","))) <= set(BENCHMARKS),
+                       "a comma-separated list of " + ", ".join(BENCHMARKS))}
     rules |= {f.name: (False, "a finite number") for f in dataclasses.fields(Settings)  # float() reads inf and nan
               if f.type is float and not math.isfinite(value(f.name))}
     for name, (holds, expected) in rules.items():
@@ -795,6 +779,11 @@ def check_settings(settings: Settings):
         raise LidrError(f"--langs needs at least two languages, dominant first (got '{settings.langs}')")
     if settings.eval_langs:
         parse_languages(settings.eval_langs, flag="--eval-langs")
+    out = Path(settings.out).absolute()  # a path the file system cannot hold: bad input, not a fault mid-run
+    nearest = next(folder for folder in out.parents if os.path.isdir(folder))
+    if settings.out and (len(os.fsencode(out)) + 64 > os.pathconf(nearest, "PC_PATH_MAX") or any(
+            len(os.fsencode(name)) > os.pathconf(nearest, "PC_NAME_MAX") for name in out.relative_to(nearest).parts)):
+        raise LidrError(f"--out {settings.out}: a name or the path is longer than the file system allows")
 
 
 LANGUAGE_NAMES = dict(item.split(":") for item in (
@@ -832,11 +821,10 @@ def resolve(settings: Settings) -> Settings:
 
 def stop_if_diverged(line: dict, settings: Settings):
     """A non-finite loss or gradient would make every weight NaN: stop before the step (line: its metrics)."""
-    loss = line.get("loss/total", line.get("loss/nll"))  # DPO + NLL, or SFT's NLL
-    if not (math.isfinite(loss) and math.isfinite(line["optim/grad_norm"])):
-        raise RunFault(f"training diverged at step {line['step']}: loss {loss}, gradient norm "
-                       f"{line['optim/grad_norm']}; nothing of this training was saved: lower --lr "
-                       f"(now {settings.lr}) and run again with another --out")
+    loss, grad_norm = line.get("loss/total", line.get("loss/nll")), line["optim/grad_norm"]  # DPO + NLL, or SFT's NLL
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        raise RunFault(f"training diverged at step {line['step']}: loss {loss}, gradient norm {grad_norm}; nothing of "
+                       f"this training was saved: lower --lr (now {settings.lr}) and run again with another --out")
 
 
 def first_line(error: Exception) -> str:
@@ -846,9 +834,8 @@ def first_line(error: Exception) -> str:
 # ------------------------------------------------------------------------ file readers
 def load_prompts(source: str, prompt_field: str, languages: dict[str, str], translation_tasks: str = "",
                  flag: str = "--prompts") -> list[dict]:
-    """Step 1's prompts, as records {"id": "p1", "translation_task": false, "en": "...", "de": "..."}.
-    translation_task: the record's flag, else the hand list's, else looks_like_translation_task. Languages a
-    record lacks are left out: the model translates them."""
+    """Step 1's prompts, as records {"id": "p1", "translation_task": false, "en": "...", "de": "..."}; the
+    languages a record lacks are left out, for the model to translate."""
     langs = list(languages)
     language_names = sorted(set(LANGUAGE_NAMES.values()) | set(languages.values()))
     if source == "toy":
@@ -862,38 +849,36 @@ def load_prompts(source: str, prompt_field: str, languages: dict[str, str], tran
         records, where = read_language_folders(source.split(","), prompt_field, langs, flag), source
     else:
         records, where = read_prompt_dataset(source, prompt_field, langs, flag), source
-    listed = read_prompt_file(Path(translation_tasks), "--translation-tasks") if translation_tasks else None
-    if listed is not None and not all(isinstance(record, dict) and "id" in record for record in listed):
+    # translation_task: the record's own, else whether --translation-tasks lists its id, else the pattern's guess
+    listed = read_prompt_file(Path(translation_tasks), "--translation-tasks") if translation_tasks else []
+    if not all(isinstance(record, dict) and "id" in record for record in listed):
         raise LidrError(f"{translation_tasks}: expected records with an 'id'")
-    hand_listed = {str(record["id"]) for record in listed} if listed is not None else None  # their answers: unread
-    prompts, seen = [], set()
+    hand_listed = {str(record["id"]) for record in listed}  # their answers: unread
+    prompts = {}  # id -> record
     for number, record in enumerate(records, 1):
         if not isinstance(record, dict):
             raise LidrError(f"{where}: record {number}: expected a JSON object per prompt")
         line = record.get("_line", number)  # a .jsonl file's own line number, for error messages
         where = record.get("_where", where)  # the file of a per-language folder's record
         prompt_id = str(record.get("id", f"p{number}"))
-        if prompt_id in seen:
+        if prompt_id in prompts:
             raise LidrError(f"{where}:{line}: id '{prompt_id}' appears twice")
-        seen.add(prompt_id)
         if not isinstance(record.get("translation_task", False), bool):
             raise LidrError(f"{where}:{line}: translation_task must be true or false")
         for lang in (lang for lang in langs if not isinstance(record.get(lang, ""), str)):  # never translated unasked
             raise LidrError(f"{where}:{line}: '{lang}' must be text (leave it out for the model to translate)")
         text = {lang: record[lang] for lang in langs if record.get(lang, "").strip()}
-        try:  # JSON's \ud800 escapes decode to what no file can hold
-            "".join(text.values()).encode("utf-8")
-        except UnicodeEncodeError:
-            raise LidrError(f"{where}:{line}: the text is not valid Unicode (a lone surrogate)") from None
+        if re.search(r"[\ud800-\udfff]", "".join(text.values())):  # JSON's \ud800 escapes: no file can hold them
+            raise LidrError(f"{where}:{line}: the text is not valid Unicode (a lone surrogate)")
         if langs[0] not in text:
             raise LidrError(f"{where}:{line}: prompt '{prompt_id}' has no '{langs[0]}' text "
                             f"(the dominant language, first in --langs)")
-        prompts.append({"id": prompt_id, "translation_task": record.get("translation_task", (
-            prompt_id in hand_listed if hand_listed is not None
-            else looks_like_translation_task(text[langs[0]], language_names))), **text})
+        guess = (prompt_id in hand_listed if translation_tasks
+                 else looks_like_translation_task(text[langs[0]], language_names))
+        prompts[prompt_id] = {"id": prompt_id, "translation_task": record.get("translation_task", guess), **text}
     if not prompts:
         raise LidrError(f"{where}: no prompts")
-    return prompts
+    return list(prompts.values())
 
 
 def looks_like_translation_task(text: str, language_names: list[str]) -> bool:
@@ -907,17 +892,14 @@ def looks_like_translation_task(text: str, language_names: list[str]) -> bool:
 
 def drop_untrainable_prompts(prompts: list[dict], tokenizer, languages: dict[str, str],
                              settings: Settings) -> tuple[list[dict], dict[str, int]]:
-    """Prompts that alone fill --max-len could never be trained on: leave them out before generation
-    (a dominant one drops its record, another language's becomes None). Also returns the count per language."""
-    prompt_template = template(settings, "prompt_template")
-    too_long_per_lang, kept = dict.fromkeys(languages, 0), []
-    for prompt in prompts:
-        too_long = {lang for lang in languages if prompt.get(lang) and settings.max_len <= len(chat_prompt_ids(
-            tokenizer, fill_template(prompt_template, prompt[lang], languages[lang]), settings.system_prompt))}
-        for lang in too_long:
-            too_long_per_lang[lang] += 1
-        if next(iter(languages)) not in too_long:
-            kept.append({**prompt, **dict.fromkeys(too_long)})
+    """Prompts that alone fill --max-len could never be trained on: left out before generation (a dominant one
+    drops its record, another language's becomes None). Also returns the count per language."""
+    prompt_template, dominant = template(settings, "prompt_template"), next(iter(languages))
+    too_long = [{lang for lang in languages if prompt.get(lang) and settings.max_len <= len(chat_prompt_ids(
+                 tokenizer, fill_template(prompt_template, prompt[lang], languages[lang]), settings.system_prompt))}
+                for prompt in prompts]  # per prompt, the languages in which it alone fills --max-len
+    kept = [{**prompt, **dict.fromkeys(langs)} for prompt, langs in zip(prompts, too_long) if dominant not in langs]
+    too_long_per_lang = {lang: sum(lang in langs for langs in too_long) for lang in languages}
     if any(too_long_per_lang.values()):
         tqdm.write(f"warning: prompts longer than --max-len {settings.max_len} tokens, left out: "
                    + ", ".join(f"{lang} {n}" for lang, n in too_long_per_lang.items() if n))
@@ -951,9 +933,8 @@ def parse_json(text: str, path: Path, line: int | None = None):
 
 
 def read_language_folders(folders: list[str], prompt_field: str, langs: list[str], flag: str) -> list[dict]:
-    """The authors' layout: per folder one <lang>.jsonl per language, records {"id", prompt_field, maybe "input"}
-    joined by id (their GSM8K's "degsm8k_0" joins English "gsm8k_0"). With 1,000 prompts in each folder,
-    iteration t takes the t-th folder, as the authors did."""
+    """The authors' layout: per folder a <lang>.jsonl per language of records {"id", prompt_field, maybe "input"},
+    joined by id. With 1,000 prompts in each folder, iteration t takes the t-th folder, as the authors did."""
     records = []
     for folder in folders:
         if not folder.strip():
@@ -1011,10 +992,10 @@ def read_prompt_dataset(name: str, prompt_field: str, langs: list[str], flag: st
 
 
 # Prompt wordings a run can take from a file: flag -> (the constant read from a .py file, the
-# placeholders the template must hold, those it may hold besides).
-TEMPLATES = {"prompt_template": ("PROMPT_PREFIX", {"question"}, {"language"}),
-             "eval_prompt_template": ("PROMPT_PREFIX", {"question"}, {"language"}),
-             "translation_request": ("TRANS_INSTRUCTION", {"text"}, {"lang", "source", "target"})}
+# placeholder the template must hold, those it may hold besides).
+TEMPLATES = {"prompt_template": ("PROMPT_PREFIX", "question", {"language"}),
+             "eval_prompt_template": ("PROMPT_PREFIX", "question", {"language"}),
+             "translation_request": ("TRANS_INSTRUCTION", "text", {"lang", "source", "target"})}
 
 
 def template(settings: Settings, name: str) -> str:
@@ -1036,15 +1017,15 @@ def template(settings: Settings, name: str) -> str:
         text = values[0].value if len(values) == 1 and isinstance(values[0], ast.Constant) else None
         if not isinstance(text, str):
             raise LidrError(f"{where}: expected one plain {constant} = '...' string in it")
-    allowed = ", ".join(f"{{{field}}}" for field in sorted(required | optional))
+    allowed = ", ".join(f"{{{field}}}" for field in sorted({required} | optional))
     try:
         fields = {field for _, field, _, _ in string.Formatter().parse(text) if field is not None}
-        text.format(**dict.fromkeys(required | optional, "text"))  # fails on any other field
+        text.format(**dict.fromkeys({required} | optional, "text"))  # fails on any other field
     except (ValueError, KeyError, IndexError) as error:
         raise LidrError(f"{where}: the template can hold only {allowed} ({type(error).__name__}: {error}); "
                         f"write a brace that is no placeholder twice") from None
-    if not required <= fields:
-        raise LidrError(f"{where}: the template has no {' or '.join(f'{{{f}}}' for f in sorted(required))}")
+    if required not in fields:
+        raise LidrError(f"{where}: the template has no {{{required}}}")
     if name == "translation_request" and not fields & {"lang", "target"}:
         raise LidrError(f"{where}: the request must name the target language, with {{lang}} or {{target}}")
     return text
