@@ -1120,13 +1120,13 @@ def padded_batches(model, prompts: list[list[int]], config: GenerationConfig, ma
                    desc: str) -> list[list[int]]:
     """Each prompt's new tokens, by HF generate on left-padded batches of similar-length prompts whose KV
     cache and prefill fit in free memory. The bar counts tokens at the cap: from the start, the longest time left."""
-    budget = min(gathered(free_memory(model.device))) * 3 // 4  # a quarter left for the allocator's fragmentation
+    budget = min(gathered(device_memory(model.device, free=True))) * 3 // 4  # a quarter left for fragmentation
     fits = lambda sequences, prompt_len: generation_memory(
         model.config, model.dtype.itemsize, sequences, prompt_len, config.max_new_tokens) <= budget
     batches = generation_batches([len(p) for p in prompts], max_batch_size, fits)
     mine = range(RANK, len(batches), WORLD)  # many GPUs: each process generates every WORLD-th batch
     seed = torch.randint(2**62, ()).item()  # a seed per batch: sampled the same on one process or many
-    outputs = [[]] * len(prompts)
+    outputs = {}
     bar = tqdm(total=sum(len(batches[b]) for b in mine) * config.max_new_tokens, unit="tok", unit_scale=True,
                leave=False, desc=f"{desc} ({len(mine)} batches, tokens at the cap)")
     for index in mine:
@@ -1134,52 +1134,38 @@ def padded_batches(model, prompts: list[list[int]], config: GenerationConfig, ma
         batch, steps = batches[index], []
         step_progress = lambda input_ids, scores: steps.append(bar.update(len(batch))) or scores  # a logits processor
         width = max(len(prompts[i]) for i in batch)
-        # Left-pad each row with its own first token: the repetition penalty counts every input
-        # id, so a shared pad id (often EOS) would be penalised in padded rows only and batched
-        # greedy output would differ from one-at-a-time. The attention mask hides the pads.
+        # Left-pad each row with its own first token: the repetition penalty counts every input id, so a shared
+        # pad id (often EOS) would change batched greedy output, in padded rows only. The attention mask hides pads.
         input_ids = torch.tensor([[prompts[i][0]] * (width - len(prompts[i])) + prompts[i] for i in batch])
         attention_mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in batch])
         output = model.generate(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
                                 generation_config=config, logits_processor=[step_progress])
-        for i, new_tokens in zip(batch, output[:, width:].tolist()):
-            outputs[i] = new_tokens
+        outputs.update(zip(batch, output[:, width:].tolist()))
         bar.update(len(batch) * (config.max_new_tokens - len(steps)))  # the steps a batch ending early saves
     bar.close()
-    for share in gathered({i: outputs[i] for b in mine for i in batches[b]}):  # many GPUs: every process's
-        for i, new_tokens in share.items():
-            outputs[i] = new_tokens
-    return outputs
+    outputs = {i: new_tokens for share in gathered(outputs) for i, new_tokens in share.items()}  # every process's
+    return [outputs[i] for i in range(len(prompts))]
 
 
 def generation_batches(lengths: list[int], max_batch_size: int, fits) -> list[list[int]]:
-    """Prompt indices in batches, shortest first (little padding), each growing while it has at most
-    max_batch_size sequences and fits(sequences, longest prompt)."""
-    batches, batch = [], []
+    """Prompt indices in batches, shortest first (little padding), of at most max_batch_size sequences that fit."""
+    batches = []
     for i in sorted(range(len(lengths)), key=lengths.__getitem__):  # i is the longest in its batch so far
-        if batch and (len(batch) == max_batch_size or not fits(len(batch) + 1, lengths[i])):
-            batches.append(batch)
-            batch = []
-        batch.append(i)
-    return batches + [batch] if batch else batches
+        if not batches or len(batches[-1]) == max_batch_size or not fits(len(batches[-1]) + 1, lengths[i]):
+            batches.append([])
+        batches[-1].append(i)
+    return batches
 
 
 def generation_memory(config, itemsize: int, sequences: int, prompt_len: int, max_new_tokens: int) -> int:
-    """Bytes a generation batch holds at its peak beyond the weights: the KV cache at full length, plus the
-    prefill, where each prompt token holds the MLP's 3 intermediate-size values and ~4 hidden-size ones (and,
-    in eager attention, float32 scores and softmax): on Llama-3-8B a long prompt costs more than its cache."""
+    """Bytes a batch holds at its peak beyond the weights: the KV cache at full length, and the prefill, whose 3
+    MLP- and ~4 hidden-size values a prompt token (and eager attention's float32 scores) can outweigh the cache."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     kv_cache = 2 * config.num_hidden_layers * kv_heads * head_dim * (prompt_len + max_new_tokens) * itemsize
     layer = (3 * config.intermediate_size + 4 * config.hidden_size) * itemsize
     scores = 2 * config.num_attention_heads * prompt_len * 4 if config._attn_implementation == "eager" else 0
     return sequences * (kv_cache + prompt_len * (layer + scores) + 2 * config.vocab_size * 4)
-
-
-def free_memory(device: torch.device) -> int:
-    if device.type == "cuda":  # free in the driver, plus what torch's cache holds unused
-        return (torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
-                - torch.cuda.memory_allocated(device))
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
 # ------------------------------------------------------------------------ micro-batches and many GPUs (torchrun)
@@ -1191,9 +1177,8 @@ def length_grouped(lengths: list[int], micro_batch_size: int) -> list[list[int]]
 
 
 def this_process_share(micro_batches: list[list[int]]) -> list[tuple[list[int], int]]:
-    """The micro-batches this process runs, with a factor for its loss: on one process all, 1. On many, every
-    WORLD-th, WORLD (FSDP averages the processes' gradients), and as many on each: FSDP's collectives run in
-    lockstep, so factor-0 repeats pad the shorter shares."""
+    """The micro-batches this process runs, with its loss factor: on one, all with 1; on many, every WORLD-th with
+    WORLD (FSDP averages gradients), and factor-0 repeats so that all run as many (FSDP runs in lockstep)."""
     mine = micro_batches[RANK::WORLD]
     return [(micro, WORLD) for micro in mine] + [(micro_batches[0], 0)] * (-(-len(micro_batches) // WORLD) - len(mine))
 
@@ -1216,8 +1201,8 @@ def gathered(share) -> list:
 
 
 def fully_sharded(model):
-    """A float32 copy of the model sharded across the processes by FSDP2, a decoder layer at a time (no whole
-    float32 copy is made), then the rest. It computes in the model's dtype and reduces gradients in float32."""
+    """A float32 copy of the model sharded by FSDP2 a decoder layer at a time (no whole float32 copy is made),
+    then the rest. It computes in the model's dtype and reduces gradients in float32."""
     sharded, policy = copy.deepcopy(model), MixedPrecisionPolicy(param_dtype=model.dtype, reduce_dtype=torch.float32)
     for layer in sharded.base_model.layers:
         fully_shard(layer.float(), mp_policy=policy)
@@ -1229,8 +1214,8 @@ def fully_sharded(model):
 
 @torch.no_grad()
 def copy_shards_back(sharded, whole):
-    """The trained float32 shards into the whole model, rounded stochastically into bf16: to nearest, an
-    iteration's updates at DPO's learning rate would mostly vanish. Every process keeps rank 0's rounding."""
+    """The trained float32 shards into the whole model, rounded stochastically into bf16 (to nearest, DPO's small
+    updates would mostly vanish). Every process keeps rank 0's rounding."""
     for weight, shard in zip(whole.parameters(), sharded.parameters()):
         trained = shard.full_tensor()
         weight.copy_(round_stochastically(trained) if weight.dtype == torch.bfloat16 else trained)
@@ -1240,16 +1225,14 @@ def copy_shards_back(sharded, whole):
 
 # ------------------------------------------------------------------------ memory plan
 def training_memory(config, n_params: int, settings: Settings, world: int = WORLD) -> dict[str, float]:
-    """Bytes one training step holds, by part: each part is what a simulation of an 8B step on fake tensors held
-    (test_bench_8b_step_memory_simulated_vs_estimate). On `world` processes (FSDP2): the whole model, and a
-    1/world share of the float32 weights, gradients and moments."""
+    """Bytes one training step holds, by part, as a fake-tensor simulation of an 8B step measured them. On `world`
+    processes (FSDP2): the whole model, and 1/world of the float32 weights, gradients and moments."""
     width = 2 if settings.dtype == "bfloat16" else 4
     tokens = 2 * settings.micro_batch_size * settings.max_len  # chosen + rejected sequences
     hidden, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
     gradients, optimizer = n_params * width, 2 * n_params * width  # BF16AdamW's bf16 moments, or AdamW's float32
     step = OPTIMIZER_CHUNK * 32 if width == 2 else 0  # BF16AdamW's 5 float32 and 3 int32 values per chunk element
-    # at the start of backward, where they peak: each layer's input with checkpointing; without, what a
-    # layer keeps (~8 hidden- and 6 MLP-size values a token)
+    # at the start of backward, their peak: each layer's input with checkpointing, else all that a layer keeps
     layer_activations = ((layers + 1) * tokens * hidden * width if settings.gradient_checkpointing == "on"
                          else layers * tokens * (8 * hidden + 6 * config.intermediate_size) * width)
     # the final norm's float32 input and copies, one log-prob chunk's backward, the output layer's gradient
@@ -1263,21 +1246,23 @@ def training_memory(config, n_params: int, settings: Settings, world: int = WORL
 
 
 def training_peak(parts: dict[str, float]) -> float:
-    """Weights and optimizer state are held throughout; the activations are gone before the last gradient
-    exists, so the peak is the larger of the two moments."""
+    """The activations are gone before the last gradient exists: the peak is the larger of those two moments."""
     return parts["weights"] + parts["optimizer"] + max(parts["gradients"] + parts["step"],
                                                        parts["activations"] + parts["earlier_gradients"])
 
 
-def device_memory(device: str) -> int:
-    if device.startswith("cuda"):
+def device_memory(device, free: bool = False) -> int:
+    """Bytes of memory on the device (a name or a torch.device), or free there now."""
+    if str(device).startswith("cuda"):
+        if free:  # free in the driver, plus what torch's cache holds unused
+            return (torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
+                    - torch.cuda.memory_allocated(device))
         return torch.cuda.get_device_properties(device).total_memory
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES" if free else "SC_PHYS_PAGES")
 
 
 def plan_training_memory(config, n_params: int, settings: Settings, available: int):
-    """Print the training memory estimate beside the device's memory; if it cannot fit, refuse, naming the
-    flags that would make it fit."""
+    """Print the training memory estimate; if it exceeds `available` bytes, refuse, naming flags that would fit."""
     missing = [name for name in ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size",
                                  "num_attention_heads") if not getattr(config, name, None)]
     if missing:
@@ -1292,23 +1277,21 @@ def plan_training_memory(config, n_params: int, settings: Settings, available: i
           f"GB of {available / gb:.1f} GB on {settings.device}")
     if total(settings) <= available:
         return
-    changes = [("--micro-batch-size 1", "micro_batch_size", 1), ("--gradient-checkpointing on",
-                                                                 "gradient_checkpointing", "on")]
+    changes = [("micro_batch_size", 1), ("gradient_checkpointing", "on")]
     if settings.device.startswith("cuda"):  # bf16 on a CPU is slow, and what fills its memory is activations
-        changes = [("--dtype bfloat16", "dtype", "bfloat16"), *changes[::-1]]
-    trial, fixes = settings, []
-    for flag, name, value in changes:
-        if getattr(trial, name) != value and total(trial) > available:
+        changes = [("dtype", "bfloat16"), *changes[::-1]]
+    trial = settings
+    for name, value in changes:  # each in turn while it does not fit yet
+        if total(trial) > available:
             trial = dataclasses.replace(trial, **{name: value})
-            fixes.append(flag)
     shorter = trial
     while total(shorter) > available and shorter.max_len > 256:  # then shorter sequences, if that fits
         shorter = dataclasses.replace(shorter, max_len=shorter.max_len // 2)
-    if total(shorter) <= available < total(trial):
-        trial = shorter
-        fixes.append(f"--max-len {shorter.max_len}")
-    hint = (f"try {' '.join(fixes)}" if total(trial) <= available
-            else f"even {' '.join(fixes)} would not fit: use a smaller --max-len or model")
+    trial = shorter if total(shorter) <= available else trial
+    fixes = " ".join(f"--{name.replace('_', '-')} {getattr(trial, name)}" for name in [*dict(changes), "max_len"]
+                     if getattr(trial, name) != getattr(settings, name))
+    hint = (f"try {fixes}" if total(trial) <= available
+            else f"even {fixes} would not fit: use a smaller --max-len or model")
     gpus = next((n for n in (2, 4, 8, 16, 32, 64) if total(settings, n) <= available), None)
     if total(trial) > available and gpus and gpus > WORLD:
         hint += f", or {gpus} such GPUs (torchrun --nproc-per-node {gpus} lidr.py ...)"
@@ -1320,22 +1303,18 @@ def plan_training_memory(config, n_params: int, settings: Settings, available: i
 
 # ------------------------------------------------------------------------ the optimizer and its schedule
 def warmup_cosine(total_steps: int, warmup_ratio: float):
+    """The factor on --lr at optimizer step `step` (0-based): a linear warm-up, then a cosine decay to 0."""
     warmup = round(total_steps * warmup_ratio)
-
-    def factor(step):  # multiplies --lr at optimizer step `step` (0-based)
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
-    return factor
+    return lambda step: ((step + 1) / warmup if step < warmup
+                         else 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup))))
 
 
 OPTIMIZER_CHUNK = 2**24  # values updated at once: the float32 temporaries of a step stay ~0.5 GB
 
 
 class BF16AdamW(torch.optim.Optimizer):
-    """AdamW (Loshchilov & Hutter 2019) on bf16 weights with bf16 moments (8 bytes a parameter with the
-    gradient, so the 8B model trains in 80 GB): each step runs in float32, a chunk at a time, and is rounded
-    stochastically, so updates far below a bf16 step still add up (round to nearest drops them: a DPO trap)."""
+    """AdamW (Loshchilov & Hutter 2019) on bf16 weights and moments (8 bytes a parameter with the gradient), stepped
+    in float32 a chunk at a time and rounded stochastically: to nearest, DPO's tiny updates would vanish (a trap)."""
 
     def __init__(self, params, lr: float, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
@@ -1344,9 +1323,7 @@ class BF16AdamW(torch.optim.Optimizer):
     def step(self):
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
+            for param in (p for p in group["params"] if p.grad is not None):
                 state = self.state[param]
                 if not state:
                     state.update(step=0, exp_avg=torch.zeros_like(param), exp_avg_sq=torch.zeros_like(param))
