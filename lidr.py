@@ -1351,11 +1351,10 @@ def round_stochastically(x: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------ the run folder
-# A step's file proves that the step finished: it is written under a temp name, its sha256 put in
-# its folder's finished.json, then renamed into place. A resume reuses it only if it still matches.
+# A step's file proves that the step finished: write_atomic(..., proof=True) writes it under a temp name, puts
+# its sha256 in its folder's finished.json, then renames it into place. A resume reuses it only if it still matches.
 def write_atomic(path: Path, content, proof: bool = False):
-    """Write a text (or, with content(temp), a folder) to a temp name, then rename: a crash never leaves a
-    half-written file behind. With proof, its digest goes into finished.json first."""
+    """A text (or, with content(temp), a folder) written to a temp name, then renamed: never half a file."""
     if RANK:  # many GPUs: rank 0 writes the run folder
         return
     with written_whole(temp_path(path), path) as temp:
@@ -1379,8 +1378,7 @@ def save_model(model, tokenizer, path: Path):
 
 @contextlib.contextmanager
 def written_whole(temp: Path, path: Path):
-    """Around writing temp, path's file or folder to be: on any failure (a full disk, an interrupt) temp is
-    removed, and the error names path."""
+    """Writing temp, path to be: on any failure (a full disk, an interrupt) temp is removed, the error names path."""
     try:
         yield temp
     except BaseException as error:
@@ -1400,8 +1398,7 @@ def digest(path: Path) -> str:
 
 
 def finished(path: Path) -> bool:
-    """Whether path holds a finished step's result: False if absent; one line naming it if it is not what
-    the step wrote (cut short, emptied, edited)."""
+    """Whether path holds a finished step's result; one line naming it if it is not what the step wrote."""
     if not path.exists():
         return False
     record = path.parent / "finished.json"
@@ -1447,8 +1444,7 @@ def read_json(path: Path, lines: bool = False):
 
 
 def stage(path: Path, compute, settings: Settings) -> list[dict]:
-    """A step's records: a finished earlier run's file, else computed and written. Each step draws from a seed
-    of its own, so one redone after an interruption gives what the uninterrupted run gave."""
+    """A step's records: a finished earlier run's file, else computed from the step's own seed and written."""
     if finished(path):
         tqdm.write(f"reusing {path}")
         return read_json(path, lines=True)
@@ -1459,30 +1455,25 @@ def stage(path: Path, compute, settings: Settings) -> list[dict]:
 
 
 def stage_seed(seed: int, path: Path) -> int:
-    """A seed for each (--seed, iteration, step): the file's folder and name say which."""
+    """A seed per (--seed, iteration, step), from the file's folder and name: a step redone gives the same."""
     return zlib.crc32(f"{seed}/{path.parent.name}/{path.name}".encode())
 
 
 def resume_point(out: Path, settings: Settings) -> tuple[int, str]:
-    """The iteration after the last one whose M_t is saved, and the model it starts from (that M_t, else
-    --model). Within it, each step whose file is there is reused (stage); training, not a stage, is redone.
-    Settings that would change the results are refused first (check_resumable, in open_run)."""
+    """The iteration after the last saved M_t, and the model it starts from (that M_t, else --model). Within it,
+    stage reuses each finished step's file; training, not a stage, is redone."""
     t = max((t for t in range(1, settings.iters + 1) if (out / f"iter_{t}" / "model").exists()), default=0)
-    if t == 0:
-        return 1, settings.model
-    finished(out / f"iter_{t}" / "model")  # a damaged M_t is refused in one line
-    return t + 1, str(out / f"iter_{t}" / "model")
+    saved = out / f"iter_{t}" / "model"
+    return (t + 1, str(saved)) if t and finished(saved) else (1, settings.model)  # finished: a damaged M_t is refused
 
 
 def open_run(out: Path, settings: Settings, command: list[str], start_model: str, all_prompts: list[dict],
              problems: dict):
-    """Everything before the first iteration, checks first so that bad input writes nothing (the memory
-    plan; --out new, or resumable with these settings and inputs, and writable); then the model loaded
-    (the toy M0 pre-trained once if needed), the folder locked and recorded."""
+    """Everything before the first iteration, checks first so that bad input writes nothing; then the model
+    loaded (the toy M0 pre-trained once if needed), the folder locked and recorded."""
     languages = parse_languages(settings.langs)
     langs = list(languages)
-    config, n_params = model_shape(start_model)
-    plan_training_memory(config, n_params, settings, device_memory(settings.device))
+    plan_training_memory(*model_shape(start_model), settings, device_memory(settings.device))
     inputs_sha256 = {name: hashlib.sha256(to_json(records).encode()).hexdigest()
                      for name, records in (("prompts", all_prompts), ("evaluation problems", problems))}
     check_resumable(out, settings, inputs_sha256)
@@ -1495,9 +1486,8 @@ def open_run(out: Path, settings: Settings, command: list[str], start_model: str
     if start_model == "toy" and WORLD > 1 and not (toy_model_folder(out.parent, settings.seed, langs)
                                                    / "toy_recipe.json").exists():
         raise LidrError("the toy M0 is pre-trained in one process: run the command once without torchrun")
-    toy_inputs = settings.prompts == "toy" and settings.eval in ("", "toy") and not settings.system_prompt and not any(
-        getattr(settings, name) for name in TEMPLATES)
-    if settings.model == "toy" and not toy_inputs:
+    if settings.model == "toy" and (settings.prompts != "toy" or settings.eval not in ("", "toy")
+                                    or settings.system_prompt or any(getattr(settings, name) for name in TEMPLATES)):
         print("warning: the toy model knows only the toy world's words: other prompts, benchmarks, templates and "
               "system turns reach it as <|unk|> tokens")
     toy_m0 = toy_model(out.parent, settings.seed, langs) if start_model == "toy" else None
@@ -1532,26 +1522,25 @@ RESUMABLE_CHANGES = {"out", "iters", "device", "gen_batch_size", "micro_batch_si
 
 
 def check_resumable(out: Path, settings: Settings, inputs_sha256: dict[str, str]):
-    """--out must be new, or a run folder made with these settings and inputs (by content: a file edited since
-    counts)."""
+    """--out must be new, or a run folder made with these settings and inputs (by content: an edited file counts)."""
     settings_path = out / "settings.json"
     if settings_path.exists():
         try:
             run_record = json.loads(settings_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError):
+        except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
             run_record = None
-        recorded = run_record.get("settings") if isinstance(run_record, dict) else None
-        if not isinstance(recorded, dict) or not all(
-                isinstance(run_record.get(part), dict) for part in ("templates", "inputs_sha256")):
+        parts = ("settings", "templates", "inputs_sha256")
+        if not isinstance(run_record, dict) or not all(isinstance(run_record.get(part), dict) for part in parts):
             raise LidrError(f"--out {out}: its settings.json is not a lidr run's (another tool's, or cut short); "
                             f"pass another --out")
+        recorded = run_record["settings"]
         changed = [f"--{name.replace('_', '-')} {recorded.get(name)!r} -> {value!r}"
                    for name, value in dataclasses.asdict(settings).items()
                    if name not in RESUMABLE_CHANGES and recorded.get(name) != value]
         changed += [f"the text of --{name.replace('_', '-')}" for name in TEMPLATES
                     if run_record["templates"].get(name, "") != template(settings, name)]
-        changed += [f"the {name} read" for name, digest in inputs_sha256.items()
-                    if run_record["inputs_sha256"].get(name) != digest]
+        changed += [f"the {name} read" for name, sha256 in inputs_sha256.items()
+                    if run_record["inputs_sha256"].get(name) != sha256]
         if settings.dtype == "bfloat16" and run_record.get("processes") != WORLD:  # another optimizer: see train
             changed.append(f"the processes, {run_record.get('processes')} -> {WORLD} (bf16: BF16AdamW on one, "
                            f"float32 shards on many)")
@@ -1581,8 +1570,7 @@ def lock_run_folder(out: Path, command: list[str]):
                         f"wait for it to end, or pass another --out") from None
     try:
         lock.truncate(0)
-        lock.write(f"pid {os.getpid()} on {platform.node()}: {shlex.join(command)}\n")
-        lock.flush()
+        print(f"pid {os.getpid()} on {platform.node()}: {shlex.join(command)}", file=lock, flush=True)
     except OSError as error:
         raise write_error(error, out / "run.lock") from None
     for temp in (*out.glob(".*.tmp"), *out.glob("iter_*/.*.tmp")):  # killed runs' (no other process writes here)
@@ -1597,24 +1585,21 @@ def record_run(out: Path, settings: Settings, command: list[str], inputs_sha256:
     commands.log adds each invocation, with the hash of the code that ran it."""
     source = Path(__file__).read_bytes()
     code_hash = hashlib.sha256(source).hexdigest()
-    if (out / "settings.json").exists():
-        if read_json(out / "settings.json").get("lidr_sha256") != code_hash:
-            print(f"warning: lidr.py changed since {out} was made (see commands.log); lidr.py there is the original")
-    else:  # settings.json last: it marks the folder as recorded
+    if not (out / "settings.json").exists():  # written last: it marks the folder as recorded
         out.mkdir(parents=True, exist_ok=True)
         device = settings.device
         write_atomic(out / "lidr.py", source.decode("utf-8"))
         write_atomic(out / "settings.json", to_json({
-            "settings": dataclasses.asdict(settings),
-            "command": [sys.executable, *command],
+            "settings": dataclasses.asdict(settings), "command": [sys.executable, *command],
             "templates": {name: template(settings, name) for name in TEMPLATES if getattr(settings, name)},
-            "inputs_sha256": inputs_sha256,
-            "lidr_sha256": code_hash,
+            "inputs_sha256": inputs_sha256, "lidr_sha256": code_hash,
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "transformers": transformers.__version__, "datasets": datasets.__version__},
             "hardware": torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.machine(),
             "processes": WORLD,
         }, indent=2))
+    elif read_json(out / "settings.json").get("lidr_sha256") != code_hash:
+        print(f"warning: lidr.py changed since {out} was made (see commands.log); lidr.py there is the original")
     log = out / "commands.log"  # rewritten whole: a full disk never leaves half a line
     write_atomic(log, (log.read_text(encoding="utf-8") if log.exists() else "")
                  + f"{time.strftime('%Y-%m-%d %H:%M:%S')} lidr_sha256={code_hash[:12]} {' '.join(command)}\n")
@@ -1622,10 +1607,7 @@ def record_run(out: Path, settings: Settings, command: list[str], inputs_sha256:
 
 # ------------------------------------------------------------------------ report tables
 def count_per_target_language(translations: list[dict], langs: list[str], counted) -> dict[str, int]:
-    counts = dict.fromkeys(langs, 0)
-    for translation in translations:
-        counts[translation["target_lang"]] += counted(translation)
-    return counts
+    return {lang: sum(counted(t) for t in translations if t["target_lang"] == lang) for lang in langs}
 
 
 def means_per_language(step_metrics: list[dict], langs: list[str]) -> dict:
