@@ -1688,8 +1688,7 @@ BENCHMARKS = ("toy", "capitals", "mgsm", "alpaca")
 
 
 def eval_problems(settings: Settings) -> dict[str, dict[str, list[dict]]]:
-    """{benchmark: {lang: [{"id", "prompt", "gold"}]}}, read before anything runs, so that bad input fails
-    early. gold: the toy's exact answer, the capital's names, MGSM's number, None for alpaca."""
+    """{benchmark: {lang: [{"id", "prompt", "gold"}]}}; gold: the toy's answer, the capital's names, MGSM's number."""
     languages = parse_languages(settings.eval_langs or settings.langs, "--eval-langs")
     problems = {}
     for benchmark in filter(None, settings.eval.split(",")):
@@ -1703,8 +1702,7 @@ def eval_problems(settings: Settings) -> dict[str, dict[str, list[dict]]]:
                 raise LidrError("--eval mgsm needs --mgsm: the folder of the authors' mgsm_<lang>.jsonl (data/MGSM)")
             problems["mgsm"] = {lang: read_mgsm(settings.mgsm, lang) for lang in languages}
         elif settings.alpaca and any(Path(settings.alpaca, f"{lang}.json").is_file() for lang in languages):
-            problems["alpaca"] = {lang: read_alpaca_file(Path(settings.alpaca, f"{lang}.json"), lang)
-                                  for lang in languages}  # the authors' X-AlpacaEval layout
+            problems["alpaca"] = {lang: read_alpaca(settings.alpaca, lang) for lang in languages}
         else:  # records in --prompts' formats: the run's dominant language, and those to evaluate
             records = load_prompts(settings.alpaca or settings.prompts, "instruction",
                                    {**parse_languages(settings.langs), **languages}, flag="--alpaca")
@@ -1721,7 +1719,7 @@ def eval_problems(settings: Settings) -> dict[str, dict[str, list[dict]]]:
 
 
 def read_mgsm(folder: str, lang: str) -> list[dict]:
-    """MGSM's test problems in one language, from the authors' data/MGSM/mgsm_<lang>.jsonl ({"query", "response"})."""
+    """The authors' MGSM in one language: data/MGSM/mgsm_<lang>.jsonl, a {"query", "response"} per line."""
     path = Path(folder) / f"mgsm_{lang}.jsonl"
     problems = []
     for record in read_prompt_file(path, "--mgsm"):
@@ -1732,9 +1730,9 @@ def read_mgsm(folder: str, lang: str) -> list[dict]:
     return problems
 
 
-def read_alpaca_file(path: Path, lang: str) -> list[dict]:
-    """One language of X-AlpacaEval as the authors released it: a JSON list of {"id", "dataset", "instruction"};
-    dataset (AlpacaEval's source subset) is kept for the judge."""
+def read_alpaca(folder: str, lang: str) -> list[dict]:
+    """The authors' X-AlpacaEval in one language: <lang>.json, a list of {"id", "dataset", "instruction"}."""
+    path = Path(folder) / f"{lang}.json"
     records = read_prompt_file(path, "--alpaca")
     for number, record in enumerate(records, 1):
         if not isinstance(record, dict) or not isinstance(record.get("instruction"), str) \
@@ -1744,14 +1742,10 @@ def read_alpaca_file(path: Path, lang: str) -> list[dict]:
              "dataset": r.get("dataset", f"lidr-{lang}")} for number, r in enumerate(records, 1)]
 
 
-# A number: digits, thousands grouped by a comma, point or (no-break) space, maybe a decimal part.
-NUMBER = re.compile(r"(?<!\d)-?\d+(?:[,. \u00a0\u202f]\d{3}(?!\d))*(?:[.,]\d+)?")
-
-
 def last_number(text: str) -> float | None:
-    """MGSM's answer: the last number in the text, or None. '1,250', '1.250' and '1 250' are 1250 (a comma or
-    point before exactly three digits groups thousands); '18,00' and '2.5' are decimals."""
-    numbers = NUMBER.findall(text)
+    """MGSM's answer: the last number in the text, or None. '1,250', '1.250' and '1 250' are 1250 (a comma, point or
+    (no-break) space before exactly three digits groups thousands); '18,00' and '2.5' are decimals."""
+    numbers = re.findall(r"(?<!\d)-?\d+(?:[,. \u00a0\u202f]\d{3}(?!\d))*(?:[.,]\d+)?", text)
     if not numbers:
         return None
     number = re.sub(r"[ \u00a0\u202f]|[,.](?=\d{3}(?:[,.]|$))", "", numbers[-1])
@@ -1773,9 +1767,8 @@ def score(benchmark: str, answer: str, finished: bool, gold, lang: str, candidat
 
 
 def evaluate(model, tokenizer, problems: dict, settings: Settings, folder: Path, model_name: str) -> dict:
-    """Answer every benchmark's problems as step 2 samples, and score them. Writes every answer to
-    eval_answers.jsonl, and alpaca's in AlpacaEval's model_outputs format to alpaca_<lang>.json (for the
-    judge). Returns {benchmark: {lang: {metric: mean over the problems}}}."""
+    """Answers every problem as step 2 samples, into eval_answers.jsonl, and alpaca's into alpaca_<lang>.json
+    (AlpacaEval's model_outputs, for the judge). Returns {benchmark: {lang: {metric: mean over the problems}}}."""
     jobs = [(benchmark, lang, problem) for benchmark, by_lang in problems.items()
             for lang, items in by_lang.items() for problem in items]
     eval_template = template(settings, "eval_prompt_template")
@@ -1793,11 +1786,9 @@ def evaluate(model, tokenizer, problems: dict, settings: Settings, folder: Path,
     for benchmark, by_lang in problems.items():
         for lang in by_lang:
             scored = [r for r in records if r["benchmark"] == benchmark and r["lang"] == lang]
-            metrics = results.setdefault(benchmark, {}).setdefault(lang, {})
-            for metric in scored[0]["scores"] if scored else []:
-                values = [r["scores"][metric] for r in scored if r["scores"][metric] is not None]
-                if values:  # off_target is None where language_of can't tell
-                    metrics[metric] = sum(values) / len(values)
+            values = {metric: [r["scores"][metric] for r in scored if r["scores"][metric] is not None]
+                      for metric in (scored[0]["scores"] if scored else ())}  # off_target is None: language unknown
+            results.setdefault(benchmark, {})[lang] = {metric: sum(v) / len(v) for metric, v in values.items() if v}
             if benchmark == "alpaca":
                 outputs = [{"instruction": r["prompt"], "output": r["answer"], "generator": model_name,
                             "dataset": r["dataset"]} for r in scored]
@@ -1806,8 +1797,7 @@ def evaluate(model, tokenizer, problems: dict, settings: Settings, folder: Path,
 
 
 def evaluate_once(model, tokenizer, problems: dict, settings: Settings, out: Path, t: int, in_memory: bool) -> dict:
-    """--eval of M_t, kept in iter_<t>/eval.json (reused from it when resuming); in_memory: whether `model` is
-    M_t, so that a missing evaluation can be redone."""
+    """--eval of M_t, kept in iter_<t>/eval.json for resuming; in_memory: `model` is M_t, so it can redo one."""
     folder = out / f"iter_{t}"
     if finished(folder / "eval.json"):
         return read_json(folder / "eval.json")
@@ -1831,8 +1821,7 @@ QALIGN_REQUEST = "Translate the following sentences from {source} to {target}." 
 
 def qalign_stage(t: int, model, tokenizer, prompts: list[dict], languages: dict[str, str], settings: Settings,
                  folder: Path) -> dict:
-    """QAlign's stage t (1 or 2), M_{t-1} -> M_t in place, on the prompts of LIDR's first iteration.
-    Stage 1 also samples M0's English answers for stage 2, before any training."""
+    """QAlign's stage t (1 or 2), M_{t-1} -> M_t in place; stage 1 first samples M0's English answers for stage 2."""
     langs = list(languages)
     prompts_too_long = dict.fromkeys(langs, 0)
     if t == 1:
@@ -1841,9 +1830,8 @@ def qalign_stage(t: int, model, tokenizer, prompts: list[dict], languages: dict[
             model, tokenizer, prompt_translation_requests(prompts, langs), languages, settings, "translating prompts"),
             settings)
         prompts = stage(folder / "prompts.jsonl", lambda: fill_prompts(prompts, prompt_translations, langs), settings)
-        english = {langs[0]: languages[langs[0]]}
-        responses = stage(folder / "responses.jsonl", lambda: sample_responses(
-            model, tokenizer, prompts, english, settings), settings)
+        responses = stage(folder / "responses.jsonl", lambda: sample_responses(  # in English only
+            model, tokenizer, prompts, {langs[0]: languages[langs[0]]}, settings), settings)
         stage(folder / "response_alignment.jsonl", lambda: response_alignment_examples(responses), settings)
         examples = stage(folder / "question_alignment.jsonl", lambda: question_alignment_examples(
             prompts, languages), settings)
@@ -1858,8 +1846,7 @@ def qalign_stage(t: int, model, tokenizer, prompts: list[dict], languages: dict[
 
 
 def question_alignment_examples(prompts: list[dict], languages: dict[str, str]) -> list[dict]:
-    """Stage 1's data: each question in a language other than the dominant one -> the dominant (English)
-    question, under QAlign's instruction."""
+    """Stage 1's data: each question in a weaker language -> the dominant (English) one, under QAlign's request."""
     dominant = next(iter(languages))
     return [{"id": p["id"], "lang": lang,
              "prompt": QALIGN_REQUEST.format(source=languages[lang], target=languages[dominant]) + " " + p[lang],
@@ -1874,8 +1861,7 @@ def response_alignment_examples(responses: list[dict]) -> list[dict]:
 
 
 def train_on_examples(model, tokenizer, examples: list[dict], settings: Settings, log_path: Path) -> dict | None:
-    """One SFT stage: the examples tokenised as pairs are, trained on the NLL of their answers. None when no
-    example is left to train on."""
+    """One SFT stage on the NLL of the examples' answers. None when no example is left to train on."""
     end_of_turn = end_of_turn_id(tokenizer)
     sequences = [tokenize_example(tokenizer, e, settings.system_prompt, end_of_turn, settings.max_len)
                  for e in examples]
@@ -1913,35 +1899,32 @@ def nll_gradients(model, sequences: list[tuple[list[int], int]], micro_batch_siz
 
 
 # ======================================================================== capitals: a check for small real models
-# Short questions whose answer is a name a small chat model knows in English, checked without a
-# judge. SmolLM2-135M-Instruct names most capitals in English and few in German or Spanish: a
-# language gap on knowledge the model has (README: A real model). --eval capitals asks the first
-# 20 countries, --prompts capitals the other 30.
+# Short questions whose answer is a name a small chat model knows in English, checked without a judge.
+# SmolLM2-135M-Instruct names most capitals in English and few in German or Spanish: a language gap on knowledge
+# the model has (README: A real model). --eval capitals asks the first 20 countries, --prompts capitals the other 30.
 CAPITAL_QUESTION = {"en": "What is the capital of {}?", "de": "Was ist die Hauptstadt von {}?",
                     "es": "¿Cuál es la capital de {}?"}
 CAPITALS = [entry.split("|") for entry in (  # country in en, de, es | its capital's names
-    "Germany|Deutschland|Alemania|Berlin/Berlín; Italy|Italien|Italia|Rome/Rom/Roma; "
-    "Japan|Japan|Japón|Tokyo/Tokio; Russia|Russland|Rusia|Moscow/Moskau/Moscú; Canada|Kanada|Canadá|Ottawa; "
-    "Egypt|Ägypten|Egipto|Cairo/Kairo; Sweden|Schweden|Suecia|Stockholm/Estocolmo; "
-    "Poland|Polen|Polonia|Warsaw/Warschau/Varsovia; Austria|Österreich|Austria|Vienna/Wien/Viena; "
-    "Greece|Griechenland|Grecia|Athens/Athen/Atenas; Portugal|Portugal|Portugal|Lisbon/Lissabon/Lisboa; "
-    "Kenya|Kenia|Kenia|Nairobi; Peru|Peru|Perú|Lima; Thailand|Thailand|Tailandia|Bangkok; "
-    "South Korea|Südkorea|Corea del Sur|Seoul/Seúl; Belgium|Belgien|Bélgica|Brussels/Brüssel/Bruselas; "
-    "Romania|Rumänien|Rumania|Bucharest/Bukarest/Bucarest; Iceland|Island|Islandia|Reykjavik; "
-    "Venezuela|Venezuela|Venezuela|Caracas; Malaysia|Malaysia|Malasia|Kuala Lumpur; "
+    "Germany|Deutschland|Alemania|Berlin/Berlín; Italy|Italien|Italia|Rome/Rom/Roma; Japan|Japan|Japón|Tokyo/Tokio; "
+    "Russia|Russland|Rusia|Moscow/Moskau/Moscú; Canada|Kanada|Canadá|Ottawa; Egypt|Ägypten|Egipto|Cairo/Kairo; "
+    "Sweden|Schweden|Suecia|Stockholm/Estocolmo; Poland|Polen|Polonia|Warsaw/Warschau/Varsovia; "
+    "Austria|Österreich|Austria|Vienna/Wien/Viena; Greece|Griechenland|Grecia|Athens/Athen/Atenas; "
+    "Portugal|Portugal|Portugal|Lisbon/Lissabon/Lisboa; Kenya|Kenia|Kenia|Nairobi; Peru|Peru|Perú|Lima; "
+    "Thailand|Thailand|Tailandia|Bangkok; South Korea|Südkorea|Corea del Sur|Seoul/Seúl; "
+    "Belgium|Belgien|Bélgica|Brussels/Brüssel/Bruselas; Romania|Rumänien|Rumania|Bucharest/Bukarest/Bucarest; "
+    "Iceland|Island|Islandia|Reykjavik; Venezuela|Venezuela|Venezuela|Caracas; Malaysia|Malaysia|Malasia|Kuala Lumpur; "
     "France|Frankreich|Francia|Paris/París; Spain|Spanien|España|Madrid; China|China|China|Beijing/Peking/Pekín; "
     "Australia|Australien|Australia|Canberra; Brazil|Brasilien|Brasil|Brasília; India|Indien|India|Delhi; "
-    "Argentina|Argentinien|Argentina|Buenos Aires; Norway|Norwegen|Noruega|Oslo; "
-    "Finland|Finnland|Finlandia|Helsinki; Denmark|Dänemark|Dinamarca|Copenhagen/Kopenhagen/Copenhague; "
-    "Ireland|Irland|Irlanda|Dublin; Hungary|Ungarn|Hungría|Budapest; Chile|Chile|Chile|Santiago; "
-    "Cuba|Kuba|Cuba|Havana/Havanna/Habana; Vietnam|Vietnam|Vietnam|Hanoi; "
-    "Indonesia|Indonesien|Indonesia|Jakarta/Yakarta; Nigeria|Nigeria|Nigeria|Abuja; Morocco|Marokko|Marruecos|Rabat; "
-    "Colombia|Kolumbien|Colombia|Bogotá; New Zealand|Neuseeland|Nueva Zelanda|Wellington; "
-    "Pakistan|Pakistan|Pakistán|Islamabad; England|England|Inglaterra|London/Londres; "
-    "Scotland|Schottland|Escocia|Edinburgh/Edimburgo; Bulgaria|Bulgarien|Bulgaria|Sofia; "
-    "Serbia|Serbien|Serbia|Belgrade/Belgrad/Belgrado; Croatia|Kroatien|Croacia|Zagreb; Ghana|Ghana|Ghana|Accra/Acra; "
-    "Ecuador|Ecuador|Ecuador|Quito; Afghanistan|Afghanistan|Afganistán|Kabul; "
-    "Nepal|Nepal|Nepal|Kathmandu/Katmandu").split("; ")]
+    "Argentina|Argentinien|Argentina|Buenos Aires; Norway|Norwegen|Noruega|Oslo; Finland|Finnland|Finlandia|Helsinki; "
+    "Denmark|Dänemark|Dinamarca|Copenhagen/Kopenhagen/Copenhague; Ireland|Irland|Irlanda|Dublin; "
+    "Hungary|Ungarn|Hungría|Budapest; Chile|Chile|Chile|Santiago; Cuba|Kuba|Cuba|Havana/Havanna/Habana; "
+    "Vietnam|Vietnam|Vietnam|Hanoi; Indonesia|Indonesien|Indonesia|Jakarta/Yakarta; Nigeria|Nigeria|Nigeria|Abuja; "
+    "Morocco|Marokko|Marruecos|Rabat; Colombia|Kolumbien|Colombia|Bogotá; "
+    "New Zealand|Neuseeland|Nueva Zelanda|Wellington; Pakistan|Pakistan|Pakistán|Islamabad; "
+    "England|England|Inglaterra|London/Londres; Scotland|Schottland|Escocia|Edinburgh/Edimburgo; "
+    "Bulgaria|Bulgarien|Bulgaria|Sofia; Serbia|Serbien|Serbia|Belgrade/Belgrad/Belgrado; "
+    "Croatia|Kroatien|Croacia|Zagreb; Ghana|Ghana|Ghana|Accra/Acra; Ecuador|Ecuador|Ecuador|Quito; "
+    "Afghanistan|Afghanistan|Afganistán|Kabul; Nepal|Nepal|Nepal|Kathmandu/Katmandu").split("; ")]
 CAPITALS_HELD_OUT = 20
 
 
@@ -1970,14 +1953,11 @@ def names_any(answer: str, names: list[str]) -> bool:
 
 
 # ======================================================================== the toy world
-# A teaching device, not a result about real LLMs. --model toy is a 0.4M-parameter Llama that lidr pre-trains
-# in a few CPU minutes on a world built with a language imbalance: word problems with one exact answer ("Ana has
-# three apples and gets four more. How many apples does Ana have now?" -> "Ana has seven apples.") from small word
-# lists in five languages; thousands of correct English examples, fewer in each other language and most of them
-# careless; and translations of answer sentences, in step 3's format. M0 then answers English well, the others
-# badly, and translates well, so the unchanged loop has real pairs to learn from.
+# A teaching device, not a result about real LLMs: --model toy is a 0.4M-parameter Llama that lidr pre-trains in a
+# few CPU minutes on word problems with one exact answer in five languages, imbalanced (thousands of correct English
+# examples, fewer and mostly careless ones in each other language), and on answer sentences translated in step 3's
+# format. M0 then answers English well, the others badly, and translates well: the loop has real pairs to learn from.
 TOY_LANGS = ("en", "es", "ru", "de", "fr")
-
 TOY_NUMBERS = {  # 2, 3, ...
     "en": "two three four five six seven eight nine ten eleven twelve",
     "es": "dos tres cuatro cinco seis siete ocho nueve diez once doce",
@@ -2005,12 +1985,11 @@ TOY_TEMPLATES = {  # (gets more, gives away, answer)
            "{name} a {a} {obj} et donne {b}. Combien de {obj} a {name} maintenant ?", "{name} a {c} {obj}."),
 }
 
-# English: ~2,700 examples, all correct; every weaker language 1,000, 60% of them careless. Fewer
-# weak examples left the gap as wide but gave the loop less to build on; fewer sequences seen left
-# some seeds' M0 weak in English or in translating (README: The toy world).
-TOY_RECIPE = dict(largest_number=12, eval_problems=200, weak_examples=1000, weak_careless=0.6,  # the world
-                  hidden_size=96, layers=3, sequences_seen=76_800, batch_size=64, lr=3e-3,  # M0 and its pre-training
-                  adam_beta2=0.98)
+# The world, then M0 and its pre-training. English has ~2,700 examples, all correct. Fewer weak examples left the gap
+# as wide but gave the loop less to build on; fewer sequences seen left some seeds' M0 weak in English or translating.
+TOY_RECIPE = dict(largest_number=12, eval_problems=200, weak_examples=1000, weak_careless=0.6,
+                  hidden_size=96, layers=3, sequences_seen=76_800, batch_size=64, lr=3e-3, adam_beta2=0.98)
+
 
 def check_toy_languages(languages: dict[str, str], flag: str):
     if not set(languages) <= set(TOY_LANGS) or next(iter(languages)) != "en":
@@ -2019,8 +1998,7 @@ def check_toy_languages(languages: dict[str, str], flag: str):
 
 
 def toy_problem_list() -> list[tuple]:
-    """Every problem (a, b, gives_away, name, object), in one fixed shuffled order: the first
-    TOY_RECIPE["eval_problems"] are held out for --eval toy, the rest are pre-training and loop prompts."""
+    """Every problem (a, b, gives_away, name, object), in a fixed shuffled order: the first eval_problems held out."""
     numbers = range(2, TOY_RECIPE["largest_number"] + 1)
     problems = [(a, b, gives, name, obj) for a in numbers for b in numbers for gives in (False, True)
                 for name in TOY_NAMES for obj in range(4) if (a - b if gives else a + b) in numbers]
@@ -2074,7 +2052,6 @@ def toy_tokenizer():
     decoding is exact. The vocabulary is every piece of every text the toy world can write."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
-
     specials = dict(bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token="<|pad|>", unk_token="<|unk|>",
                     additional_special_tokens=["<|start_header_id|>", "<|end_header_id|>"])
     split = pre_tokenizers.Split(Regex(r"\s*\w+(?:-\w+)*|\s*[^\w\s]|\s+"), behavior="isolated")
@@ -2089,19 +2066,13 @@ def toy_tokenizer():
             "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
         return tokenizer
 
-    # Every prompt as the chat template renders it (rendered once around a placeholder; no system turn, as
-    # TOY_DEFAULTS: shorter sequences), and every answer.
-    chat = tokenizer_with(["<|unk|>"]).apply_chat_template([{"role": "user", "content": "\0"}],
-                                                           add_generation_prompt=True, tokenize=False)
-    texts = [TRANSLATION_PREFIX]
-    for lang in TOY_LANGS:
-        for problem in toy_problem_list():
-            question, answer = toy_text(lang, problem)
-            texts += [chat.replace("\0", question), answer]
-    for request, answer in toy_translation_requests(TOY_LANGS):
-        texts += [chat.replace("\0", request), answer]
-    special = re.compile("|".join(map(re.escape, [v for v in specials.values() if isinstance(v, str)]
-                                      + specials["additional_special_tokens"])))
+    # Every text the toy world writes: each answer, and each prompt as the chat template renders it (no system turn)
+    bare = tokenizer_with(["<|unk|>"])  # no vocabulary yet
+    chat = bare.apply_chat_template([{"role": "user", "content": "\0"}], add_generation_prompt=True, tokenize=False)
+    exchanges = [toy_text(lang, problem) for lang in TOY_LANGS for problem in toy_problem_list()]
+    texts = [TRANSLATION_PREFIX] + [text for question, answer in exchanges + toy_translation_requests(TOY_LANGS)
+                                    for text in (chat.replace("\0", question), answer)]
+    special = re.compile("|".join(map(re.escape, bare.all_special_tokens)))
     pieces = {piece for text in texts for part in special.split(text) for piece, _ in split.pre_tokenize_str(part)}
     return tokenizer_with(["<|unk|>", *sorted(pieces)])
 
@@ -2116,39 +2087,35 @@ def toy_config(tokenizer):
 
 
 def toy_pretraining_data(tokenizer, seed: int, langs) -> list[tuple[list[int], int]]:
-    """(ids, prompt length) sequences in lidr's chat format: word problems (every English one, and
-    TOY_RECIPE's share of mostly careless ones per other language) and translations of answer sentences."""
+    """(ids, prompt length) sequences in lidr's chat format: every English problem, TOY_RECIPE's share of mostly
+    careless ones per other language, and the translations of answer sentences."""
     rng = random.Random(seed)
     problems = toy_problem_list()[TOY_RECIPE["eval_problems"]:]
-    examples = [toy_text("en", p) for p in problems]
+    examples = [("", *toy_text("en", p)) for p in problems]  # (assistant prefix, question, answer)
     for lang in langs[1:]:
-        for a, b, gives, name, obj in rng.sample(problems, TOY_RECIPE["weak_examples"]):
-            careless = rng.random() < TOY_RECIPE["weak_careless"]
-            examples.append(toy_text(lang, (a, b, gives, name, obj), answer=a if careless else None))
+        for problem in rng.sample(problems, TOY_RECIPE["weak_examples"]):
+            careless = rng.random() < TOY_RECIPE["weak_careless"]  # it answers the problem's first number
+            examples.append(("", *toy_text(lang, problem, answer=problem[0] if careless else None)))
+    examples += [(TRANSLATION_PREFIX, *request) for request in toy_translation_requests(langs)]
     end_of_turn = end_of_turn_id(tokenizer)
-    sequences = []
-    for user_text, answer, prefix in ([(q, a, "") for q, a in examples]
-                                      + [(q, a, TRANSLATION_PREFIX) for q, a in toy_translation_requests(langs)]):
-        prompt = chat_prompt_ids(tokenizer, user_text, "", prefix)
-        sequences.append((prompt + tokenizer(answer, add_special_tokens=False).input_ids + [end_of_turn], len(prompt)))
-    return sequences
+    prompts = [chat_prompt_ids(tokenizer, question, "", prefix) for prefix, question, _ in examples]
+    return [(prompt + tokenizer(answer, add_special_tokens=False).input_ids + [end_of_turn], len(prompt))
+            for prompt, (_, _, answer) in zip(prompts, examples)]
 
 
 def toy_model_folder(root: Path, seed: int, langs) -> Path:
-    """root/toy-m0-<langs>-seed<seed>-<recipe hash>: any change to the toy's data, model or pre-training (its
-    code included) makes another M0."""
+    """root/toy-m0-<langs>-seed<seed>-<hash>: a change to the toy's data, model or training code makes another M0."""
     functions = (toy_problem_list, toy_text, toy_answer, toy_translation_requests, toy_tokenizer, chat_prompt_ids,
                  end_of_turn_id, toy_config, toy_pretraining_data, toy_model, train, nll_gradients,
                  length_grouped, in_step_order, collate, chunked_sequence_logps, answer_token_logps, warmup_cosine)
-    recipe = json.dumps([TOY_RECIPE, TOY_TEMPLATES, TOY_NUMBERS, TOY_OBJECTS, TOY_NAMES, "",
-                         TRANSLATION_REQUEST, TRANSLATION_PREFIX, LANGUAGE_NAMES])
+    recipe = json.dumps([TOY_RECIPE, TOY_TEMPLATES, TOY_NUMBERS, TOY_OBJECTS, TOY_NAMES, TRANSLATION_REQUEST,
+                         TRANSLATION_PREFIX, LANGUAGE_NAMES])
     recipe += "".join(inspect.getsource(function) for function in functions)
     return root / f"toy-m0-{'-'.join(langs)}-seed{seed}-{hashlib.sha256(recipe.encode()).hexdigest()[:8]}"
 
 
 def toy_model(root: Path, seed: int, langs) -> Path:
-    """The toy M0 of a seed, in the run's toy languages: pre-trained once on the answers' NLL (nll_gradients) in
-    the run's optimizer loop, then kept in toy_model_folder for every later run."""
+    """The toy M0 of a seed and languages: pre-trained once on the answers' NLL by the run's `train`, then kept."""
     folder = toy_model_folder(root, seed, langs)
     if (folder / "toy_recipe.json").exists():  # written last: the model is complete
         return folder
@@ -2157,10 +2124,9 @@ def toy_model(root: Path, seed: int, langs) -> Path:
     model = AutoModelForCausalLM.from_config(toy_config(tokenizer))
     sequences = toy_pretraining_data(tokenizer, seed, langs)
     # as many steps whatever the languages (fewer languages, more epochs); micro-batches of 16 pad less than 64
-    epochs = max(1, round(TOY_RECIPE["sequences_seen"] / len(sequences)))
-    settings = Settings(lr=TOY_RECIPE["lr"], adam_beta2=TOY_RECIPE["adam_beta2"], epochs=epochs,
-                        batch_size=TOY_RECIPE["batch_size"], micro_batch_size=16, warmup_ratio=0.05,
-                        weight_decay=0.0, max_grad_norm=1.0, gradient_checkpointing="off", seed=seed)
+    settings = Settings(lr=TOY_RECIPE["lr"], adam_beta2=TOY_RECIPE["adam_beta2"], batch_size=TOY_RECIPE["batch_size"],
+                        epochs=max(1, round(TOY_RECIPE["sequences_seen"] / len(sequences))), micro_batch_size=16,
+                        warmup_ratio=0.05, weight_decay=0.0, max_grad_norm=1.0, gradient_checkpointing="off", seed=seed)
     tqdm.write(f"pre-training the toy M0 (once, kept in {folder})")
     # Built in a private folder, then renamed into place: two runs pre-training the same M0 at once
     # never see a half-written one; the second to finish uses the first's.
