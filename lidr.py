@@ -1463,8 +1463,10 @@ def resume_point(out: Path, settings: Settings) -> tuple[int, str]:
     """The iteration after the last saved M_t, and the model it starts from (that M_t, else --model). Within it,
     stage reuses each finished step's file; training, not a stage, is redone."""
     t = max((t for t in range(1, settings.iters + 1) if (out / f"iter_{t}" / "model").exists()), default=0)
-    saved = out / f"iter_{t}" / "model"
-    return (t + 1, str(saved)) if t and finished(saved) else (1, settings.model)  # finished: a damaged M_t is refused
+    if t == 0:
+        return 1, settings.model
+    finished(out / f"iter_{t}" / "model")  # a damaged M_t is refused in one line
+    return t + 1, str(out / f"iter_{t}" / "model")
 
 
 def open_run(out: Path, settings: Settings, command: list[str], start_model: str, all_prompts: list[dict],
