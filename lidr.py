@@ -992,10 +992,10 @@ def read_prompt_dataset(name: str, prompt_field: str, langs: list[str], flag: st
 
 
 # Prompt wordings a run can take from a file: flag -> (the constant read from a .py file, the
-# placeholder the template must hold, those it may hold besides).
-TEMPLATES = {"prompt_template": ("PROMPT_PREFIX", "question", {"language"}),
-             "eval_prompt_template": ("PROMPT_PREFIX", "question", {"language"}),
-             "translation_request": ("TRANS_INSTRUCTION", "text", {"lang", "source", "target"})}
+# placeholder the template must hold, every placeholder it may hold).
+TEMPLATES = {"prompt_template": ("PROMPT_PREFIX", "question", {"question", "language"}),
+             "eval_prompt_template": ("PROMPT_PREFIX", "question", {"question", "language"}),
+             "translation_request": ("TRANS_INSTRUCTION", "text", {"text", "lang", "source", "target"})}
 
 
 def template(settings: Settings, name: str) -> str:
@@ -1004,7 +1004,7 @@ def template(settings: Settings, name: str) -> str:
     path = getattr(settings, name)
     if not path:
         return ""
-    constant, required, optional = TEMPLATES[name]
+    constant, required, placeholders = TEMPLATES[name]
     where = f"--{name.replace('_', '-')} {path}"
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -1017,10 +1017,10 @@ def template(settings: Settings, name: str) -> str:
         text = values[0].value if len(values) == 1 and isinstance(values[0], ast.Constant) else None
         if not isinstance(text, str):
             raise LidrError(f"{where}: expected one plain {constant} = '...' string in it")
-    allowed = ", ".join(f"{{{field}}}" for field in sorted({required} | optional))
+    allowed = ", ".join(f"{{{field}}}" for field in sorted(placeholders))
     try:
         fields = {field for _, field, _, _ in string.Formatter().parse(text) if field is not None}
-        text.format(**dict.fromkeys({required} | optional, "text"))  # fails on any other field
+        text.format(**dict.fromkeys(placeholders, "text"))  # fails on any other field
     except (ValueError, KeyError, IndexError) as error:
         raise LidrError(f"{where}: the template can hold only {allowed} ({type(error).__name__}: {error}); "
                         f"write a brace that is no placeholder twice") from None
